@@ -1,0 +1,35 @@
+# Set-up and the two commands of the README: `make search` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install search test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first: this exact release installs from local files; a looser request pulls gigabytes.
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a real search on the embedded digits data, to a Pareto front and an export.
+search: install
+	$(VENV)/bin/spvit-nas search --space search_spaces/digits.yaml --out runs/digits
+
+lint: install
+	$(VENV)/bin/ruff check spvit search_spaces nas launch tests bench
+
+## The whole test suite (lint first). pytest's exit code 5 ("no tests collected") is an error.
+test: lint
+	$(PY) -m pytest tests -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+bench: install
+	$(PY) bench/spsa.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

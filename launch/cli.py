@@ -1,0 +1,62 @@
+"""`spvit-nas`: the command-line entry point.
+
+Each subcommand lives in its own module (`launch/cmd_*.py`) exposing `add_arguments(parser)` and
+`run(args) -> int`. Modules import their heavy dependencies inside `run`, so `--help` and the
+light commands never pay for Ray, DeepSpeed or torch start-up. Bad input (`ConfigError`) becomes
+one line on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spvit.errors import ConfigError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "search": ("launch.cmd_search", "run a multi-objective architecture search"),
+    "pareto": ("launch.cmd_pareto", "show, plot and pick from a search's Pareto front"),
+    "export": ("launch.cmd_export", "export a searched architecture with its weights"),
+    "train": ("launch.cmd_train", "train one architecture (e.g. an exported choice)"),
+    "cost": ("launch.cmd_space", "print an architecture's parameters and GFLOPs"),
+    "check-space": ("launch.cmd_space", "validate a search-space file and summarise it"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spvit-nas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        adder = getattr(module, f"add_{name.replace('-', '_')}_arguments", None)
+        (adder or module.add_arguments)(p)
+        p.set_defaults(_module=module_name, _runner=f"run_{name.replace('-', '_')}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    runner = getattr(module, args._runner, None) or module.run
+    try:
+        return int(runner(args) or 0)
+    except ConfigError as e:
+        print(f"spvit-nas {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spvit-nas {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
