@@ -1,21 +1,42 @@
-"""Starting or joining Ray the way this project needs it.
+"""Starting or joining Ray the way this project needs it, and checking that a cluster can run it.
 
 One place decides how the driver meets Ray: a local instance bound to loopback (the default), or
-an existing cluster given by `--address` / `RAY_ADDRESS`. Token authentication stays on (Ray's
-default); nothing binds beyond loopback unless the user passes an address.
+an existing cluster given by `--address` / `RAY_ADDRESS` (`auto` finds the cluster of the machine
+the driver runs on, as under `ray job submit`). Token authentication stays on: a local instance
+gets Ray's default (token mode, token in ~/.ray/auth_token, created if missing) and a driver that
+joins a cluster runs in token mode too, with the cluster's token from RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Nothing binds beyond loopback unless the user passes an
+address (and then the cluster, not this module, chose its interfaces).
 
-Why the environment variable: by default Ray binds to the machine's interface address, and a
-driver given `127.0.0.1:PORT` rewrites it to that address (and hangs when the cluster listens on
-loopback). `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in every Ray process of a local cluster (the
-driver included, and inherited by the raylets it starts) keeps Ray on 127.0.0.1 throughout.
+Why the environment variable: by default (Linux) a new Ray node registers the machine's
+interface address and its servers listen on all interfaces, and a driver given `127.0.0.1:PORT`
+rewrites it to that address (and hangs when the cluster listens on loopback).
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in every Ray process of a local cluster (the driver
+included, and inherited by the raylets it starts) keeps Ray on 127.0.0.1 throughout; measured:
+without it a local `ray.init` listened on `::` (every interface), with it on 127.0.0.1 only.
+
+A run's folder (Ray Train's `RunConfig.storage_path`, where trials keep their checkpoints) must be
+one that every node sees once the cluster has more than one machine: a trial restarted on another
+node resumes from the checkpoint its first node wrote. `check_shared_storage` proves it by writing
+a marker file from the driver and reading it back from a task pinned to every other alive node;
+cloud URIs (s3://, gs://, ...) are shared by construction and pass.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from spvit.errors import ConfigError
+
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+MARKER_DIR = ".shared-check"
 
 
 def is_loopback_address(address: str | None) -> bool:
@@ -27,27 +48,216 @@ def is_loopback_address(address: str | None) -> bool:
 
 
 def use_loopback() -> None:
-    """Make this process (and the Ray processes it starts) use 127.0.0.1."""
+    """Make this process (and the Ray processes it starts) use 127.0.0.1.
+
+    Ray reads the variable once, when `ray` is first imported; a process that imported Ray
+    before gets the constant itself set as well, or its node would bind to all interfaces."""
     os.environ.update(LOOPBACK_ENV)
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster address a driver will join: `address`, else RAY_ADDRESS; `auto` is looked up
+    (RAY_ADDRESS, then the cluster last started on this machine). None/`local`: a new instance."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        return None
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        found = get_ray_address_from_environment("auto", None)
+        if found in (None, "auto"):
+            raise ConfigError("--address auto found no Ray cluster on this machine. Start one"
+                              " (`ray start --head` or `ray up`), pass --address HOST:PORT,"
+                              " or drop --address to start a local instance.")
+        address = found
+    return address
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).expanduser().is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def ensure_token_auth(*, joining: bool) -> None:
+    """Keep Ray's token authentication on for this process and the Ray processes it starts.
+
+    An explicit `RAY_AUTH_MODE` is respected (with a warning when it turns authentication off).
+    A driver that joins a cluster gets `RAY_AUTH_MODE=token` (Ray itself only turns it on for a
+    cluster it found on its own) and must have the cluster's token.
+    """
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None and mode.lower() != "token":
+        warnings.warn(f"{AUTH_MODE_ENV}={mode}: Ray token authentication is off, so anyone who"
+                      " reaches the cluster's ports can run code on it. Unset it to keep it on.",
+                      RuntimeWarning, stacklevel=3)
+        return
+    if not joining:
+        return  # ray.init turns token mode on for a new local instance and creates the token
+    os.environ[AUTH_MODE_ENV] = "token"
+    if not _token_available():
+        raise ConfigError("joining a Ray cluster needs its authentication token, but none was"
+                          " found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."
+                          " Run `ray get-auth-token` on the head node and export"
+                          " RAY_AUTH_TOKEN=<token>, or copy the head's ~/.ray/auth_token here.")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
-             num_gpus: int | None = None, **kwargs: Any):
+             num_gpus: int | None = None, storage_path: str | os.PathLike | None = None,
+             **kwargs: Any):
     """Start a local Ray instance on loopback, or join the cluster at `address`.
 
     `address` None/"local" starts a local instance sized by `num_cpus`/`num_gpus` (defaults: the
     machine). `auto` or `HOST:PORT` joins an existing cluster; `RAY_ADDRESS` in the environment is
     honoured when `address` is None. Idempotent: returns the existing context if Ray is up.
+    With `storage_path` (the run folder given to Ray Train) the cluster is checked to see it from
+    every alive node (`check_shared_storage`); a `ConfigError` says which nodes do not.
     """
     import ray
 
-    if ray.is_initialized():
-        return ray.get_runtime_context()
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if is_loopback_address(address):
-        use_loopback()
-    kwargs.setdefault("include_dashboard", False)
-    kwargs.setdefault("log_to_driver", True)
-    if address in (None, "", "local"):
-        return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
-    return ray.init(address=address, **kwargs)
+    if not ray.is_initialized():
+        target = resolve_address(address)
+        if is_loopback_address(target):
+            use_loopback()
+        ensure_token_auth(joining=target is not None)
+        kwargs.setdefault("include_dashboard", False)
+        kwargs.setdefault("log_to_driver", True)
+        if target is None:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        else:  # num_cpus/num_gpus size a new instance only; a cluster has its nodes' resources
+            try:
+                ray.init(address=target, **kwargs)
+            except ConnectionError as e:
+                raise ConfigError(f"cannot join the Ray cluster at {target}: {_first_line(e)}."
+                                  " Check the address (`ray status` on the head prints it), that"
+                                  " the head's port 6379 is reachable, and the auth token.") \
+                    from None
+    if storage_path is not None:
+        check_shared_storage(storage_path)
+    return ray.get_runtime_context()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- cluster facts
+@dataclass(frozen=True)
+class NodeView:
+    """What one node saw of the driver's marker file."""
+
+    node_id: str
+    address: str
+    hostname: str
+    sees_marker: bool
+    detail: str = ""
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """`ray.nodes()` entries of the alive nodes."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def is_cloud_uri(path: str | os.PathLike) -> bool:
+    """True for a URI such as s3://bucket/run or gs://bucket/run (any scheme but file://)."""
+    text = str(path)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.lower() != "file" and scheme.isidentifier()
+
+
+def _local_path(path: str | os.PathLike) -> Path:
+    text = str(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return Path(text).expanduser().absolute()
+
+
+def _probe_marker(path: str, token: str) -> tuple[str, bool, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read().strip()
+    except FileNotFoundError:
+        return socket.gethostname(), False, "no such file"
+    except OSError as e:
+        return socket.gethostname(), False, f"{type(e).__name__}: {e}"
+    if content != token:
+        return socket.gethostname(), False, "a different file of the same name"
+    return socket.gethostname(), True, ""
+
+
+def probe_nodes(storage_path: str | os.PathLike, *,
+                timeout_s: float = 120.0) -> list[NodeView]:
+    """Write a marker in `storage_path` and ask every alive node whether it reads the same file
+    there (one task per node, pinned by `NodeAffinitySchedulingStrategy`, no CPU reserved so busy
+    nodes answer too). The driver's own node is asked as well: several raylets can share a
+    host but not a file system view (containers, mount namespaces)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from spvit.io import atomic_write_text
+
+    root = _local_path(storage_path)
+    token = secrets.token_hex(16)
+    marker = root / MARKER_DIR / f"{socket.gethostname()}-{os.getpid()}-{token[:8]}"
+    atomic_write_text(marker, token + "\n")
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_marker)
+    try:
+        pending = {}
+        for node in alive_nodes():
+            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+            ref = probe.options(scheduling_strategy=strategy).remote(str(marker), token)
+            pending[ref] = node
+        views = []
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+        for ref, node in pending.items():
+            address = node.get("NodeManagerAddress", "?")
+            if ref not in ready:
+                ray.cancel(ref, force=True)
+                views.append(NodeView(node["NodeID"], address, "?", False,
+                                      f"no answer within {timeout_s:.0f}s"))
+                continue
+            try:
+                hostname, sees, detail = ray.get(ref)
+            except Exception as e:  # the node died or refused the task
+                hostname, sees, detail = "?", False, _first_line(e)
+            views.append(NodeView(node["NodeID"], address, hostname, sees, detail))
+        return views
+    finally:
+        marker.unlink(missing_ok=True)
+        try:
+            marker.parent.rmdir()
+        except OSError:
+            pass  # another driver's marker is still there
+
+
+def check_shared_storage(storage_path: str | os.PathLike, *, timeout_s: float = 120.0) -> None:
+    """Refuse a run folder that some node of a multi-node cluster cannot see.
+
+    Cloud URIs pass without a check. Nodes that join later are not checked: give every node of
+    the cluster the same mounts (the cluster files in launch/cluster/ do).
+    Raises `ConfigError` naming the nodes that do not see the driver's marker file.
+    """
+    if is_cloud_uri(storage_path):
+        return
+    blind = [v for v in probe_nodes(storage_path, timeout_s=timeout_s) if not v.sees_marker]
+    if blind:
+        where = ", ".join(f"{v.address} [node {v.node_id[:8]}, {v.hostname}: {v.detail}]"
+                          for v in blind)
+        raise ConfigError(
+            f"the run folder {_local_path(storage_path)} is not shared by the cluster: node(s)"
+            f" {where} do not see the file the driver wrote there, so a trial moved to another"
+            " node could not resume from its checkpoint. Put --out on a file system every node"
+            " mounts at the same path (NFS, EFS, Filestore) or use a cloud URI such as"
+            " s3://bucket/run."
+        )

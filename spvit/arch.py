@@ -214,6 +214,18 @@ class ArchSpec:
                 " head: avg (global average pooling), but got head: cls."
                 " Set head: avg or choose init: trunc_normal/mimetic."
             )
+        if self.init.startswith("impulse") and self.pos_embed == "none":
+            raise ConfigError(
+                f"init {self.init} solves each head's Q/K against the positional encoding, so it"
+                " needs one, but got pos_embed: none. Set pos_embed: learned or sincos."
+            )
+        if (self.pos_embed == "sincos" or self.init.startswith("impulse")) and self.embed_dim % 4:
+            what = "pos_embed: sincos" if self.pos_embed == "sincos" else f"init {self.init}"
+            raise ConfigError(
+                f"{what} uses a 2-D sin-cos encoding that splits embed_dim into 4 equal parts,"
+                f" but embed_dim {self.embed_dim} is not divisible by 4."
+                " Use an embed_dim that is a multiple of 4."
+            )
 
         side = self.grid_size
         width = self.embed_dim

@@ -1,0 +1,86 @@
+"""`spvit-nas search --space PATH --out RUN_DIR [...]`: a multi-objective architecture search.
+
+Optuna proposes and ranks (maximise val_acc, minimise GFLOPs and parameters), Ray Tune trains the
+candidates, the run folder keeps everything needed to resume (`--resume`, even after kill -9).
+Defaults come from the space's `search:` and `training:` blocks. Exit codes: 0 done, 1 stopped
+after too many consecutive failed trials, 2 bad input, 130 interrupted. See `launch/search.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SAMPLER_CHOICES = ("nsga2", "tpe", "gp", "random", "qmc")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", type=Path, default=None, metavar="PATH",
+                        help="search-space YAML (required for a new search; with --resume the"
+                             " run's space.yaml is used)")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",
+                        help="run folder (study, Tune experiment, trials, reports, export)")
+    parser.add_argument("--trials", type=int, default=None, metavar="N",
+                        help="trials to train in total; rejected infeasible samples do not count"
+                             " (default: the space's search.trials)")
+    parser.add_argument("--concurrent", type=int, default=None, metavar="K",
+                        help="trials trained at the same time (default: search.concurrent)")
+    parser.add_argument("--epochs", type=int, default=None, metavar="E",
+                        help="full training budget per trial (default: training.epochs)")
+    parser.add_argument("--workers-per-trial", type=int, default=None, metavar="W",
+                        help="DeepSpeed workers per trial (default: training.workers_per_trial)")
+    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                        help="Optuna sampler (default: search.sampler, else nsga2)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="study storage, e.g. postgresql://user@host/db (default: the"
+                             " journal file RUN_DIR/study.journal)")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="Ray cluster to join (`auto` or HOST:PORT; default: a local"
+                             " instance on this machine, or RAY_ADDRESS)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S",
+                        help="sampler seed (default: search.seed)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the search in RUN_DIR (completed trials are kept,"
+                             " interrupted ones continue from their checkpoints)")
+    parser.add_argument("--asha", action="store_true", default=None,
+                        help="ASHA early stopping on val_acc per epoch; stopped trials are"
+                             " PRUNED and never on the Pareto front")
+    parser.add_argument("--asha-reduction-factor", type=float, default=None, metavar="RF",
+                        help="with --asha: keep the top 1/RF at each rung (default 2)")
+    parser.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                        help="0: train on CPU (default); 1: one GPU per worker")
+    parser.add_argument("--max-consecutive-failures", type=int, default=None, metavar="M",
+                        help="stop after M failed trials in a row (default:"
+                             " search.max_consecutive_failures)")
+    parser.add_argument("--trial-retries", type=int, default=0, metavar="R",
+                        help="restarts of a crashed trial (e.g. a lost node) before it counts"
+                             " as failed (default 0)")
+    parser.add_argument("--study-name", default=None, metavar="NAME",
+                        help="Optuna study name (default: the run folder's name)")
+    parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
+                        help="CPUs of a local Ray instance (default: all of the machine's)")
+    parser.add_argument("--no-export", dest="export", action="store_false",
+                        help="skip exporting the knee trial to RUN_DIR/export")
+
+
+def run(args: argparse.Namespace) -> int:
+    from launch.search import SearchRequest, run_search
+
+    request = SearchRequest(
+        out=args.out, space=args.space, trials=args.trials, concurrent=args.concurrent,
+        epochs=args.epochs, workers_per_trial=args.workers_per_trial, sampler=args.sampler,
+        storage=args.storage, address=args.address, seed=args.seed, resume=args.resume,
+        asha=args.asha, asha_reduction_factor=args.asha_reduction_factor,
+        gpus_per_worker=args.gpus_per_worker,
+        max_consecutive_failures=args.max_consecutive_failures,
+        trial_retries=args.trial_retries, study_name=args.study_name, num_cpus=args.num_cpus,
+        export=args.export)
+    outcome = run_search(request, say=lambda line: print(line, flush=True))
+    return outcome.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from launch.cli import main
+
+    sys.exit(main(["search", *sys.argv[1:]]))

@@ -1,0 +1,159 @@
+"""`spvit-nas cost` and `spvit-nas check-space`: price one architecture, validate a space file.
+
+Both are analytic (no model build, no torch import): `cost` prints an `ArchSpec`'s parameters and
+GMACs from `spvit.cost`, `check-space` loads a search-space file through `SearchSpace.load` (every
+rule checked there), then prints its dimensions, its size and the cost range of random samples.
+Bad input raises `ConfigError`, which the CLI turns into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from spvit.errors import ConfigError
+
+ARCHS_DIR = Path(__file__).resolve().parent.parent / "search_spaces" / "archs"
+
+
+# ---------------------------------------------------------------------------- cost
+def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, metavar="PATH",
+                        help="architecture YAML (an arch.yaml, nested or flat form), or the name"
+                             " of a reference in search_spaces/archs/ such as deit_small")
+    parser.add_argument("--img-size", type=int, default=None, metavar="N",
+                        help="price the architecture at this input size instead of its own")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (params, gflops, macs, parts)")
+
+
+def _resolve_arch_path(value: str) -> Path:
+    path = Path(value)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in value:
+        return path
+    reference = ARCHS_DIR / f"{value}.yaml"
+    if reference.exists():
+        return reference
+    known = sorted(p.stem for p in ARCHS_DIR.glob("*.yaml"))
+    raise ConfigError(f"--arch {value!r} is neither a file nor a reference architecture"
+                      f" (known: {known}). Pass the path of an arch.yaml.")
+
+
+def _looks_like_space(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "dimensions" in data and "blocks" not in data
+
+
+def run_cost(args: argparse.Namespace) -> int:
+    from spvit.arch import ArchSpec
+    from spvit.cost import estimate
+
+    path = _resolve_arch_path(args.arch)
+    try:
+        spec = ArchSpec.load(path)
+    except ConfigError:
+        if _looks_like_space(path):
+            raise ConfigError(f"{path} is a search-space file, not an architecture. Use"
+                              f" `spvit-nas check-space {path}`, or pass an arch.yaml to"
+                              " --arch.") from None
+        raise
+    if args.img_size is not None:
+        if args.img_size < 1:
+            raise ConfigError(f"--img-size must be a positive integer, but got {args.img_size}."
+                              " Pass e.g. --img-size 224.")
+        try:
+            spec = spec.replace(img_size=args.img_size)
+        except ConfigError as e:
+            raise ConfigError(f"--img-size {args.img_size}: {e}") from None
+    cost = estimate(spec)
+    if args.json:
+        print(json.dumps(cost.to_dict()))
+        return 0
+    print(f"architecture: {args.arch} (depth {spec.depth}, width {spec.embed_dim},"
+          f" {spec.img_size} px, patch {spec.patch_size})")
+    print(f"params: {cost.params:,} ({cost.params / 1e6:.2f} M)")
+    print(f"gflops: {cost.gflops:.4f} (GMACs of one image's forward pass)")
+    width = max(len(p.name) for p in cost.parts)
+    for part in cost.parts:
+        print(f"  {part.name:<{width}}  params {part.params:>12,}  gmacs {part.macs / 1e9:10.5f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- check-space
+def add_check_space_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="search-space YAML file")
+    parser.add_argument("--samples", type=int, default=200, metavar="N",
+                        help="random samples used for the cost range (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of those samples (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
+
+
+def run_check_space(args: argparse.Namespace) -> int:
+    import random
+
+    from search_spaces.space import SearchSpace
+    from spvit.cost import estimate
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, but got {args.samples}. Pass e.g."
+                          " --samples 200.")
+    space = SearchSpace.load(args.path)
+    rng = random.Random(args.seed)
+    params, gflops, feasible = [], [], 0
+    for _ in range(args.samples):
+        spec = space.sample(rng)
+        cost = estimate(spec)
+        params.append(cost.params)
+        gflops.append(cost.gflops)
+        feasible += not space.constraints.violations(spec, cost)
+    size = space.size()
+    summary = {
+        "name": space.name,
+        "size": size,
+        "dimensions": [{"name": d.name, "choices": [list(c) if isinstance(c, tuple) else c
+                                                    for c in d.choices],
+                        "scope": d.scope, "note": d.note} for d in space.dimensions()],
+        "fixed": dict(space.fixed),
+        "samples": args.samples,
+        "feasible_fraction": feasible / args.samples,
+        "params": _quantiles(params),
+        "gflops": _quantiles(gflops),
+        "constraints": space.constraints.to_dict(),
+        "training": space.training.to_dict(),
+        "search": space.search.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"space {space.name!r} ({args.path}): valid")
+    print(f"size: {size:,} architectures (10^{math.log10(size):.1f})")
+    print("dimensions:")
+    for d in summary["dimensions"]:
+        note = f"  [{d['note']}]" if d["note"] else ""
+        print(f"  {d['name']:<14} {d['scope']:<6} {d['choices']}{note}")
+    fixed = ", ".join(f"{k}={v}" for k, v in space.fixed.items())
+    print(f"fixed: {fixed}")
+    p, g = summary["params"], summary["gflops"]
+    print(f"cost of {args.samples} random samples (seed {args.seed}):")
+    print(f"  params  min {p['min']:,.0f}  median {p['median']:,.0f}  max {p['max']:,.0f}")
+    print(f"  gflops  min {g['min']:.4g}  median {g['median']:.4g}  max {g['max']:.4g}")
+    print(f"  feasible under constraints {space.constraints.to_dict()}:"
+          f" {feasible}/{args.samples}")
+    t = space.training
+    print(f"training: dataset {t.dataset}, {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}")
+    s = space.search
+    print(f"search: {s.trials} trials, {s.concurrent} concurrent, sampler {s.sampler},"
+          f" seed {s.seed}")
+    return 0

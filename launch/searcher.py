@@ -1,0 +1,245 @@
+"""`StudySearcher`: the Ray Tune searcher that lets Optuna decide and Ray execute.
+
+A thin adapter over the ask/tell conventions of `nas.study.SearchStudy`, shaped like Ray's stock
+`ray.tune.search.optuna.OptunaSearch` (suggest = ask, on_trial_complete = tell), with the
+differences a multi-objective, multi-fidelity, resumable architecture search needs:
+
+* a sample that breaks a constraint: OptunaSearch launches and trains it; here it is rejected
+  before launch (analytic cost), told FAIL with user attr `infeasible` and re-proposed, a bounded
+  number of times, then a clear error;
+* an early-stopped (ASHA) trial: OptunaSearch tells it COMPLETE with its last values, so a
+  half-trained candidate can enter the front; here it is PRUNED with its `fidelity`;
+* a crashed trial: FAIL with `fail_reason` from the trial's failure.json or Ray's error text;
+* objectives: `val_acc` is reported by the trial, `gflops` and `params` come from the cost model
+  (OptunaSearch only knows reported metrics);
+* names: the Optuna trial number names the Tune trial and its folder `trials/NNNN`;
+* resume: OptunaSearch pickles its in-memory study into Tune's state; here the persistent study
+  is the truth, COMPLETE trials are never retrained and RUNNING ones of a dead driver continue
+  under their own numbers;
+* budget: `--trials` counts launched trials only (Tune's `num_samples` would count rejections);
+* failures: the search stops after M failed trials in a row.
+
+`TrialErrors` is a Tune callback that gives the searcher the error text of a failed trial (Tune
+tells the searcher before its callbacks, but writes the trial's error file first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+from ray.tune.callback import Callback
+from ray.tune.search import Searcher
+
+from nas.study import Candidate, SearchStudy, read_failure_reason
+from spvit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 500
+
+
+def summarize_error(text: str) -> str:
+    """The telling line of a Python/Ray error dump: the last `...Error: ...` line, else the
+    last non-empty one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return line[:MAX_REASON_CHARS]
+    return lines[-1][:MAX_REASON_CHARS]
+
+
+class TrialErrors(Callback):
+    """Tune callback that remembers each trial, so the error Tune wrote for a failed trial can be
+    read when the searcher is told of the failure."""
+
+    def __init__(self) -> None:
+        self._trials: dict[str, Any] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trials[trial.trial_id] = trial
+
+    def error_of(self, trial_id: str) -> str | None:
+        trial = self._trials.get(trial_id)
+        path = getattr(trial, "error_file", None) if trial is not None else None
+        if not path:
+            return None
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        return summarize_error(text) or None
+
+
+class StudySearcher(Searcher):
+    """Ray Tune searcher over a `SearchStudy` (see the module docstring).
+
+    Args:
+        study: the run's `SearchStudy` (owns the Optuna study, the space and the cost model).
+        trials: the search's budget of launched trials (`--trials`); trials already counted in
+            the study (finished or running) are deducted, constraint rejections are not counted.
+        base_config: config keys every trial gets besides `arch` and `trial_dir`
+            (`training`, `workers`, `use_gpu`).
+        adopt: RUNNING trials of a dead driver to run again first, under their own numbers.
+        max_consecutive_failures: stop proposing after this many failed trials in a row.
+        error_lookup: returns Ray's error line for a Tune trial id (`TrialErrors.error_of`).
+        clock: monotonic clock (seconds), injectable for tests.
+    """
+
+    def __init__(self, study: SearchStudy, *, trials: int, base_config: Mapping[str, Any],
+                 adopt: Sequence[FrozenTrial] = (), max_consecutive_failures: int = 3,
+                 error_lookup: Callable[[str], str | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(metric="val_acc", mode="max")
+        if isinstance(max_consecutive_failures, bool) or not isinstance(
+                max_consecutive_failures, int) or max_consecutive_failures < 1:
+            raise ConfigError(f"max_consecutive_failures must be an integer >= 1, but got"
+                              f" {max_consecutive_failures!r}. Pass e.g."
+                              " --max-consecutive-failures 3.")
+        self.study = study
+        self.trials = trials
+        self.base_config = dict(base_config)
+        self.max_consecutive_failures = max_consecutive_failures
+        self.error_lookup = error_lookup
+        self.clock = clock
+        self._adopt = list(adopt)
+        # Adopted trials are RUNNING in the study, so they are counted already.
+        self._remaining = max(0, trials - study.counted_trials())
+        self._live: dict[str, tuple[Candidate, float]] = {}
+        self._last: dict[str, dict[str, Any]] = {}
+        self.launched: list[int] = []
+        self.outcomes: Counter[str] = Counter()
+        self.stop_reason: str | None = None
+        self.error: ConfigError | None = None
+        self.last_failure: str | None = None
+
+    # ------------------------------------------------------------------ Tune protocol
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        # Objectives are fixed by the study; Tune's metric/mode (if any) only drive schedulers.
+        return True
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def live_numbers(self) -> list[int]:
+        return sorted(c.number for c, _ in self._live.values())
+
+    @property
+    def pending_adoptions(self) -> int:
+        return len(self._adopt)
+
+    @property
+    def remaining(self) -> int:
+        """New trials still to launch in this session."""
+        return self._remaining
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.stopped:
+            return Searcher.FINISHED
+        try:
+            candidate = None
+            while self._adopt and candidate is None:
+                candidate = self.study.adopt(self._adopt.pop(0))
+            if candidate is None:
+                if self._remaining <= 0:
+                    return Searcher.FINISHED
+                candidate = self.study.ask()
+                self._remaining -= 1
+        except ConfigError as e:
+            self.error = e
+            self.stop_reason = str(e)
+            return Searcher.FINISHED
+        self._live[trial_id] = (candidate, self.clock())
+        self.launched.append(candidate.number)
+        config = dict(self.base_config)
+        config.update(candidate.config(self.study.run_dir))
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        entry = self._live.get(trial_id)
+        if entry is None:
+            return
+        self._last[trial_id] = dict(result)
+        self.study.record_epoch(entry[0], result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        entry = self._live.pop(trial_id, None)
+        if entry is None:
+            return
+        candidate, started = entry
+        last = self._last.pop(trial_id, None)
+        metrics = result if result else last
+        wall_s = self.clock() - started
+        fidelity = (metrics or {}).get("epoch")
+        try:
+            if error:
+                reason = self._failure_reason(trial_id, candidate)
+                state = self.study.tell_fail(candidate, reason, fidelity=fidelity, wall_s=wall_s)
+                self.last_failure = f"trial {candidate.number}: {reason}"
+            elif not metrics:
+                reason = "stopped before it reported an epoch"
+                state = self.study.tell_fail(candidate, reason, wall_s=wall_s)
+                self.last_failure = f"trial {candidate.number}: {reason}"
+            elif (written := read_failure_reason(self.study.run_dir / candidate.trial_dir)):
+                # The trial wrote why it failed but returned normally (e.g. a diverged loss
+                # that must not use up Ray's retries): a failure all the same, never PRUNED.
+                state = self.study.tell_fail(candidate, written, fidelity=fidelity,
+                                             wall_s=wall_s)
+                self.last_failure = f"trial {candidate.number}: {written}"
+            else:
+                state = self.study.tell_result(candidate, metrics, wall_s=wall_s)
+                if state == TrialState.FAIL:
+                    self.last_failure = (f"trial {candidate.number}:"
+                                         f" val_acc {metrics.get('val_acc')!r}")
+        except Exception as e:  # the study must not take Tune down; the trial stays RUNNING
+            logger.warning("could not record trial %d in the study: %s", candidate.number, e)
+            return
+        self.outcomes[state.name] += 1
+        if (state == TrialState.FAIL
+                and self.study.consecutive_failures >= self.max_consecutive_failures):
+            self.stop_reason = (
+                f"{self.study.consecutive_failures} trials failed in a row (last:"
+                f" {self.last_failure})")
+
+    def _failure_reason(self, trial_id: str, candidate: Candidate) -> str:
+        reason = read_failure_reason(Path(self.study.run_dir) / candidate.trial_dir)
+        if reason:
+            return reason
+        ray_error = self.error_lookup(trial_id) if self.error_lookup else None
+        if ray_error:
+            return ray_error
+        return ("the trial process died without a failure.json (killed, e.g. for exceeding"
+                " memory); see its error.txt under RUN_DIR/tune")
+
+    # ------------------------------------------------------------------ Tune's state files
+    def save(self, checkpoint_path: str) -> None:
+        # Informational only: the Optuna study, not this file, is what a resume reads.
+        state = {"live": {tid: c.number for tid, (c, _) in self._live.items()},
+                 "launched": self.launched, "remaining": self._remaining}
+        Path(checkpoint_path).write_text(json.dumps(state), encoding="utf-8")
+
+    def restore(self, checkpoint_path: str) -> None:
+        logger.info("searcher state %s is informational; resume reads the Optuna study",
+                    checkpoint_path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its configuration (tuner.pkl); the live study and its storage are not
+        # picklable and not needed there.
+        return {"trials": self.trials, "launched": list(self.launched),
+                "_metric": self._metric, "_mode": self._mode}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)

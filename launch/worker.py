@@ -1,0 +1,434 @@
+"""The DeepSpeed worker loop: train one candidate on this worker's data shard, epoch by epoch.
+
+`train_worker` is the same code on every worker and for both ways a trial runs (see
+`launch.trial`): in the caller's process on a one-process gloo group (`ensure_local_process_group`),
+or as the `train_loop_per_worker` of a Ray Train `TorchTrainer` (`ray_train_loop`), where DeepSpeed
+reuses the process group Ray Train set up. Per epoch it trains, evaluates on the validation shards,
+saves a DeepSpeed checkpoint, appends a line to `metrics.jsonl` (rank 0) and calls `report` (every
+rank; Ray Train's `report` is a barrier). At the end it writes the consolidated fp32 weights
+(`model.safetensors`) and `arch.yaml`.
+
+Checkpoints (`TRIAL/checkpoint/`): DeepSpeed writes tag folder `epoch_NNNN`; only when every
+rank has finished (DeepSpeed's closing barrier) does rank 0 replace `state.json` (the epoch, the
+recipe, the architecture and every epoch's metrics) and DeepSpeed's `latest` pointer, both
+atomically, and delete older tags. A kill mid-save leaves the previous tag and pointers intact; the
+next start deletes the partial folder. Resuming loads the tag `state.json` names, rewrites
+`metrics.jsonl` from its history and continues at the next epoch; the data order, augmentation and
+dropout draws of an epoch depend only on (seed, epoch, rank), so a resumed run repeats exactly what
+an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nas.data import build_datasets, build_loaders
+from nas.ds_config import build_ds_config, micro_batch_size, write_ds_config
+from nas.engine import TrainingDiverged, evaluate, train_one_epoch
+from search_spaces.training import TrainingConfig
+from spvit.arch import ArchSpec
+from spvit.errors import ConfigError
+from spvit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+LATEST_FILE = "latest"
+METRICS_FILE = "metrics.jsonl"
+FAILURE_FILE = "failure.json"
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "arch.yaml"
+DS_CONFIG_FILE = "ds_config.json"
+METRIC_KEYS = ("epoch", "val_acc", "val_acc5", "val_loss", "train_loss", "lr", "images_per_s",
+               "wall_s", "startup_s")
+
+# Training fields that may differ between a checkpoint and the run resuming it: a longer or
+# shorter budget stretches the cosine schedule from the restored step on.
+_RESUMABLE_CHANGES = ("epochs", "workers_per_trial")
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Where one worker sits in its trial.
+
+    Args:
+        rank, world_size, local_rank: data-parallel position (from Ray Train or 0/1/0).
+        device: torch device string (`cpu`, `cuda:0`).
+        threads: torch intra-op threads, the CPUs given to this worker.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """`checkpoint/state.json`: what the last complete checkpoint holds."""
+
+    tag: str
+    epoch: int
+    world_size: int
+    training: dict[str, Any]
+    arch: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    shards: list[dict[str, int]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- checkpoint files
+def read_checkpoint_state(trial_dir: str | os.PathLike) -> CheckpointState | None:
+    """The last complete checkpoint of `trial_dir`, or None if it has none."""
+    ckpt = Path(trial_dir) / CHECKPOINT_DIR
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        state = CheckpointState(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"checkpoint state {path} is unreadable ({e}). Delete"
+                          f" {ckpt} to start the trial over.") from None
+    if not (ckpt / state.tag).is_dir():
+        raise ConfigError(f"checkpoint state {path} names tag {state.tag!r}, but {ckpt / state.tag}"
+                          f" is missing. Delete {ckpt} to start the trial over.")
+    return state
+
+
+def check_resumable(state: CheckpointState, spec: ArchSpec, training: TrainingConfig,
+                    world_size: int) -> None:
+    """Raise `ConfigError` if the checkpoint was trained differently from this run."""
+    if ArchSpec.from_dict(state.arch) != spec:
+        raise ConfigError("the checkpoint was trained for a different architecture than the one"
+                          " given. Resume with the checkpoint's arch.yaml or use a new output"
+                          " folder.")
+    now = training.to_dict()
+    for key, then in state.training.items():
+        if key not in _RESUMABLE_CHANGES and now.get(key) != then:
+            raise ConfigError(
+                f"the checkpoint was trained with training.{key}={then!r}, but this run has"
+                f" {now.get(key)!r}. Resume with the same training settings (only epochs may"
+                " change) or use a new output folder."
+            )
+    if world_size != state.world_size and training.zero_stage > 0:
+        raise ConfigError(
+            f"the checkpoint holds ZeRO-{training.zero_stage} optimizer shards of"
+            f" {state.world_size} workers, but this run has {world_size}. Resume with"
+            f" {state.world_size} workers."
+        )
+
+
+def _save_checkpoint(engine: Any, trial_dir: Path, epoch: int, world_size: int,
+                     training: TrainingConfig, spec: ArchSpec, history: list[dict[str, Any]],
+                     shards: list[dict[str, int]], rank: int) -> None:
+    ckpt = trial_dir / CHECKPOINT_DIR
+    tag = f"epoch_{epoch:04d}"
+    # Collective: every rank writes its shard; DeepSpeed ends with a barrier, so after it the
+    # tag folder is complete on disk and rank 0 may point at it.
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"epoch": epoch}, save_latest=False)
+    if rank == 0:
+        atomic_write_json(ckpt / STATE_FILE, {
+            "tag": tag, "epoch": epoch, "world_size": world_size,
+            "training": training.to_dict(), "arch": spec.to_flat(), "metrics": history,
+            "shards": shards,
+        })
+        atomic_write_text(ckpt / LATEST_FILE, tag)
+        _remove_other_tags(ckpt, keep=tag)
+
+
+def _remove_other_tags(ckpt: Path, keep: str | None) -> None:
+    if not ckpt.is_dir():
+        return
+    for entry in ckpt.iterdir():
+        if entry.is_dir() and entry.name != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def clear_trial(trial_dir: str | os.PathLike) -> None:
+    """Delete a trial folder's training state (checkpoint, metrics, weights) to start over."""
+    trial_dir = Path(trial_dir)
+    shutil.rmtree(trial_dir / CHECKPOINT_DIR, ignore_errors=True)
+    for name in (METRICS_FILE, WEIGHTS_FILE):
+        (trial_dir / name).unlink(missing_ok=True)
+
+
+def _write_metrics(trial_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(trial_dir / METRICS_FILE,
+                      "".join(json.dumps(line) + "\n" for line in history))
+
+
+def _append_metrics(trial_dir: Path, line: dict[str, Any]) -> None:
+    with open(trial_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_failure(trial_dir: str | os.PathLike, reason: str) -> None:
+    """Record why a trial failed (`failure.json`), atomically."""
+    atomic_write_json(Path(trial_dir) / FAILURE_FILE, {"reason": reason})
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line describing `exc` for `failure.json`."""
+    if isinstance(exc, TrainingDiverged):
+        return exc.reason
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- process groups
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_local_process_group(backend: str = "gloo") -> None:
+    """Make this process a one-worker torch.distributed group on 127.0.0.1 (once per process).
+
+    The group is kept for the life of the process: DeepSpeed caches its process groups, so a
+    destroyed and re-created group would break the next engine built here.
+    """
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"this process is already part of a {dist.get_world_size()}-worker"
+                               " group; in-process training needs a one-worker group")
+        return
+    port = _free_port()
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
+                       ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+
+
+# --------------------------------------------------------------------------- weights
+def _unfused_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """bf16 without ZeRO: DeepSpeed's unfused optimizer keeps one fp32 copy per parameter,
+    group by group (`fp16_groups[i][j]` <-> `fp32_groups[i][j]`). Empty for other optimizers."""
+    low_groups = getattr(optimizer, "fp16_groups", None)
+    high_groups = getattr(optimizer, "fp32_groups", None)
+    if not low_groups or not high_groups or len(low_groups) != len(high_groups):
+        return {}
+    masters: dict[int, torch.Tensor] = {}
+    for low, high in zip(low_groups, high_groups, strict=True):
+        if not isinstance(low, (list, tuple)) or not isinstance(high, (list, tuple)) \
+                or len(low) != len(high):
+            return {}
+        for p_low, p_high in zip(low, high, strict=True):
+            if p_low.shape != p_high.shape:
+                return {}
+            masters[id(p_low)] = p_high
+    return masters
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The model's full fp32 state dict: master weights where DeepSpeed keeps them.
+
+    Collective under ZeRO-3 (parameters are gathered), so every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    params = {id(p): p for p in module.parameters()}
+    masters: dict[int, torch.Tensor] | None = None
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in params:
+            full = safe_get_full_fp32_param(tensor)  # ZeRO 1-3 and the bf16 ZeRO optimizer
+            if full is None:
+                if masters is None:
+                    masters = _unfused_fp32_masters(getattr(engine, "optimizer", None))
+                full = masters.get(id(tensor), tensor)
+            tensor = full
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        out[name] = tensor.cpu().clone().contiguous()
+    return out
+
+
+def _save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(state))
+
+
+# --------------------------------------------------------------------------- the loop
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    s = (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike, *,
+                 setup: WorkerSetup = WorkerSetup(), resume: bool = True,
+                 started_at: float | None = None,
+                 report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """Train `spec` for `training.epochs` epochs as worker `setup.rank` of `setup.world_size`.
+
+    The process group must exist (Ray Train's, or `ensure_local_process_group`). Returns the
+    last epoch's metrics (None only if there were no epochs to run and no history).
+
+    Args:
+        spec, training: what to train and how.
+        trial_dir: the trial folder (shared by all workers).
+        setup: this worker's rank, device and threads.
+        resume: continue from `trial_dir/checkpoint` if it holds one; otherwise start over.
+        started_at: `time.time()` when the trial was requested; the first step's delay from it
+            is reported as `startup_s`.
+        report: called on every rank after every epoch with the epoch's metrics plus
+            `fidelity` (epochs completed).
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (`failure.json` is written first).
+    """
+    import deepspeed
+
+    import spvit
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # per-step INFO lines are noise
+
+    started_at = time.time() if started_at is None else started_at
+    torch.set_num_threads(max(1, setup.threads))
+    trial_dir = Path(trial_dir)
+    rank0 = setup.rank == 0
+    device = torch.device(setup.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt = trial_dir / CHECKPOINT_DIR
+    try:
+        if rank0:
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            (trial_dir / FAILURE_FILE).unlink(missing_ok=True)
+        state = read_checkpoint_state(trial_dir) if resume else None
+        if state is not None:
+            check_resumable(state, spec, training, setup.world_size)
+        dist.barrier()  # nobody reads the folder while rank 0 clears it below
+        if rank0:
+            if state is None:
+                clear_trial(trial_dir)
+            else:
+                _remove_other_tags(ckpt, keep=state.tag)
+            spec.save(trial_dir / ARCH_FILE)
+
+        data = build_datasets(training, spec)
+        loaders = build_loaders(data, micro_batch_size=micro_batch_size(training, setup.world_size),
+                                rank=setup.rank, world_size=setup.world_size, seed=training.seed)
+        ds_config = build_ds_config(training, world_size=setup.world_size,
+                                    steps_per_epoch=loaders.steps_per_epoch)
+        if rank0:
+            write_ds_config(ds_config, trial_dir / DS_CONFIG_FILE)
+        # What each worker trains on, recorded in the checkpoint state for inspection.
+        shards: list[Any] = [None] * setup.world_size
+        dist.all_gather_object(shards, {
+            "rank": setup.rank, "train_images": len(loaders.train_sampler),
+            "steps_per_epoch": loaders.steps_per_epoch,
+            "val_images": len(loaders.val.dataset.indices)})
+
+        model = spvit.create_model(spec, seed=training.seed)  # same weights on every worker
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=ds_config, dist_init_required=False)
+        input_dtype = torch.bfloat16 if training.bf16 else torch.float32
+
+        history: list[dict[str, Any]] = []
+        start_epoch = 0
+        if state is not None:
+            load_path, client = engine.load_checkpoint(str(ckpt), tag=state.tag)
+            if load_path is None or (client or {}).get("epoch") != state.epoch:
+                raise ConfigError(f"the checkpoint {ckpt / state.tag} could not be loaded. Delete"
+                                  f" {ckpt} to start the trial over.")
+            start_epoch, history = state.epoch, list(state.metrics)
+            if rank0:
+                _write_metrics(trial_dir, history)
+
+        wall_before = history[-1]["wall_s"] if history else 0.0
+        run_start = time.perf_counter()
+        startup: list[float] = []
+
+        def first_step(step: int, loss: float) -> None:
+            if not startup:
+                startup.append(time.time() - started_at)
+
+        for epoch in range(start_epoch + 1, training.epochs + 1):
+            _seed_epoch(training.seed, epoch, setup.rank)
+            loaders.set_epoch(epoch)
+            stats = train_one_epoch(engine, loaders.train, epoch=epoch, device=device,
+                                    input_dtype=input_dtype,
+                                    label_smoothing=training.label_smoothing,
+                                    on_step=None if startup else first_step)
+            val = evaluate(engine, loaders.val, device=device, input_dtype=input_dtype)
+            line = {
+                "epoch": epoch,
+                "val_acc": val.acc1,
+                "val_acc5": val.acc5,
+                "val_loss": val.loss,
+                "train_loss": stats.loss,
+                "lr": stats.lr,
+                "images_per_s": stats.images_per_s,
+                "wall_s": wall_before + time.perf_counter() - run_start,
+                "startup_s": startup[0] if startup else math.nan,
+            }
+            history.append(line)
+            _save_checkpoint(engine, trial_dir, epoch, setup.world_size, training, spec, history,
+                             shards, setup.rank)
+            if rank0:
+                _append_metrics(trial_dir, line)
+            if report is not None:
+                report({**line, "fidelity": epoch})
+        if start_epoch >= training.epochs and history and report is not None:
+            # Nothing left to train: tell the caller where the trial stands.
+            report({**history[-1], "fidelity": history[-1]["epoch"]})
+
+        weights = consolidated_state_dict(engine)
+        if rank0:
+            _save_weights(trial_dir / WEIGHTS_FILE, weights)
+            spec.save(trial_dir / ARCH_FILE)
+        del engine, model, weights
+        gc.collect()
+        return history[-1] if history else None
+    except BaseException as e:
+        if rank0 and not isinstance(e, KeyboardInterrupt):
+            write_failure(trial_dir, failure_reason(e))
+        raise
+
+
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of the trial's `TorchTrainer`.
+
+    `config`: `arch` (flat ArchSpec), `training` (TrainingConfig dict), `trial_dir`, `resume`,
+    `started_at`, `threads`. A diverged loss returns normally after `failure.json` is written:
+    it would diverge again, so Ray Train must not spend its retries (`FailureConfig`) on it;
+    other errors propagate and are retried from the last checkpoint.
+    """
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    setup = WorkerSetup(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                        local_rank=ctx.get_local_rank(),
+                        device=str(ray.train.torch.get_device()),
+                        threads=int(config.get("threads", 1)))
+    try:
+        train_worker(ArchSpec.from_dict(config["arch"]),
+                     TrainingConfig.from_dict(config["training"]), config["trial_dir"],
+                     setup=setup, resume=bool(config.get("resume", True)),
+                     started_at=config.get("started_at"), report=ray.train.report)
+    except TrainingDiverged:
+        return

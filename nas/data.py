@@ -1,0 +1,510 @@
+"""Datasets and loaders for training candidates: embedded digits, image folders, local CIFAR.
+
+A dataset string (`digits`, `folder:PATH`, `cifar10:PATH`, `cifar100:PATH`; parsed by
+`search_spaces.parse_dataset`) names the data; `describe_dataset` reads only its metadata (classes,
+channels, native size) so a search can reject an architecture that does not fit the data before
+launching anything (`check_compatible`). `build_datasets` loads the pixels; `build_loaders` gives
+each worker its own shard of the training split (`DistributedSampler`) and of the validation split
+(`EvalShard`, padded to equal length so every worker runs the same number of forward passes, which
+ZeRO-3 needs).
+
+* `digits`: scikit-learn's 1,797 handwritten-digit scans (8x8, 17 grey levels, 10 classes, shipped
+  inside scikit-learn). A fixed, seeded, stratified 80/20 split (`DIGITS_SPLIT_SEED`, independent of
+  the training seed, so every candidate is ranked on the same validation images), bilinear
+  upsampling to the architecture's `img_size` once at load time, repeated to 3 channels if the
+  architecture wants RGB.
+* `cifar10:PATH` / `cifar100:PATH`: the standard python-pickle release (`data_batch_1..5`,
+  `test_batch`, `batches.meta` or `train`, `test`, `meta`), either in PATH or in PATH's
+  `cifar-10-batches-py` / `cifar-100-python`. The test split is the validation split. The files
+  are unpickled with a loader that only accepts numpy arrays and plain containers. Kept as uint8.
+* `folder:PATH`: `PATH/train/<class>/*` and `PATH/val/<class>/*` (torchvision `ImageFolder`),
+  decoded per sample with timm's transforms (random-resized crop, flip, colour jitter for training;
+  resize + centre crop for validation).
+
+Digits and CIFAR stay in memory as tensors and are augmented per sample with cheap tensor ops
+(random shifts of up to `img_size // 8` pixels with background fill; horizontal flips for CIFAR
+only, since a mirrored digit is another glyph), so two CPU cores are not spent decoding images.
+Randomness comes from `set_epoch(epoch, rank)`: a resumed run sees the same batches and
+augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from search_spaces.training import TrainingConfig, parse_dataset
+from spvit.arch import ArchSpec
+from spvit.errors import ConfigError
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_VAL_FRACTION = 0.2
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CIFAR_LAYOUT = {
+    # kind: (sub-folder of the release, train files glob, validation file, meta file, names key,
+    #        labels key, classes)
+    "cifar10": ("cifar-10-batches-py", "data_batch_*", "test_batch", "batches.meta",
+                "label_names", "labels", 10),
+    "cifar100": ("cifar-100-python", "train", "test", "meta", "fine_label_names",
+                 "fine_labels", 100),
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known about a dataset without loading its pixels.
+
+    Args:
+        kind: `digits`, `folder`, `cifar10` or `cifar100`.
+        root: resolved local folder (None for digits).
+        num_classes: number of classes.
+        channels: channels of the stored images (1 for digits, 3 otherwise).
+        native_size: side of the stored images in pixels (None for folders: sizes vary).
+        class_names: one name per class, in label order.
+    """
+
+    kind: str
+    root: str | None
+    num_classes: int
+    channels: int
+    native_size: int | None
+    class_names: tuple[str, ...]
+
+    @property
+    def resizable(self) -> bool:
+        """Folders are decoded and resized per sample to any size; tensors only upsample."""
+        return self.native_size is None
+
+
+@dataclass
+class Datasets:
+    """The two splits of one dataset, ready for an architecture (resized, normalised)."""
+
+    train: Dataset
+    val: Dataset
+    info: DatasetInfo
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# --------------------------------------------------------------------------- metadata
+def describe_dataset(dataset: str) -> DatasetInfo:
+    """Metadata of `dataset` (a dataset string); reads only folder listings / CIFAR meta files."""
+    kind, path = parse_dataset(dataset)
+    if kind == "digits":
+        return DatasetInfo("digits", None, 10, 1, 8, tuple(str(i) for i in range(10)))
+    if kind == "folder":
+        root = _folder_root(path)
+        classes = _folder_classes(root)
+        return DatasetInfo("folder", str(root), len(classes), 3, None, classes)
+    root = _cifar_root(kind, path)
+    names = _cifar_class_names(kind, root)
+    return DatasetInfo(kind, str(root), len(names), 3, 32, names)
+
+
+def check_compatible(info: DatasetInfo, spec: ArchSpec) -> None:
+    """Raise `ConfigError` if `spec` cannot be trained on the data described by `info`."""
+    name = info.kind if info.root is None else f"{info.kind}:{info.root}"
+    if spec.num_classes != info.num_classes:
+        raise ConfigError(
+            f"dataset {name} has {info.num_classes} classes, but the architecture has"
+            f" num_classes {spec.num_classes}. Set num_classes: {info.num_classes} in the"
+            " architecture."
+        )
+    allowed = (1, 3) if info.kind in ("digits", "folder") else (3,)
+    if spec.in_chans not in allowed:
+        fix = " or ".join(str(c) for c in allowed)
+        raise ConfigError(
+            f"dataset {name} provides {'/'.join(str(c) for c in allowed)}-channel images, but the"
+            f" architecture has in_chans {spec.in_chans}. Set in_chans: {fix}."
+        )
+    if info.native_size is not None and spec.img_size < info.native_size:
+        raise ConfigError(
+            f"dataset {name} stores {info.native_size}x{info.native_size} images and is only"
+            f" upsampled, but the architecture has img_size {spec.img_size}, which would discard"
+            f" detail. Set img_size >= {info.native_size} (e.g. {2 * info.native_size})."
+        )
+
+
+# --------------------------------------------------------------------------- tensor datasets
+class TensorImageDataset(Dataset):
+    """Images kept in memory as one tensor, augmented and normalised per sample.
+
+    Args:
+        images: (N, C, H, W) uint8 (0..255) or float (0..1) tensor.
+        labels: (N,) integer class labels.
+        img_size: output side; stored images of another size are resized bilinearly.
+        mean, std: per-channel normalisation of the output (length `out_chans`).
+        out_chans: output channels; a 1-channel store is repeated to 3 when asked.
+        max_shift: largest random translation in output pixels (0 disables it).
+        hflip: flip horizontally with probability 1/2.
+        seed: base of the per-epoch augmentation seed.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, img_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], out_chans: int,
+                 max_shift: int = 0, hflip: bool = False, seed: int = 0) -> None:
+        if images.ndim != 4 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images must be (N, C, H, W) with one label each, got"
+                             f" {tuple(images.shape)} and {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.img_size = img_size
+        self.out_chans = out_chans
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.max_shift = max_shift
+        self.hflip = hflip
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Re-seed the augmentation stream for (`epoch`, `rank`)."""
+        self._gen.manual_seed(_mix_seed(self.seed, epoch, rank))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index]
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
+                              align_corners=False)[0]
+        if self.max_shift:
+            dy, dx = (torch.randint(-self.max_shift, self.max_shift + 1, (2,),
+                                    generator=self._gen).tolist())
+            x = _translate(x, dy, dx)
+        if self.hflip and torch.rand((), generator=self._gen).item() < 0.5:
+            x = x.flip(-1)
+        if x.shape[0] != self.out_chans:
+            x = x.expand(self.out_chans, -1, -1)
+        return (x - self.mean) / self.std, int(self.labels[index])
+
+
+def _translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift a (C, H, W) image by (dy, dx) pixels, filling the uncovered border with 0."""
+    if dy == 0 and dx == 0:
+        return x
+    _, h, w = x.shape
+    out = torch.zeros_like(x)
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def _mix_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2**63 - 1)
+
+
+def load_digits_split(*, split_seed: int = DIGITS_SPLIT_SEED,
+                      val_fraction: float = DIGITS_VAL_FRACTION
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits scans as (N, 1, 8, 8) floats in [0, 1], split stratified by class.
+
+    Returns `(train_images, train_labels, val_images, val_labels)`.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_fraction, stratify=digits.target,
+        random_state=split_seed)
+    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+def _digits_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
+    train_x, train_y, val_x, val_y = load_digits_split()
+    size = (spec.img_size, spec.img_size)
+    # Upsample once here rather than per sample: 1,797 small images fit in a few MB.
+    train_x = F.interpolate(train_x, size=size, mode="bilinear", align_corners=False)
+    val_x = F.interpolate(val_x, size=size, mode="bilinear", align_corners=False)
+    mean, std = (train_x.mean().item(),), (train_x.std().item(),)
+    mean, std = mean * spec.in_chans, std * spec.in_chans
+    shift = spec.img_size // 8 if training.augment else 0
+    common = dict(img_size=spec.img_size, mean=mean, std=std, out_chans=spec.in_chans)
+    return Datasets(
+        train=TensorImageDataset(train_x, train_y, max_shift=shift, seed=training.seed, **common),
+        val=TensorImageDataset(val_x, val_y, **common),
+        info=info, mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- CIFAR
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR release: numpy arrays, dicts, lists, bytes/str; nothing else."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a CIFAR python-pickle batch ({e}). Point the dataset"
+                          " at the extracted 'python version' release.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} holds a {type(raw).__name__}, but a CIFAR batch is a dict."
+                          " Point the dataset at the extracted 'python version' release.")
+    return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
+
+
+def _cifar_root(kind: str, path: str) -> Path:
+    sub, train_glob, val_name, meta_name, *_ = _CIFAR_LAYOUT[kind]
+    base = Path(path).expanduser()
+    for root in (base, base / sub):
+        if (root / meta_name).is_file() and (root / val_name).is_file() \
+                and any(root.glob(train_glob)):
+            return root
+    raise ConfigError(
+        f"{kind} data not found in {str(base)!r}: expected {meta_name}, {val_name} and"
+        f" {train_glob} there or in {sub}/. Extract the python-pickle release of {kind} into"
+        " that folder (nothing is downloaded at run time)."
+    )
+
+
+def _cifar_class_names(kind: str, root: Path) -> tuple[str, ...]:
+    _, _, _, meta_name, names_key, _, classes = _CIFAR_LAYOUT[kind]
+    meta = _unpickle(root / meta_name)
+    names = meta.get(names_key)
+    if not isinstance(names, list) or len(names) != classes:
+        raise ConfigError(f"{root / meta_name} must list {classes} class names under"
+                          f" {names_key!r}, but got {names!r:.80}. Use the unmodified {kind}"
+                          " release.")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def _cifar_batch(path: Path, labels_key: str, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = _unpickle(path)
+    data, labels = batch.get("data"), batch.get(labels_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data):
+        raise ConfigError(f"{path} must hold 'data' (N x 3072 uint8) and {labels_key!r} (N"
+                          " labels). Use the unmodified python-pickle release.")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ConfigError(f"{path} has labels outside 0..{classes - 1}. Use the matching"
+                          " dataset kind (cifar10 or cifar100).")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+def load_cifar(kind: str, root: str | os.PathLike
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A local CIFAR release as uint8 (N, 3, 32, 32) tensors: train and test (validation)."""
+    _, train_glob, val_name, _, _, labels_key, classes = _CIFAR_LAYOUT[kind]
+    root = Path(root)
+    parts = [_cifar_batch(p, labels_key, classes) for p in sorted(root.glob(train_glob))]
+    train_x = torch.cat([p[0] for p in parts])
+    train_y = torch.cat([p[1] for p in parts])
+    val_x, val_y = _cifar_batch(root / val_name, labels_key, classes)
+    return train_x, train_y, val_x, val_y
+
+
+def _cifar_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
+    train_x, train_y, val_x, val_y = load_cifar(info.kind, info.root)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if info.kind == "cifar10" else \
+        (CIFAR100_MEAN, CIFAR100_STD)
+    shift = spec.img_size // 8 if training.augment else 0
+    common = dict(img_size=spec.img_size, mean=mean, std=std, out_chans=3)
+    return Datasets(
+        train=TensorImageDataset(train_x, train_y, max_shift=shift, hflip=training.augment,
+                                 seed=training.seed, **common),
+        val=TensorImageDataset(val_x, val_y, **common),
+        info=info, mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- folders
+def _folder_root(path: str) -> Path:
+    root = Path(path).expanduser()
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"image folder {str(root)!r} needs train/ and val/ subfolders with one folder per"
+            f" class, but {'/ and '.join(missing)}/ is missing. Arrange the images as"
+            " PATH/train/<class>/*.png and PATH/val/<class>/*.png."
+        )
+    return root
+
+
+def _folder_classes(root: Path) -> tuple[str, ...]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    found = {}
+    for split in ("train", "val"):
+        classes = sorted(d for d in (root / split).iterdir() if d.is_dir())
+        empty = [d.name for d in classes
+                 if not any(f.suffix.lower() in IMG_EXTENSIONS for f in d.iterdir())]
+        if not classes or empty:
+            raise ConfigError(
+                f"{root / split} must hold one folder per class, each with images"
+                f" ({', '.join(IMG_EXTENSIONS)}), but"
+                f" {'there are no class folders' if not classes else f'{empty} hold none'}."
+                f" Put each class's images in PATH/{split}/<class>/."
+            )
+        found[split] = tuple(d.name for d in classes)
+    if found["train"] != found["val"]:
+        diff = sorted(set(found["train"]) ^ set(found["val"]))
+        raise ConfigError(f"image folder {str(root)!r}: train/ and val/ must hold the same class"
+                          f" folders, but they differ in {diff}. Add or remove those class"
+                          " folders.")
+    return found["train"]
+
+
+def _folder_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    if spec.in_chans == 3:
+        mean, std, mode = IMAGENET_MEAN, IMAGENET_STD, "RGB"
+    else:  # timm's convention for one channel: the average of the RGB statistics
+        mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+        mode = "L"
+    size = (spec.in_chans, spec.img_size, spec.img_size)
+    train_tf = create_transform(size, is_training=training.augment, mean=mean, std=std)
+    val_tf = create_transform(size, is_training=False, mean=mean, std=std)
+    loader = _pil_loader(mode)
+    root = Path(info.root)
+    train = ImageFolder(str(root / "train"), transform=train_tf, loader=loader)
+    val = ImageFolder(str(root / "val"), transform=val_tf, loader=loader)
+    return Datasets(train=_SeededFolder(train, training.seed), val=val, info=info, mean=mean,
+                    std=std)
+
+
+def _pil_loader(mode: str) -> Callable[[str], Any]:
+    def load(path: str) -> Any:
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    return load
+
+
+class _SeededFolder(Dataset):
+    """A folder dataset whose random transforms (torch and python RNGs) are seeded per epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        # timm's random-resized crop draws from `random`, torchvision's flips from torch.
+        s = _mix_seed(self.seed, epoch, rank)
+        random.seed(s)
+        torch.manual_seed(s)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+# --------------------------------------------------------------------------- entry points
+def build_datasets(training: TrainingConfig, spec: ArchSpec) -> Datasets:
+    """Load `training.dataset` for `spec`: checked, resized to `img_size`, normalised."""
+    info = describe_dataset(training.dataset)
+    check_compatible(info, spec)
+    if info.kind == "digits":
+        return _digits_datasets(spec, training, info)
+    if info.kind == "folder":
+        return _folder_datasets(spec, training, info)
+    return _cifar_datasets(spec, training, info)
+
+
+class EvalShard(Dataset):
+    """Rank `rank`'s share of a validation set: every `world_size`-th sample, padded to equal size.
+
+    Padding entries repeat sample 0 with label -1; `nas.engine.evaluate` ignores them, so the
+    aggregated metrics count each validation image exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        n = len(dataset)
+        self.dataset = dataset
+        self.indices = list(range(rank, n, world_size))
+        self.length = math.ceil(n / world_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index < len(self.indices):
+            return self.dataset[self.indices[index]]
+        x, _ = self.dataset[0]
+        return x, -1
+
+
+@dataclass
+class Loaders:
+    """One worker's loaders; call `set_epoch` before each training epoch."""
+
+    train: DataLoader
+    val: DataLoader
+    train_sampler: DistributedSampler
+    rank: int
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_sampler.set_epoch(epoch)
+        dataset = self.train.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch, self.rank)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-batches this worker trains on per epoch (equal on every worker)."""
+        return len(self.train)
+
+
+def build_loaders(data: Datasets, *, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                  seed: int = 0, num_workers: int = 0, eval_batch_size: int | None = None
+                  ) -> Loaders:
+    """Worker `rank`'s loaders: a shuffled shard of the training split, a shard of validation.
+
+    Every worker gets the same number of full micro-batches per epoch (the sampler pads the
+    shards to equal length; the last partial batch is dropped), as DeepSpeed's collective steps
+    require.
+    """
+    if len(data.train) < micro_batch_size * world_size:
+        raise ConfigError(
+            f"the training split has {len(data.train)} images, fewer than one global batch"
+            f" ({micro_batch_size} x {world_size} workers). Lower training.batch_size."
+        )
+    sampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=False)
+    train = DataLoader(data.train, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
+                       num_workers=num_workers, persistent_workers=num_workers > 0)
+    val = DataLoader(EvalShard(data.val, rank, world_size),
+                     batch_size=eval_batch_size or 2 * micro_batch_size, shuffle=False,
+                     num_workers=num_workers, persistent_workers=num_workers > 0)
+    return Loaders(train=train, val=val, train_sampler=sampler, rank=rank)

@@ -1,0 +1,174 @@
+"""One training epoch and one evaluation pass, with typed arguments.
+
+`train_one_epoch` drives anything shaped like a DeepSpeed engine (`TrainEngine`: call it for the
+forward pass, `backward(loss)`, `step()`, `get_lr()`); the engine owns the optimizer, the
+per-step learning-rate schedule, gradient clipping and accumulation. `evaluate` runs any module.
+With several workers, each sees its own shard; the loss check, the epoch's training loss and the
+validation counts are summed over workers with `torch.distributed.all_reduce`, so every worker
+returns the same numbers and stops at the same step. A non-finite loss on any worker stops all of
+them with `TrainingDiverged`, whose message says where and what to change.
+
+No DeepSpeed import here: the launch package passes the engine in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; `reason` says where and what to change."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TrainEngine(Protocol):
+    """The part of `deepspeed.DeepSpeedEngine` the training loop uses."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def backward(self, loss: torch.Tensor) -> Any: ...
+    def step(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def get_lr(self) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Training side of one epoch, identical on every worker.
+
+    Args:
+        loss: mean training loss (with label smoothing) over all workers' samples.
+        images: training images seen by all workers together.
+        steps: micro-batches per worker.
+        seconds: wall time of the epoch's training loop.
+        lr: learning rate of the last step.
+    """
+
+    loss: float
+    images: int
+    steps: int
+    seconds: float
+    lr: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """Validation metrics over all workers' shards: each image counted once."""
+
+    loss: float
+    acc1: float
+    acc5: float
+    count: int
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
+    if _world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor,
+                 ks: Iterable[int] = (1, 5)) -> list[int]:
+    """Number of rows whose target is among the top-k logits, for each k (k capped at classes).
+
+    Rows with a negative target (padding) are never counted.
+    """
+    ks = list(ks)
+    kmax = min(max(ks), logits.shape[-1])
+    top = logits.topk(kmax, dim=-1).indices  # (B, kmax)
+    hits = top.eq(target.unsqueeze(-1))  # (B, kmax)
+    return [int(hits[:, :min(k, kmax)].any(dim=-1).sum()) for k in ks]
+
+
+def train_one_epoch(engine: TrainEngine, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                    epoch: int, device: torch.device, input_dtype: torch.dtype = torch.float32,
+                    label_smoothing: float = 0.0,
+                    on_step: Callable[[int, float], None] | None = None) -> EpochStats:
+    """Train for one pass over `loader` (this worker's shard).
+
+    Args:
+        engine: the DeepSpeed engine (or anything with the same methods).
+        loader: yields `(images, labels)` micro-batches.
+        epoch: 1-based epoch number, used in messages.
+        device: where the batches go.
+        input_dtype: dtype of the images fed to the model (bf16 under DeepSpeed bf16).
+        label_smoothing: cross-entropy label smoothing.
+        on_step: called after every step with `(step, loss)` (1-based step, this worker's loss).
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf on any worker (all workers raise together).
+    """
+    engine.train()
+    start = time.perf_counter()
+    loss_sum, count, step = 0.0, 0, 0
+    for step, (images, labels) in enumerate(loader, start=1):
+        images = images.to(device, dtype=input_dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = engine(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        # One small collective per step: every worker must stop at the same step, or the
+        # others would wait forever in the gradient all-reduce.
+        step_loss, step_count = _sum_across_workers(
+            [loss.detach().item() * labels.shape[0], float(labels.shape[0])], device)
+        if not torch.isfinite(torch.tensor(step_loss)):
+            what = "nan" if step_loss != step_loss else "inf"
+            raise TrainingDiverged(
+                f"loss became {what} at epoch {epoch} step {step}; lower training.lr or enable"
+                " grad_clip (training.grad_clip > 0)")
+        engine.backward(loss)
+        engine.step()
+        loss_sum += step_loss
+        count += int(step_count)
+        if on_step is not None:
+            on_step(step, loss.detach().item())
+    seconds = time.perf_counter() - start
+    lr = float(engine.get_lr()[0])
+    return EpochStats(loss=loss_sum / max(count, 1), images=count, steps=step, seconds=seconds,
+                      lr=lr)
+
+
+@torch.no_grad()
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor],
+             loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
+             input_dtype: torch.dtype = torch.float32) -> EvalStats:
+    """Cross-entropy, top-1 and top-5 accuracy over all workers' validation shards.
+
+    Samples labelled -1 (shard padding) run through the model, so every worker makes the same
+    number of forward passes, but are not counted.
+    """
+    if hasattr(model, "eval"):
+        model.eval()
+    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
+    for images, labels in loader:
+        images = images.to(device, dtype=input_dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum").item()
+        c1, c5 = topk_correct(logits, labels, (1, 5))
+        correct1, correct5 = correct1 + c1, correct5 + c5
+        count += int((labels >= 0).sum())
+    loss_sum, correct1, correct5, count = _sum_across_workers(
+        [loss_sum, float(correct1), float(correct5), float(count)], device)
+    if count == 0:
+        return EvalStats(loss=float("nan"), acc1=0.0, acc5=0.0, count=0)
+    return EvalStats(loss=loss_sum / count, acc1=correct1 / count, acc5=correct5 / count,
+                     count=int(count))

@@ -1,0 +1,571 @@
+"""The Pareto front of a finished (or running) search: which trials count, how to show them, how
+to choose one.
+
+A search stores its trials in an Optuna study with directions `[maximize, minimize, minimize]`
+over `(val_acc, gflops, params)` (see docs/architecture.md). Only trials that ran the whole
+training budget are comparable, so the front here is taken over COMPLETE trials whose user attrs
+say `fidelity == budget` (and that no constraint marked `infeasible`); on a study where every
+trial is full-fidelity it is exactly Optuna's `study.best_trials`. This module also opens a run's
+study from its folder, renders the front as a table, JSON or CSV, and picks one trial under
+GFLOPs/parameter budgets, either the most accurate (`best`) or the knee of the accuracy/GFLOPs
+front (`knee`, defined in `knee_scores`). Reports (`nas.report`) and export (`nas.export`) build
+on it. No Ray, no model build: costs come from the study.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from spvit.arch import PRIOR_TYPES, ArchSpec
+from spvit.errors import ConfigError
+
+DIRECTIONS: tuple[StudyDirection, ...] = (
+    StudyDirection.MAXIMIZE,  # val_acc
+    StudyDirection.MINIMIZE,  # gflops
+    StudyDirection.MINIMIZE,  # params
+)
+OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
+PICK_METHODS: tuple[str, ...] = ("best", "knee")
+RUN_FILE = "run.json"
+DEFAULT_JOURNAL = "study.journal"
+
+
+# ---------------------------------------------------------------------------- opening a run
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's `run.json` as a dict (at least `study_name`; `storage` may be absent/null)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} does not exist or is not a folder."
+            " Pass the RUN_DIR of a search (the folder holding run.json)."
+        )
+    path = run_dir / RUN_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{str(run_dir)!r} is not a search run folder: {RUN_FILE} is missing."
+            " Pass the folder `spvit-nas search` wrote."
+        ) from None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}). Restore it from the run"
+            " or rewrite it as {\"study_name\": ..., \"storage\": ...}."
+        ) from None
+    if not isinstance(info, dict) or not isinstance(info.get("study_name"), str):
+        raise ConfigError(
+            f"{path} must be a JSON object with a string `study_name`, but got"
+            f" {type(info).__name__ if not isinstance(info, dict) else sorted(info)}."
+            " Add \"study_name\": \"NAME\"."
+        )
+    return info
+
+
+def _storage_module() -> Any | None:
+    try:
+        from nas import storage
+    except ImportError:
+        return None
+    return storage if hasattr(storage, "make_storage") else None
+
+
+_URL = re.compile(r"^[a-z][a-z0-9+]*://")
+
+
+def _journal_file(run_dir: Path, recorded: str | None) -> Path:
+    """The journal file of a run: the recorded path if it exists, else RUN_DIR/study.journal
+    (a run folder that was moved or copied keeps working)."""
+    default = run_dir / DEFAULT_JOURNAL
+    if recorded:
+        path = Path(recorded)
+        path = path if path.is_absolute() else run_dir / path
+        if path.is_file():
+            return path
+    if default.is_file():
+        return default
+    raise ConfigError(
+        f"study journal {str(Path(recorded) if recorded else default)!r} does not exist."
+        f" Check the run folder, or pass the study's storage URL with --storage."
+    )
+
+
+def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = None, *,
+                     storage: str | None = None) -> Any:
+    """The Optuna storage of a run: `storage` if given, else the `storage` entry of its
+    run.json (a journal file path or a database URL; absent/null means RUN_DIR/study.journal).
+
+    Never creates a study file: a missing journal is a `ConfigError`.
+    """
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir) if info is None else info
+    url = storage if storage is not None else info.get("storage")
+    module = _storage_module()
+    if url in (None, "") or not _URL.match(str(url)):
+        path = _journal_file(run_dir, url or None)
+        if module is not None and path.resolve() == module.journal_path(run_dir).resolve():
+            return module.make_storage(None, run_dir)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    if module is not None:
+        return module.make_storage(str(url), run_dir)
+    return str(url)  # Optuna opens database URLs itself
+
+
+def storage_label(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = None, *,
+                  storage: str | None = None) -> str:
+    """The run's storage as a printable string (journal path, or URL with password masked)."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir) if info is None else info
+    url = storage if storage is not None else info.get("storage")
+    if url in (None, "") or not _URL.match(str(url)):
+        try:
+            return str(_journal_file(run_dir, url or None))
+        except ConfigError:
+            return str(url or run_dir / DEFAULT_JOURNAL)
+    # postgresql://user:secret@host/db -> postgresql://user:***@host/db
+    return re.sub(r"^([a-z][a-z0-9+]*://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
+
+
+def open_study(run_dir: str | os.PathLike, *, storage: str | None = None) -> optuna.Study:
+    """Load the Optuna study of the search whose run folder is `run_dir`.
+
+    `storage` overrides the URL recorded in run.json (e.g. with the real database password,
+    which run.json never holds).
+    """
+    info = read_run_info(run_dir)
+    backend = make_run_storage(run_dir, info, storage=storage)
+    name = info["study_name"]
+    try:
+        return optuna.load_study(study_name=name, storage=backend)
+    except KeyError:
+        raise ConfigError(
+            f"study {name!r} is not in storage {storage_label(run_dir, info, storage=storage)}."
+            f" Check `study_name` and `storage` in {Path(run_dir) / RUN_FILE}."
+        ) from None
+
+
+# ---------------------------------------------------------------------------- trial facts
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def is_full_fidelity(trial: FrozenTrial) -> bool:
+    """COMPLETE, not infeasible, three objective values, and `fidelity == budget`."""
+    if trial.state != TrialState.COMPLETE or trial.values is None or len(trial.values) != 3:
+        return False
+    attrs = trial.user_attrs
+    if attrs.get("infeasible"):
+        return False
+    fidelity, budget = _number(attrs.get("fidelity")), _number(attrs.get("budget"))
+    return fidelity is not None and budget is not None and fidelity == budget
+
+
+def trial_kind(trial: FrozenTrial) -> str:
+    """One word for a trial's standing: full, partial, pruned, failed, infeasible, running..."""
+    if trial.user_attrs.get("infeasible"):
+        return "infeasible"
+    if trial.state == TrialState.COMPLETE:
+        return "full" if is_full_fidelity(trial) else "partial"
+    return {
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }[trial.state]
+
+
+def trial_arch(trial: FrozenTrial) -> ArchSpec | None:
+    """The trial's ArchSpec from its `arch` user attr (flat form), or None if absent/invalid."""
+    flat = trial.user_attrs.get("arch")
+    if not isinstance(flat, Mapping):
+        return None
+    try:
+        return ArchSpec.from_dict(flat)
+    except ConfigError:
+        return None
+
+
+def trial_dir(run_dir: str | os.PathLike, trial: FrozenTrial) -> Path:
+    """The trial's folder: its `trial_dir` user attr (relative to RUN_DIR), else trials/NNNN."""
+    rel = trial.user_attrs.get("trial_dir")
+    if isinstance(rel, str) and rel:
+        return Path(run_dir) / rel
+    return Path(run_dir) / "trials" / f"{trial.number:04d}"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON lines of a `metrics.jsonl` file; a torn last line (killed writer) is skipped."""
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except FileNotFoundError:
+        return []
+    return rows
+
+
+def trial_objectives(trial: FrozenTrial,
+                     run_dir: str | os.PathLike | None = None) -> tuple[float, float, float] | None:
+    """(val_acc, gflops, params) of any trial, as far as it is known, else None.
+
+    COMPLETE trials carry them as values. For others the accuracy is the last intermediate value
+    or the last `val_acc` in the trial's metrics.jsonl, and the cost comes from `gflops`/`params`
+    user attrs or the analytic cost model on the trial's architecture.
+    """
+    if trial.values is not None and len(trial.values) == 3:
+        acc, gflops, params = trial.values
+        return float(acc), float(gflops), float(params)
+    acc = None
+    if trial.intermediate_values:
+        acc = trial.intermediate_values[max(trial.intermediate_values)]
+    if acc is None and run_dir is not None:
+        rows = [r for r in read_metrics(trial_dir(run_dir, trial) / "metrics.jsonl")
+                if _number(r.get("val_acc")) is not None]
+        if rows:
+            acc = rows[-1]["val_acc"]
+    if acc is None:
+        return None
+    gflops = _number(trial.user_attrs.get("gflops"))
+    params = _number(trial.user_attrs.get("params"))
+    if gflops is None or params is None:
+        spec = trial_arch(trial)
+        if spec is None:
+            return None
+        try:
+            from spvit import cost
+        except ImportError:
+            return None
+        estimate = cost.estimate(spec)
+        gflops, params = float(estimate.gflops), float(estimate.params)
+    return float(acc), gflops, params
+
+
+# ---------------------------------------------------------------------------- the front
+def non_dominated(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of `points` (all objectives minimised) that no row dominates.
+
+    Row a dominates row b when a <= b everywhere and a < b somewhere; equal rows do not dominate
+    each other, so duplicates on the front are all kept (as Optuna does).
+    """
+    points = np.asarray(points, dtype=float)
+    if points.size == 0:
+        return np.zeros(len(points), dtype=bool)
+    le = (points[:, None, :] <= points[None, :, :]).all(-1)  # (N, N): a <= b everywhere
+    lt = (points[:, None, :] < points[None, :, :]).any(-1)  # (N, N): a < b somewhere
+    dominated = (le & lt).any(axis=0)
+    return ~dominated
+
+
+def _losses(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> np.ndarray:
+    signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in directions])
+    return np.array([list(t.values) for t in trials], dtype=float).reshape(-1, len(signs)) * signs
+
+
+def pareto_trials(study: optuna.Study | Iterable[FrozenTrial], *,
+                  directions: Sequence[StudyDirection] | None = None) -> list[FrozenTrial]:
+    """Full-fidelity trials that no other full-fidelity trial dominates, best accuracy first.
+
+    `study` is an Optuna study (its directions are used) or an iterable of trials (directions
+    default to the project's `[maximize, minimize, minimize]`).
+    """
+    if isinstance(study, optuna.Study):
+        trials = study.get_trials(deepcopy=False)
+        directions = directions or study.directions
+    else:
+        trials = list(study)
+        directions = directions or DIRECTIONS
+    if len(directions) != 3:
+        raise ConfigError(
+            f"a search study has 3 objectives (val_acc, gflops, params), but this one has"
+            f" {len(directions)}. Open the study a `spvit-nas search` run created."
+        )
+    full = [t for t in trials if is_full_fidelity(t)]
+    if not full:
+        return []
+    on_front = non_dominated(_losses(full, directions))
+    front = [t for t, keep in zip(full, on_front, strict=True) if keep]
+    return sorted(front, key=lambda t: (-t.values[0], t.values[1], t.values[2], t.number))
+
+
+# ---------------------------------------------------------------------------- rendering
+def _width_summary(spec: ArchSpec) -> str:
+    widths = list(dict.fromkeys(spec.block_widths()))
+    return "->".join(str(w) for w in widths)
+
+
+def _heads_summary(spec: ArchSpec) -> str:
+    heads = [b.heads for b in spec.blocks]
+    lo, hi = min(heads), max(heads)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def priors_summary(spec: ArchSpec) -> str:
+    """Head counts per prior type over the whole network, e.g. `mlp:8 gaussian:4 none:12`."""
+    counts = Counter(p for b in spec.blocks for p in b.head_priors)
+    return " ".join(f"{p}:{counts[p]}" for p in PRIOR_TYPES if counts[p])
+
+
+def _indices(flags: Iterable[bool]) -> str:
+    idx = [str(i) for i, f in enumerate(flags) if f]
+    return ",".join(idx) if idx else "-"
+
+
+def trial_record(trial: FrozenTrial) -> dict[str, Any]:
+    """A flat, JSON-ready description of a trial: objectives, run facts and key choices."""
+    attrs = trial.user_attrs
+    values = list(trial.values) if trial.values is not None else [None, None, None]
+    record: dict[str, Any] = {
+        "number": trial.number,
+        "state": trial.state.name,
+        "kind": trial_kind(trial),
+        "val_acc": values[0],
+        "gflops": values[1],
+        "params": int(values[2]) if values[2] is not None else None,
+        "fidelity": attrs.get("fidelity"),
+        "budget": attrs.get("budget"),
+        "wall_s": attrs.get("wall_s"),
+        "trial_dir": attrs.get("trial_dir"),
+    }
+    spec = trial_arch(trial)
+    if spec is not None:
+        record.update({
+            "depth": spec.depth,
+            "width": _width_summary(spec),
+            "heads": _heads_summary(spec),
+            "priors": priors_summary(spec),
+            "pools": _indices(b.pool for b in spec.blocks),
+            "shares": _indices(b.share for b in spec.blocks),
+            "init": spec.init,
+        })
+    else:
+        record.update({k: None for k in ("depth", "width", "heads", "priors", "pools", "shares",
+                                         "init")})
+    return record
+
+
+def format_params(params: float | None) -> str:
+    """`1234567` -> `1.23M`, `45678` -> `45.7K`."""
+    if params is None:
+        return "-"
+    if params >= 1e6:
+        return f"{params / 1e6:.2f}M"
+    if params >= 1e3:
+        return f"{params / 1e3:.1f}K"
+    return str(int(params))
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+_TABLE_COLUMNS = ("trial", "acc%", "GFLOPs", "params", "depth", "width", "heads", "priors",
+                  "pools", "shares", "init")
+
+
+def table_rows(trials: Iterable[FrozenTrial]) -> list[list[str]]:
+    """The cells of `format_table` (without header), one list per trial."""
+    rows = []
+    for t in trials:
+        r = trial_record(t)
+        acc = None if r["val_acc"] is None else 100.0 * r["val_acc"]
+        rows.append([str(r["number"]), _fmt(acc, ".2f"), _fmt(r["gflops"], ".4g"),
+                     format_params(r["params"]), _fmt(r["depth"]), _fmt(r["width"]),
+                     _fmt(r["heads"]), _fmt(r["priors"]), _fmt(r["pools"]), _fmt(r["shares"]),
+                     _fmt(r["init"])])
+    return rows
+
+
+def format_table(trials: Iterable[FrozenTrial]) -> str:
+    """A fixed-width text table: trial, accuracy, GFLOPs, params and the key choices."""
+    rows = table_rows(trials)
+    if not rows:
+        return "(no complete full-fidelity trials)"
+    cells = [list(_TABLE_COLUMNS)] + rows
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE_COLUMNS))]
+    numeric = {0, 1, 2, 3, 4}
+    lines = []
+    for k, row in enumerate(cells):
+        parts = [c.rjust(w) if i in numeric else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(trials: Iterable[FrozenTrial]) -> str:
+    """The same table as GitHub markdown."""
+    rows = table_rows(trials)
+    if not rows:
+        return "_No complete full-fidelity trials._"
+    lines = ["| " + " | ".join(_TABLE_COLUMNS) + " |",
+             "|" + "|".join("---:" if i < 5 else "---" for i in range(len(_TABLE_COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_json(trials: Iterable[FrozenTrial], **extra: Any) -> str:
+    """JSON: `{**extra, "trials": [record + flat arch, ...]}`."""
+    records = []
+    for t in trials:
+        r = trial_record(t)
+        r["arch"] = t.user_attrs.get("arch")
+        records.append(r)
+    return json.dumps({**extra, "trials": records}, indent=2)
+
+
+CSV_COLUMNS = ("number", "val_acc", "gflops", "params", "fidelity", "budget", "wall_s", "depth",
+               "width", "heads", "priors", "pools", "shares", "init", "trial_dir")
+
+
+def to_csv(trials: Iterable[FrozenTrial]) -> str:
+    """CSV with one row per trial and the columns of `CSV_COLUMNS`."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for t in trials:
+        writer.writerow({k: ("" if v is None else v) for k, v in trial_record(t).items()})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- picking
+def _check_budget(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value) or value <= 0:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{name} must be a number > 0, but got {value!r}."
+                          f" Pass a positive budget or drop {flag}.")
+
+
+def within_budget(trials: Iterable[FrozenTrial], *, max_gflops: float | None = None,
+                  max_params: float | None = None) -> list[FrozenTrial]:
+    """The trials whose GFLOPs and params are at most the given budgets (None: no limit)."""
+    _check_budget("max_gflops", max_gflops)
+    _check_budget("max_params", max_params)
+    return [t for t in trials
+            if (max_gflops is None or t.values[1] <= max_gflops)
+            and (max_params is None or t.values[2] <= max_params)]
+
+
+def knee_scores(trials: Sequence[FrozenTrial]) -> tuple[list[FrozenTrial], np.ndarray]:
+    """The 2-D accuracy/GFLOPs front of `trials` and each point's knee score.
+
+    Definition: keep the trials no other trial beats on both accuracy (higher) and GFLOPs
+    (lower). Normalise both axes to [0, 1] over that front, a = (acc - acc_min) / (acc_max -
+    acc_min) and g = (gflops - g_min) / (g_max - g_min). The extremes of the front are the
+    cheapest point (0, 0) and the most accurate point (1, 1) in (g, a); the knee score is the
+    signed perpendicular distance from the chord joining them, (a - g) / sqrt(2), positive above
+    it (more accuracy than the straight trade-off for the GFLOPs spent). The knee is the point
+    of maximum score; both extremes score 0. A degenerate axis (one distinct value) counts as 0.
+    """
+    if not trials:
+        return [], np.zeros(0)
+    pts = np.array([[-t.values[0], t.values[1]] for t in trials], dtype=float)
+    front = [t for t, keep in zip(trials, non_dominated(pts), strict=True) if keep]
+    acc = np.array([t.values[0] for t in front], dtype=float)
+    gfl = np.array([t.values[1] for t in front], dtype=float)
+
+    def norm(x: np.ndarray) -> np.ndarray:
+        span = x.max() - x.min()
+        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+    return front, (norm(acc) - norm(gfl)) / math.sqrt(2.0)
+
+
+def _budget_text(max_gflops: float | None, max_params: float | None) -> str:
+    parts = []
+    if max_gflops is not None:
+        parts.append(f"max_gflops {max_gflops:g}")
+    if max_params is not None:
+        parts.append(f"max_params {max_params:,.0f}")
+    return " and ".join(parts)
+
+
+def _scope_text(fitting: int, total: int, budget: str) -> str:
+    if not budget:
+        return f"the {total} Pareto trials (no budget)"
+    return f"{fitting} of {total} Pareto trials within {budget}"
+
+
+def _point_text(t: FrozenTrial) -> str:
+    return (f"trial {t.number} ({100 * t.values[0]:.2f}% acc, {t.values[1]:.4g} GFLOPs,"
+            f" {format_params(t.values[2])} params)")
+
+
+def pick(trials: Sequence[FrozenTrial], *, max_gflops: float | None = None,
+         max_params: float | None = None, method: str = "best") -> tuple[FrozenTrial, str]:
+    """Choose one trial of a Pareto set under GFLOPs/params budgets; returns (trial, why).
+
+    `best`: the highest accuracy within the budgets (ties: fewer GFLOPs, fewer params, lower
+    trial number). `knee`: the knee of the accuracy/GFLOPs front within the budgets (see
+    `knee_scores`; ties go to the higher accuracy). Raises `ConfigError` when the set is empty
+    or nothing fits, naming the smallest GFLOPs and params available.
+    """
+    if method not in PICK_METHODS:
+        raise ConfigError(f"pick method must be one of {list(PICK_METHODS)}, but got {method!r}."
+                          " Use --pick best or --pick knee.")
+    trials = [t for t in trials if t.values is not None and len(t.values) == 3]
+    if not trials:
+        raise ConfigError("there is no complete full-fidelity trial to pick from. Let the search"
+                          " finish at least one trial, then pick again.")
+    fitting = within_budget(trials, max_gflops=max_gflops, max_params=max_params)
+    budget = _budget_text(max_gflops, max_params)
+    if not fitting:
+        cheapest = min(trials, key=lambda t: (t.values[1], t.number))
+        smallest = min(trials, key=lambda t: (t.values[2], t.number))
+        raise ConfigError(
+            f"no Pareto trial fits {budget}: the smallest need {cheapest.values[1]:.4g} GFLOPs"
+            f" (trial {cheapest.number}) and {smallest.values[2]:,.0f} params"
+            f" (trial {smallest.number}). Raise the budget."
+        )
+    scope = _scope_text(len(fitting), len(trials), budget)
+    if method == "best":
+        chosen = min(fitting, key=lambda t: (-t.values[0], t.values[1], t.values[2], t.number))
+        return chosen, f"{_point_text(chosen)}: highest accuracy among {scope}."
+    front, scores = knee_scores(fitting)
+    order = sorted(range(len(front)), key=lambda i: (-scores[i], -front[i].values[0],
+                                                     front[i].values[1], front[i].number))
+    chosen = front[order[0]]
+    if len(front) < 3 or scores[order[0]] <= 0:
+        return chosen, (f"{_point_text(chosen)}: knee of the accuracy/GFLOPs front of {scope};"
+                        f" that front has {len(front)} point(s) and none lies above the chord"
+                        " between its extremes, so the most accurate one is taken.")
+    lo = min(front, key=lambda t: (t.values[1], -t.values[0]))
+    hi = max(front, key=lambda t: (t.values[0], -t.values[1]))
+    return chosen, (f"{_point_text(chosen)}: knee of the accuracy/GFLOPs front of {scope} —"
+                    f" furthest above the chord from trial {lo.number} to trial {hi.number}"
+                    f" (normalised distance {scores[order[0]]:.3f}).")

@@ -1,0 +1,580 @@
+"""Where a search's Optuna study lives, and how trials orphaned by a dead driver are recovered.
+
+Two kinds of storage, chosen by the `--storage` URL:
+
+* none given: a journal file, `RUN_DIR/study.journal` (`optuna.storages.JournalStorage` over a
+  `JournalFileBackend`). One file in the run folder, safe for several processes on ONE machine;
+  the single-machine default.
+* any SQLAlchemy URL (`postgresql://user@host:5432/db`, `sqlite:///path.db`): an
+  `optuna.storages.RDBStorage` with heartbeats, for clusters and for several drivers on several
+  machines. PostgreSQL is the cluster choice; SQLite is for tests and single machines.
+
+A trial is RUNNING in the study while a driver trains it. Each driver holds a `DriverLease`
+(id `<host>-<pid>-<token>`, stored in the trial's system attr `spvit:driver` when it claims a
+trial). If that driver dies (its machine went away, it was killed), nothing would ever finish its
+trials; they must be detected as *stale*. What "stale" means depends on the storage:
+
+* RDB: the trial's heartbeat is older than `grace_period` seconds. The lease keeps the heartbeat
+  of every trial it runs fresh (Optuna itself only beats inside `Study.optimize`, which an
+  ask/tell driver does not use).
+* journal: the trial's owner no longer holds its lock file `RUN_DIR/drivers/<lease id>.lock`.
+  The lock is an OS file lock (`fcntl.flock`), which the kernel drops the moment the process
+  dies, however it dies; so "stale" is exact, with no timeout. A RUNNING trial without an owner
+  is stale when no lease of the run is alive at all.
+* both: an owner that is a process of this very host that no longer exists (checked by pid),
+  at once, without waiting out the grace period.
+
+A stale trial is then either adopted by a live driver (`DriverLease.adopt`: it continues under
+its own number from the checkpoint in its trial folder) or recovered (`recover_stale_trials`:
+failed with `fail_reason` and re-queued as a WAITING copy - same parameters and user attrs,
+system attr `failed_trial` = the original number - that the next `study.ask()` returns). Both go
+through one atomic change of owner (a compare-and-set UPDATE on the database; an OS lock in the
+run folder for the journal), so two drivers never take the same trial.
+
+This module is pure Optuna + SQLAlchemy (no Ray); `launch/` calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+    _CachedStorage,
+)
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from spvit.errors import ConfigError
+
+JOURNAL_NAME = "study.journal"
+DRIVERS_DIR = "drivers"
+OWNER_ATTR = "spvit:driver"
+MASK = "***"
+
+DEFAULT_HEARTBEAT_INTERVAL = 30
+DEFAULT_MAX_RETRY = 2
+DEFAULT_CONNECT_TIMEOUT = 10
+
+STALE_REASON_RDB = ("stale: no heartbeat for {grace}s (the driver running it, or its machine,"
+                    " went away)")
+STALE_REASON_JOURNAL = "stale: the driver running it (lease {owner}) is gone"
+
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+# ---------------------------------------------------------------------------------------- retry
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Re-queue a stale trial as a WAITING copy, at most `max_retry` times per original trial.
+
+    Optuna's `RetryHeartbeatStaleTrialCallback`, minus the dead owner: the copy must not carry the
+    lease id of the driver that died, or it would look stale again before a live driver claims it.
+    `max_retry=None` retries forever; 0 never retries (the trial just stays FAIL).
+    """
+
+    def __init__(self, max_retry: int | None = DEFAULT_MAX_RETRY) -> None:
+        if max_retry is not None and (isinstance(max_retry, bool) or not isinstance(max_retry, int)
+                                      or max_retry < 0):
+            raise ConfigError(f"max_retry must be an integer >= 0 or None, but got {max_retry!r}."
+                              " Use e.g. max_retry=2 (0 disables retries).")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.system_attrs.pop(OWNER_ATTR, None)
+        trial.user_attrs.pop("fail_reason", None)
+        super().__call__(study, trial)
+
+
+class RunJournalStorage(JournalStorage):
+    """The run's journal-file study, plus the callback applied to trials found stale."""
+
+    def __init__(self, path: Path, *, stale_trial_callback: StaleCallback | None) -> None:
+        self.path = Path(path)
+        self.stale_trial_callback = stale_trial_callback
+        super().__init__(JournalFileBackend(str(self.path)))
+
+
+# ---------------------------------------------------------------------------------------- storage
+def _parse_url(url: str):
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"the storage URL must be a non-empty string, but got {url!r}."
+                          " Pass e.g. --storage postgresql://user@host:5432/nas, or omit --storage"
+                          " for the run's journal file.")
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+        raise ConfigError(f"the storage URL {url!r} is not a database URL ({e})."
+                          " Write dialect://user@host:port/database, e.g."
+                          " postgresql://nas@db:5432/nas or sqlite:///study.db,"
+                          " or omit --storage for the run's journal file.") from None
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername=f"postgresql+{_postgres_driver()}")
+    return parsed
+
+
+def _postgres_driver() -> str:
+    """SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3; use psycopg2 when only it is
+    installed (this project depends on psycopg2-binary)."""
+    import importlib.util
+
+    return "psycopg" if importlib.util.find_spec("psycopg") else "psycopg2"
+
+
+def _masked(parsed) -> str:
+    """The URL with its password (and any `password` query parameter) shown as `***`."""
+    secret = [k for k in parsed.query if "password" in k.lower()]
+    if secret:
+        parsed = parsed.update_query_dict({k: MASK for k in secret})
+    return parsed.render_as_string(hide_password=True)
+
+
+def journal_path(run_dir: str | os.PathLike) -> Path:
+    """The default study file of a run: `RUN_DIR/study.journal`."""
+    return Path(run_dir) / JOURNAL_NAME
+
+
+def storage_url(url: str | None, run_dir: str | os.PathLike, *,
+                hide_password: bool = True) -> str:
+    """A printable name of the study storage, for logs, `run.json`, the `optuna` CLI and
+    optuna-dashboard: the absolute journal path when `url` is None, else the URL with its database
+    driver made explicit and any password shown as `***` (tools then take the real password from
+    PGPASSWORD or ~/.pgpass; `hide_password=False` keeps it, for passing on, never printing)."""
+    if url is None:
+        return str(journal_path(run_dir).resolve())
+    parsed = _parse_url(url)
+    return _masked(parsed) if hide_password else parsed.render_as_string(hide_password=False)
+
+
+def make_storage(url: str | None, run_dir: str | os.PathLike, *,
+                 heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
+                 grace_period: int | None = None,
+                 max_retry: int | None = DEFAULT_MAX_RETRY,
+                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT) -> BaseStorage:
+    """The study storage of a run.
+
+    Args:
+        url: None for the run's journal file (`RUN_DIR/study.journal`, created with its folder),
+            or any SQLAlchemy URL for an `RDBStorage` (PostgreSQL for clusters).
+        run_dir: the run folder.
+        heartbeat_interval: seconds between heartbeats of a running trial (RDB only).
+        grace_period: seconds without a heartbeat after which a RUNNING trial is stale (RDB only);
+            default 3 x `heartbeat_interval`.
+        max_retry: how often a stale trial is re-queued as a WAITING copy (None: always, 0: never).
+        connect_timeout: seconds to wait for a database server before giving up.
+
+    Raises:
+        ConfigError: malformed URL, missing database driver, unreachable or refusing server.
+    """
+    for name, value in (("heartbeat_interval", heartbeat_interval),
+                        ("connect_timeout", connect_timeout)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a whole number of seconds >= 1, but got {value!r}."
+                              f" Use e.g. {name}=30.")
+    if grace_period is None:
+        grace_period = 3 * heartbeat_interval
+    if isinstance(grace_period, bool) or not isinstance(grace_period, int) \
+            or grace_period <= heartbeat_interval:
+        raise ConfigError(f"grace_period must be a whole number of seconds > heartbeat_interval"
+                          f" ({heartbeat_interval}), but got {grace_period!r}; a shorter grace"
+                          " would fail live trials. Use e.g. 3 x heartbeat_interval.")
+    callback = RetryStaleTrial(max_retry)
+    if url is None:
+        path = journal_path(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return RunJournalStorage(path, stale_trial_callback=callback)
+    return _make_rdb(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                     callback=callback, connect_timeout=connect_timeout)
+
+
+def _make_rdb(url: str, *, heartbeat_interval: int, grace_period: int,
+              callback: StaleCallback, connect_timeout: int) -> RDBStorage:
+    import sqlalchemy.exc
+
+    parsed = _parse_url(url)
+    shown = _masked(parsed)
+    if parsed.password == MASK:
+        raise ConfigError(f"the storage URL {shown} has a masked password ('***', as printed in"
+                          " logs and run.json). Pass the real URL with --storage, or leave the"
+                          " password out and set PGPASSWORD or ~/.pgpass.")
+    backend = parsed.get_backend_name()
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": connect_timeout}
+    elif backend == "mysql":
+        engine_kwargs["connect_args"] = {"connect_timeout": connect_timeout}
+    elif backend == "sqlite":
+        engine_kwargs["connect_args"] = {"timeout": connect_timeout}
+    # `DriverLease` beats for ask/tell drivers; Optuna's warning that heartbeats belong to
+    # `Study.optimize` does not apply to them.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with",
+                            category=UserWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(parsed.render_as_string(hide_password=False),
+                              engine_kwargs=engine_kwargs,
+                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                              heartbeat_stale_trial_callback=callback)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise ConfigError(f"no database driver for the storage URL {shown} ({_first_line(e)})."
+                          " Install the driver (psycopg2-binary for postgresql://) or use"
+                          " another URL.") from None
+    except sqlalchemy.exc.OperationalError as e:
+        raise ConfigError(f"cannot open the study database {shown}: {_first_line(e.orig or e)}."
+                          " Start the server / check host, port, database name and credentials,"
+                          " or omit --storage for the run's journal file.") from None
+    except sqlalchemy.exc.ArgumentError as e:
+        raise ConfigError(f"the storage URL {shown} was refused: {_first_line(e)}."
+                          " Fix the URL, e.g. postgresql://nas@db:5432/nas.") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unwrap(storage: BaseStorage) -> BaseStorage:
+    """The storage under Optuna's `_CachedStorage` wrapper (what `study._storage` may be)."""
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
+
+
+def is_rdb(storage: BaseStorage) -> bool:
+    return isinstance(_unwrap(storage), RDBStorage)
+
+
+# ---------------------------------------------------------------------------------------- leases
+def _lease_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / DRIVERS_DIR
+
+
+def _lock_is_held(path: Path) -> bool:
+    """True if some live process holds the `flock` on `path` (False if absent or free)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def live_leases(run_dir: str | os.PathLike) -> list[str]:
+    """Ids of the driver leases of the run whose process is alive (journal storage)."""
+    folder = _lease_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.lock") if _lock_is_held(p))
+
+
+def lease_owner_is_dead(owner: Any) -> bool:
+    """True when a lease id `host-pid-token` names a process of THIS host that is gone (exact,
+    whatever the storage; False for other hosts, whose processes cannot be seen from here)."""
+    if not isinstance(owner, str) or owner.count("-") < 2:
+        return False
+    host, pid, _ = owner.rsplit("-", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _run_mutex(run_dir: str | os.PathLike):
+    """Serialises ownership changes between the drivers of one machine (journal storage)."""
+    path = _lease_dir(run_dir) / "ownership.mutex"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _transfer_owner(study: optuna.Study, run_dir: str | os.PathLike, trial_id: int,
+                    expected: str | None, new_owner: str) -> bool:
+    """Atomically set the owner of a RUNNING trial from `expected` (None: no owner yet) to
+    `new_owner`. False when the trial finished or another driver changed its owner first.
+
+    RDB: one compare-and-set UPDATE (or a unique-key INSERT) in a transaction, so drivers on
+    different machines cannot both win. Journal: under an OS lock in the run folder."""
+    storage = _unwrap(study._storage)
+    if isinstance(storage, RDBStorage):
+        return _transfer_owner_rdb(storage, trial_id, expected, new_owner)
+    with _run_mutex(run_dir):
+        trial = storage.get_trial(trial_id)
+        if trial.state != TrialState.RUNNING or trial.system_attrs.get(OWNER_ATTR) != expected:
+            return False
+        storage.set_trial_system_attr(trial_id, OWNER_ATTR, new_owner)
+        return True
+
+
+def _transfer_owner_rdb(storage: RDBStorage, trial_id: int, expected: str | None,
+                        new_owner: str) -> bool:
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    attrs = models.TrialSystemAttributeModel.__table__
+    trials = models.TrialModel.__table__
+    running = sa.exists().where(trials.c.trial_id == trial_id,
+                                trials.c.state == TrialState.RUNNING)
+    with storage.engine.begin() as conn:
+        if not conn.execute(sa.select(running)).scalar():
+            return False
+        if expected is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.insert(attrs).values(trial_id=trial_id, key=OWNER_ATTR,
+                                                         value_json=json.dumps(new_owner)))
+            except sa.exc.IntegrityError:
+                return False  # someone claimed it first
+            return True
+        done = conn.execute(sa.update(attrs).where(
+            attrs.c.trial_id == trial_id, attrs.c.key == OWNER_ATTR,
+            attrs.c.value_json == json.dumps(expected),
+        ).values(value_json=json.dumps(new_owner)))
+        return done.rowcount == 1
+
+
+class DriverLease:
+    """This driver's claim on the trials it runs; keeps them from being recovered as stale.
+
+    Open it (a context manager) once per driver process, after creating the study. Then
+    `claim(trial)` each trial right after `study.ask()`, `adopt(trial)` a stale trial another
+    driver left behind (only if it returns True is it this driver's), and `release(trial)` after
+    `study.tell()`. On an RDB storage a daemon thread records the heartbeat of every claimed
+    trial each `heartbeat_interval` seconds; on both storages the lease holds an OS lock on
+    `RUN_DIR/drivers/<id>.lock` for as long as the process lives (what the journal's staleness
+    rule reads). The id is `<host>-<pid>-<token>`.
+    """
+
+    def __init__(self, study: optuna.Study, run_dir: str | os.PathLike) -> None:
+        self.study = study
+        self.run_dir = Path(run_dir)
+        self.storage = _unwrap(study._storage)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._trial_ids: set[int] = set()
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self.beats = 0
+
+    @property
+    def lock_path(self) -> Path:
+        return _lease_dir(self.run_dir) / f"{self.id}.lock"
+
+    @property
+    def heartbeat_interval(self) -> int | None:
+        return self.storage.get_heartbeat_interval() if isinstance(self.storage, RDBStorage) \
+            else None
+
+    def __enter__(self) -> DriverLease:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if self._lock_fd is not None:
+            return
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{self.id}\n".encode())
+        self._lock_fd = fd
+        if self.heartbeat_interval is not None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat_loop, name="spvit-heartbeat",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the heartbeats and drop the lock (claimed trials then count as stale)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _require_open(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError("DriverLease used before open(); use `with DriverLease(...)`.")
+
+    def _track(self, trial_id: int) -> None:
+        if self.heartbeat_interval is not None:
+            self.storage.record_heartbeat(trial_id)
+        with self._mutex:
+            self._trial_ids.add(trial_id)
+
+    def claim(self, trial: optuna.Trial | FrozenTrial | int) -> None:
+        """Mark a trial this driver just asked for (a Trial, FrozenTrial or storage trial id) as
+        run by this driver. For a trial another driver may also want, use `adopt`."""
+        self._require_open()
+        trial_id = _trial_id(trial)
+        self.storage.set_trial_system_attr(trial_id, OWNER_ATTR, self.id)
+        self._track(trial_id)
+
+    def adopt(self, trial: FrozenTrial | int) -> bool:
+        """Take over a RUNNING trial whose driver is gone (`is_stale`), atomically: True if this
+        driver now runs it; False if it is not stale (any more), finished, or another driver
+        adopted it first. Safe when several drivers, on one or many machines, try at once."""
+        self._require_open()
+        trial_id = _trial_id(trial)
+        current = self.storage.get_trial(trial_id)
+        if current.state != TrialState.RUNNING:
+            return False
+        owner = current.system_attrs.get(OWNER_ATTR)
+        if owner == self.id:
+            self._track(trial_id)
+            return True
+        if not is_stale(self.study, self.run_dir, current, ignore=self.id):
+            return False
+        if not _transfer_owner(self.study, self.run_dir, trial_id, owner, self.id):
+            return False
+        self._track(trial_id)
+        return True
+
+    def release(self, trial: optuna.Trial | FrozenTrial | int) -> None:
+        """Stop beating for `trial` (call after telling its result)."""
+        trial_id = _trial_id(trial)
+        with self._mutex:
+            self._trial_ids.discard(trial_id)
+
+    @property
+    def claimed(self) -> list[int]:
+        with self._mutex:
+            return sorted(self._trial_ids)
+
+    def _beat_loop(self) -> None:
+        interval = self.heartbeat_interval
+        assert interval is not None
+        while not self._stop.wait(timeout=interval):
+            for trial_id in self.claimed:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                    self.beats += 1
+                except Exception as e:  # the database may blink; the next beat retries
+                    warnings.warn(f"heartbeat of trial id {trial_id} failed: {_first_line(e)}",
+                                  RuntimeWarning, stacklevel=1)
+
+
+def _trial_id(trial: optuna.Trial | FrozenTrial | int) -> int:
+    return trial if isinstance(trial, int) else trial._trial_id
+
+
+# ---------------------------------------------------------------------------------------- recovery
+def _rdb_stale_ids(storage: RDBStorage, study: optuna.Study) -> set[int]:
+    if storage.get_heartbeat_interval() is None:
+        return set()
+    return set(storage._get_stale_trial_ids(study._study_id))
+
+
+def is_stale(study: optuna.Study, run_dir: str | os.PathLike, trial: FrozenTrial, *,
+             ignore: str | None = None) -> bool:
+    """Whether a RUNNING trial is one nobody runs any more (see the module docstring).
+    `ignore`: a lease id not to count as a live driver (the caller's own)."""
+    storage = _unwrap(study._storage)
+    rdb_stale = _rdb_stale_ids(storage, study) if isinstance(storage, RDBStorage) else None
+    return _is_stale(run_dir, trial, ignore=ignore, rdb_stale=rdb_stale)
+
+
+def _is_stale(run_dir: str | os.PathLike, trial: FrozenTrial, *, ignore: str | None,
+              rdb_stale: set[int] | None) -> bool:
+    if trial.state != TrialState.RUNNING:
+        return False
+    owner = trial.system_attrs.get(OWNER_ATTR)
+    if lease_owner_is_dead(owner):
+        return True
+    if rdb_stale is not None:
+        return trial._trial_id in rdb_stale
+    leases = set(live_leases(run_dir)) - {ignore}
+    return owner not in leases if owner is not None else not leases
+
+
+def stale_trials(study: optuna.Study, run_dir: str | os.PathLike) -> list[FrozenTrial]:
+    """RUNNING trials of `study` nobody runs any more (see the module docstring)."""
+    storage = _unwrap(study._storage)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    rdb_stale = _rdb_stale_ids(storage, study) if isinstance(storage, RDBStorage) else None
+    return [t for t in running if _is_stale(run_dir, t, ignore=None, rdb_stale=rdb_stale)]
+
+
+def recover_stale_trials(study: optuna.Study, run_dir: str | os.PathLike) -> list[int]:
+    """Fail every stale RUNNING trial (user attr `fail_reason`) and re-queue it per the storage's
+    retry policy (a WAITING copy that the next `study.ask()` returns). Safe to call from several
+    drivers at once, and against drivers adopting the same trials: a trial is failed only by the
+    caller that took it over atomically.
+
+    Returns the numbers of the trials this call failed.
+    """
+    storage = _unwrap(study._storage)
+    if isinstance(storage, RDBStorage):
+        callback = storage.get_heartbeat_stale_trial_callback()
+        grace = storage.grace_period or 2 * (storage.get_heartbeat_interval() or 0)
+    else:
+        callback = getattr(storage, "stale_trial_callback", None)
+        grace = None
+    recoverer = f"recovery-{uuid.uuid4().hex[:8]}"
+    failed: list[int] = []
+    for trial in stale_trials(study, run_dir):
+        owner = trial.system_attrs.get(OWNER_ATTR)
+        if not _transfer_owner(study, run_dir, trial._trial_id, owner, recoverer):
+            continue  # another driver adopted or recovered it first
+        if lease_owner_is_dead(owner) or grace is None:
+            reason = STALE_REASON_JOURNAL.format(owner=owner or "none")
+        else:
+            reason = STALE_REASON_RDB.format(grace=grace)
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        failed.append(trial.number)
+        if callback is not None:
+            callback(study, study._storage.get_trial(trial._trial_id))
+    return failed

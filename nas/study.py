@@ -1,0 +1,506 @@
+"""The Optuna side of a search: the study, its sampler, and the ask/tell conventions of the house.
+
+Optuna is the ranking brain of a search and Ray only executes (see `launch/search.py`). This
+module holds everything that decides *what* is tried and *how it is recorded*, with no Ray import,
+so it can be driven and tested on its own:
+
+* `make_sampler`: an explicit, seeded sampler (`nsga2` by default; Optuna 5 changed its own
+  default); constraints reach it through `Trial.set_constraint` (Optuna 5's replacement for
+  the deprecated `constraints_func`);
+* `open_study`: the multi-objective study (`maximize val_acc, minimize gflops, minimize params`)
+  in a persistent storage (`nas.storage.make_storage`), refusing to overwrite or to invent one;
+* `RunInfo`: `RUN_DIR/run.json`, everything `--resume`, reports and export need;
+* `SearchStudy`: ask/tell with the conventions of docs/architecture.md. Constraint-violating
+  samples are rejected before any launch (told FAIL with user attr `infeasible`) and re-proposed;
+  only full-budget results are told COMPLETE; shorter ones are PRUNED with their `fidelity`;
+  failures are FAIL with `fail_reason`. On resume it adopts the RUNNING trials of a dead driver
+  under their own numbers so they continue from their checkpoints.
+
+User attrs of a trial: `arch` (flat ArchSpec), `gflops`, `params`, `budget`, `fidelity`,
+`wall_s`, `trial_dir` (relative to RUN_DIR), and `fail_reason` / `infeasible` where they apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import socket
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from spvit.arch import ArchSpec
+from spvit.errors import ConfigError
+from spvit.io import atomic_write_json
+
+OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
+DIRECTIONS: tuple[str, ...] = ("maximize", "minimize", "minimize")
+SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc")
+DEFAULT_SAMPLER = "nsga2"
+
+RUN_FILE = "run.json"
+SPACE_FILE = "space.yaml"
+TRIALS_DIR = "trials"
+DEFAULT_MAX_INFEASIBLE_TRIES = 200
+
+# A resumed driver must not replay the proposals of the first one: the sampler's seed for a
+# session is derived from --seed and the number of trials the study already holds.
+_SEED_STRIDE = 1_000_003
+
+
+class Space(Protocol):
+    """What the study needs from a search space (`search_spaces.SearchSpace`)."""
+
+    constraints: Any
+
+    def suggest(self, trial: optuna.Trial) -> ArchSpec: ...
+
+
+class Cost(Protocol):
+    params: int
+    gflops: float
+
+
+Estimator = Callable[[ArchSpec], Cost]
+
+
+def _default_estimate(spec: ArchSpec) -> Cost:
+    from spvit.cost import estimate
+
+    return estimate(spec)
+
+
+# ---------------------------------------------------------------------------------------- samplers
+def session_seed(seed: int, existing_trials: int) -> int:
+    """The sampler seed of one driver session: `seed` for a new study, a different but
+    reproducible one for a study that already holds `existing_trials` trials."""
+    return (int(seed) + _SEED_STRIDE * int(existing_trials)) % (2**32)
+
+
+def default_population_size(trials: int) -> int:
+    """NSGA-II generation size for a budget of `trials`: about four generations, 4 to 50."""
+    return max(4, min(50, int(trials) // 4))
+
+
+def make_sampler(name: str, *, seed: int, population_size: int | None = None,
+                 ) -> optuna.samplers.BaseSampler:
+    """The sampler `name` (one of `SAMPLERS`), seeded; `population_size` concerns NSGA-II only
+    (None: Optuna's 50).
+
+    Constraints reach the constraint-aware samplers (NSGA-II, TPE, GP) through
+    `Trial.set_constraint`, which `SearchStudy` calls on every asked trial: Optuna 5 deprecates
+    the samplers' `constraints_func` argument in its favour (FutureWarning, removal in 7.0),
+    and both feed the same constrained domination / acquisition.
+    """
+    if name not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {list(SAMPLERS)}, but got {name!r}."
+                          f" Pass --sampler {DEFAULT_SAMPLER} (the default) or another of them.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, but got {seed!r}. Pass e.g. --seed 0.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "nsga2":
+            size = population_size if population_size is not None else 50
+            if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+                raise ConfigError(f"population_size must be an integer >= 2, but got {size!r}."
+                                  " Use e.g. 8.")
+            return optuna.samplers.NSGAIISampler(population_size=size, seed=seed)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True,
+                                          independent_sampler=optuna.samplers.RandomSampler(
+                                              seed=seed),
+                                          warn_independent_sampling=False,
+                                          warn_asynchronous_seeding=False)
+
+
+# ---------------------------------------------------------------------------------------- study
+def default_study_name(run_dir: str | os.PathLike) -> str:
+    """The study name of a run: the run folder's name (`runs/digits` -> `digits`)."""
+    name = Path(run_dir).resolve().name
+    return name or "spvit-search"
+
+
+def _study_names(storage: Any) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def open_study(storage: Any, *, study_name: str, sampler: optuna.samplers.BaseSampler,
+               resume: bool) -> optuna.Study:
+    """Create the run's study (`resume=False`) or load it (`resume=True`).
+
+    A new run refuses a name that already exists in the storage, and a resumed one a name that
+    does not: neither ever overwrites or invents a study.
+    """
+    exists = study_name in _study_names(storage)
+    if resume and not exists:
+        raise ConfigError(f"cannot resume: study {study_name!r} is not in the storage. Check"
+                          " --storage (the real URL, with its password) or start a new search"
+                          " without --resume.")
+    if not resume and exists:
+        raise ConfigError(f"study {study_name!r} already exists in the storage. Pass --resume to"
+                          " continue it, or choose another --out / --study-name.")
+    if resume:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
+            raise ConfigError(f"study {study_name!r} has directions"
+                              f" {[d.name.lower() for d in study.directions]}, not"
+                              f" {list(DIRECTIONS)} over {list(OBJECTIVES)}; it is not a search"
+                              " study. Point --storage/--study-name at the search's study.")
+        return study
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
+                                directions=list(DIRECTIONS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(OBJECTIVES))
+    return study
+
+
+# ---------------------------------------------------------------------------------------- run.json
+@dataclass
+class RunInfo:
+    """`RUN_DIR/run.json`: the study's whereabouts and the search budget, for `--resume`,
+    reports, export and the optuna CLI/dashboard."""
+
+    study_name: str
+    storage: str
+    sampler: str
+    seed: int
+    trials: int
+    concurrent: int
+    epochs: int
+    workers_per_trial: int
+    space: str
+    training: dict[str, Any]
+    asha: bool = False
+    asha_reduction_factor: float = 2.0
+    gpus_per_worker: float = 0.0
+    max_consecutive_failures: int = 5
+    population_size: int | None = None
+    tune_experiment: str = "tune"
+    created: str = ""
+    sessions: list[str] = field(default_factory=list)
+
+    # settings a resumed search must keep: they define what a trial and the study mean
+    FIXED: ClassVar[tuple[str, ...]] = ("sampler", "seed", "epochs", "workers_per_trial", "asha",
+                              "asha_reduction_factor", "population_size")
+
+    @property
+    def budget(self) -> int:
+        return self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["budget"] = self.epochs
+        out["version"] = 1
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = RUN_FILE) -> RunInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise ConfigError(f"{where} lacks {missing}; it was not written by `spvit-nas search`."
+                              " Point --out at a search's run folder.")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        return atomic_write_json(Path(run_dir) / RUN_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunInfo:
+        path = Path(run_dir) / RUN_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"cannot resume: {path} does not exist, so {str(run_dir)!r} holds"
+                              " no search. Drop --resume to start one there.") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})."
+                              " Restore it; a search cannot resume without it.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, but holds"
+                              f" {type(data).__name__}. Restore it from the run.")
+        return cls.from_dict(data, where=str(path))
+
+    def check_resume(self, requested: Mapping[str, Any]) -> None:
+        """Refuse a resumed search that changes a setting of `FIXED` (None means not given)."""
+        for key in self.FIXED:
+            value = requested.get(key)
+            if value is not None and value != getattr(self, key):
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"{flag} {value} differs from {getattr(self, key)} in the run's"
+                                  f" {RUN_FILE}; a resumed search keeps it. Drop {flag} or start"
+                                  " a new search with another --out.")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------- ask/tell
+@dataclass(frozen=True)
+class Candidate:
+    """One trial to train: its Optuna number, architecture, analytic cost and folder."""
+
+    number: int
+    trial_id: int
+    spec: ArchSpec
+    gflops: float
+    params: int
+    trial_dir: str
+    resumed: bool = False
+
+    def config(self, run_dir: str | os.PathLike) -> dict[str, Any]:
+        return {"arch": self.spec.to_flat(),
+                "trial_dir": str(Path(run_dir).resolve() / self.trial_dir)}
+
+
+def trial_dir_of(number: int) -> str:
+    """A trial's folder relative to RUN_DIR: `trials/0007`."""
+    return f"{TRIALS_DIR}/{number:04d}"
+
+
+def _is_finite(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def _owner_is_dead_here(owner: Any) -> bool:
+    """True when a driver-lease id `host-pid-token` names a process of this host that is gone."""
+    if not isinstance(owner, str) or owner.count("-") < 2:
+        return False
+    host, pid, _ = owner.rsplit("-", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class SearchStudy:
+    """Ask/tell over the run's study, with the house's conventions (module docstring).
+
+    Args:
+        study: the run's study (`open_study`).
+        space: the search space (proposes an ArchSpec from an Optuna trial; has `constraints`).
+        run_dir: the run folder (trial folders are `RUN_DIR/trials/NNNN`).
+        budget: the full training budget in epochs; only trials that reach it are COMPLETE.
+        lease: the driver's `nas.storage.DriverLease`, if any: every trial this driver runs is
+            claimed after ask/adopt and released after tell.
+        estimate: the cost model (default `spvit.cost.estimate`).
+        max_infeasible_tries: consecutive constraint rejections in one `ask` before giving up.
+    """
+
+    def __init__(self, study: optuna.Study, space: Space, *, run_dir: str | os.PathLike,
+                 budget: int, lease: Any = None, estimate: Estimator | None = None,
+                 max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ConfigError(f"the training budget must be an integer >= 1 epoch, but got"
+                              f" {budget!r}. Set training.epochs or --epochs.")
+        if max_infeasible_tries < 1:
+            raise ConfigError(f"max_infeasible_tries must be >= 1, but got"
+                              f" {max_infeasible_tries}. Use e.g. 200.")
+        self.study = study
+        self.space = space
+        self.run_dir = Path(run_dir)
+        self.budget = budget
+        self.lease = lease
+        self.estimate = estimate or _default_estimate
+        self.max_infeasible_tries = max_infeasible_tries
+        self.infeasible_count = 0
+        self.consecutive_failures = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _trial(self, trial_id: int) -> optuna.Trial:
+        return optuna.Trial(self.study, trial_id)
+
+    def _frozen(self, number: int) -> FrozenTrial:
+        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, number)
+        return self.study._storage.get_trial(trial_id)
+
+    def _claim(self, trial_id: int) -> None:
+        if self.lease is not None:
+            self.lease.claim(trial_id)
+
+    def _release(self, trial_id: int) -> None:
+        if self.lease is not None:
+            self.lease.release(trial_id)
+
+    def counted_trials(self) -> int:
+        """Trials that count towards the search's `--trials`: finished ones (COMPLETE, PRUNED,
+        FAIL) and RUNNING ones, but neither constraint rejections nor stale trials that were
+        re-queued as a copy (the copy counts once it runs)."""
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {t.system_attrs.get("failed_trial") for t in trials}
+        return sum(1 for t in trials
+                   if t.state != TrialState.WAITING
+                   and not t.user_attrs.get("infeasible")
+                   and not (t.state == TrialState.FAIL and t.number in retried))
+
+    # ------------------------------------------------------------------ proposing
+    def _prepare(self, trial: optuna.Trial, *, resumed: bool) -> Candidate | str:
+        """Turn an asked (or adopted) trial into a Candidate, or return why it is infeasible."""
+        try:
+            spec = self.space.suggest(trial)
+        except ConfigError as e:
+            return f"invalid architecture: {e}"
+        cost = self.estimate(spec)
+        rel = trial.user_attrs.get("trial_dir") if resumed else None
+        rel = rel if isinstance(rel, str) and rel else trial_dir_of(trial.number)
+        trial.set_user_attr("arch", spec.to_flat())
+        trial.set_user_attr("gflops", float(cost.gflops))
+        trial.set_user_attr("params", int(cost.params))
+        trial.set_user_attr("budget", self.budget)
+        if not resumed:
+            for key, value in self.space.constraints.values(spec, cost).items():
+                trial.set_constraint(key, value)
+        violations = list(self.space.constraints.violations(spec, cost))
+        if violations:
+            return "; ".join(violations)
+        trial.set_user_attr("trial_dir", rel)
+        if not resumed:
+            trial.set_user_attr("fidelity", 0)
+        return Candidate(number=trial.number, trial_id=trial._trial_id, spec=spec,
+                         gflops=float(cost.gflops), params=int(cost.params), trial_dir=rel,
+                         resumed=resumed)
+
+    def _reject(self, trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("infeasible", reason)
+        trial.set_user_attr("fail_reason", f"infeasible: {reason}")
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._release(trial._trial_id)
+        self.infeasible_count += 1
+
+    def ask(self) -> Candidate:
+        """A new feasible candidate. Samples that break a constraint are told FAIL with user
+        attr `infeasible` (never trained) and replaced; after `max_infeasible_tries` in a row
+        a `ConfigError` says the constraints leave (almost) nothing."""
+        reason = ""
+        for _ in range(self.max_infeasible_tries):
+            trial = self.study.ask()
+            self._claim(trial._trial_id)
+            prepared = self._prepare(trial, resumed=False)
+            if isinstance(prepared, Candidate):
+                return prepared
+            reason = prepared
+            self._reject(trial, reason)
+        raise ConfigError(
+            f"the space's constraints rejected {self.max_infeasible_tries} samples in a row"
+            f" (last: {reason}); the feasible region is empty or tiny. Loosen the"
+            " `constraints:` block or narrow the space's choices to feasible ones.")
+
+    def adoptable(self) -> list[FrozenTrial]:
+        """RUNNING trials no live driver runs any more (a killed or lost driver left them):
+        stale per `nas.storage.stale_trials`, or owned by a process of this host that is gone.
+        Call before opening this driver's lease."""
+        from nas import storage as run_storage
+
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return []
+        stale = {t.number for t in run_storage.stale_trials(self.study, self.run_dir)}
+        return [t for t in running
+                if t.number in stale
+                or _owner_is_dead_here(t.system_attrs.get(run_storage.OWNER_ATTR))]
+
+    def adopt(self, trial: FrozenTrial) -> Candidate | None:
+        """Take over a RUNNING trial of a dead driver under its own number: it is trained again
+        in its own folder, so it continues from its last checkpoint. Returns None when its
+        architecture now breaks a constraint (it is then told FAIL as infeasible)."""
+        live = self._trial(trial._trial_id)
+        self._claim(trial._trial_id)
+        prepared = self._prepare(live, resumed=True)
+        if isinstance(prepared, Candidate):
+            return prepared
+        self._reject(live, prepared)
+        return None
+
+    # ------------------------------------------------------------------ telling
+    def record_epoch(self, candidate: Candidate, metrics: Mapping[str, Any]) -> None:
+        """Note one epoch's report: `fidelity` and the intermediate accuracy."""
+        epoch = metrics.get("epoch")
+        if not _is_finite(epoch):
+            return
+        trial = self._trial(candidate.trial_id)
+        trial.set_user_attr("fidelity", int(epoch))
+        acc = metrics.get("val_acc")
+        if _is_finite(acc):
+            # Trial.report refuses multi-objective studies; the storage call records the same
+            # intermediate value, which reports and plots read for pruned trials.
+            self.study._storage.set_trial_intermediate_value(candidate.trial_id, int(epoch),
+                                                             float(acc))
+
+    def _finish_attrs(self, candidate: Candidate, fidelity: Any, wall_s: float | None) -> None:
+        trial = self._trial(candidate.trial_id)
+        if _is_finite(fidelity):
+            trial.set_user_attr("fidelity", int(fidelity))
+        if wall_s is not None:
+            before = self._frozen(candidate.number).user_attrs.get("wall_s")
+            total = float(wall_s) + (float(before) if candidate.resumed and _is_finite(before)
+                                     else 0.0)
+            trial.set_user_attr("wall_s", round(total, 3))
+
+    def tell_result(self, candidate: Candidate, metrics: Mapping[str, Any] | None, *,
+                    wall_s: float | None = None) -> TrialState:
+        """Tell a trial that ended without error: COMPLETE with (val_acc, gflops, params) if it
+        trained the full budget, PRUNED with its fidelity if it stopped earlier, FAIL if its last
+        accuracy is not a finite number."""
+        metrics = metrics or {}
+        fidelity = metrics.get("epoch")
+        acc = metrics.get("val_acc")
+        if not _is_finite(fidelity) or int(fidelity) < self.budget:
+            self._finish_attrs(candidate, fidelity if _is_finite(fidelity) else 0, wall_s)
+            self.study.tell(candidate.number, state=TrialState.PRUNED)
+            self._release(candidate.trial_id)
+            self.consecutive_failures = 0
+            return TrialState.PRUNED
+        if not _is_finite(acc):
+            return self.tell_fail(candidate, f"val_acc is {acc!r} after the full budget",
+                                  fidelity=fidelity, wall_s=wall_s)
+        self._finish_attrs(candidate, fidelity, wall_s)
+        self.study.tell(candidate.number, [float(acc), candidate.gflops, float(candidate.params)])
+        self._release(candidate.trial_id)
+        self.consecutive_failures = 0
+        return TrialState.COMPLETE
+
+    def tell_fail(self, candidate: Candidate, reason: str, *, fidelity: Any = None,
+                  wall_s: float | None = None) -> TrialState:
+        """Tell a trial that crashed, diverged or ran out of memory: FAIL with `fail_reason`."""
+        self._finish_attrs(candidate, fidelity, wall_s)
+        self._trial(candidate.trial_id).set_user_attr("fail_reason", str(reason)[:2000])
+        self.study.tell(candidate.number, state=TrialState.FAIL)
+        self._release(candidate.trial_id)
+        self.consecutive_failures += 1
+        return TrialState.FAIL
+
+
+def read_failure_reason(trial_dir: str | os.PathLike) -> str | None:
+    """The `reason` of a trial folder's failure.json, or None if there is none."""
+    path = Path(trial_dir) / "failure.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(data, dict) and data.get("reason"):
+        return str(data["reason"])
+    return None

@@ -1,0 +1,114 @@
+"""SP-SA attention: multi-head self-attention with per-head spatial priors, and the shared
+attention of PSViT that reuses the previous block's attention probabilities.
+
+`Attention` computes `softmax((Q Kᵀ / sqrt(d)) * SP + B) V` per head, where SP (multiplicative
+priors) and B (additive priors) come from `spvit.priors.SpatialPrior` and are the identity for heads
+of type `none`. Paths:
+
+* no multiplicative prior and no attention map requested: one fused
+  `F.scaled_dot_product_attention` call (the `rpb` bias rides in as `attn_mask`);
+* otherwise the eager path: logits, one elementwise multiply by `scale * SP` (scale folded into
+  the `(H, N, N)` multiplier), optional bias, softmax, matmul. This is the CPU path and the
+  training path everywhere.
+
+`SharedAttention` has no Q/K projections and computes no Q Kᵀ: it applies the attention
+probabilities it is handed to its own V and output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .priors import SpatialPrior
+
+Grid = tuple[int, int]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional per-head spatial priors.
+
+    Args:
+        dim: token width C.
+        num_heads: H; must divide `dim`.
+        head_types: prior type per head (length H); all `none` means plain attention.
+        grid_size: the block's patch-grid side in the architecture (sizes `rpb` tables).
+        qkv_bias: bias on the Q/K/V projection.
+
+    Parameters: `qkv.weight (3C, C)`, `qkv.bias (3C,)` if qkv_bias, `proj.weight (C, C)`,
+    `proj.bias (C,)`, plus `prior.*` (see `SpatialPrior`) when any head has a prior.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, head_types: tuple[str, ...] | None = None,
+                 grid_size: int = 1, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        head_types = tuple(head_types) if head_types is not None else ("none",) * num_heads
+        if len(head_types) != num_heads:
+            raise ValueError(f"head_types has {len(head_types)} entries for {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.head_types = head_types
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.prior: SpatialPrior | None = None
+        if any(t != "none" for t in head_types):
+            self.prior = SpatialPrior(head_types, head_dim=self.head_dim, grid_size=grid_size)
+
+    def forward(self, x: torch.Tensor, grid: Grid, num_prefix: int = 0, *,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend over `x (B, N, C)` whose last Gh*Gw tokens form `grid`.
+
+        Returns the output `(B, N, C)` and, if `need_weights`, the probabilities `(B, H, N, N)`.
+        """
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, d)
+        mult = bias = None
+        if self.prior is not None:
+            mult, bias = self.prior(grid, num_prefix)  # (H, N, N) or None
+        attn = None
+        if mult is None and not need_weights:
+            mask = bias.to(q.dtype) if bias is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
+            logits = logits * (mult * self.scale if mult is not None else self.scale)
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(dim=-1)
+            out = attn.to(v.dtype) @ v
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj(out), attn
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_types={self.head_types}"
+
+
+class SharedAttention(nn.Module):
+    """Attention that reuses another block's probabilities (PSViT attention sharing).
+
+    Parameters: `v.weight (C, C)`, `v.bias (C,)` if qkv_bias, `proj.weight (C, C)`, `proj.bias (C,)`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Apply `attn (B, H, N, N)` to this block's values of `x (B, N, C)`."""
+        B, N, C = x.shape
+        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, shared=True"

@@ -1,0 +1,238 @@
+"""Spatial priors of SP-SA: per-head functions of the 2-D offset between two patch tokens.
+
+A prior is a function SP_h(d) of the integer offset d = (dx, dy) = (col_j - col_i, row_j - row_i)
+between query token i and key token j. It is evaluated ONCE per unique offset of the current token
+grid ((2*Gh - 1) * (2*Gw - 1) of them) and gathered into an `(H, N, N)` matrix through an index
+table that is built once per grid and cached; nothing here runs per sample or per token pair.
+
+Families (one type per head, a block may mix them):
+
+* `none`     identity (multiplier 1, bias 0).
+* `mlp`      the SP-ViT learned prior, multiplicative:
+             SP_h(d) = w_h . relu(W1_h d + b1_h) + b_h, with W1_h (head_dim, 2), b1_h (head_dim,)
+             (the rows of one Linear(2, heads * head_dim) that belong to head h), w_h (head_dim,),
+             b_h scalar. Initialised with w_h = 0, b_h = 1, so SP = 1.
+* `gaussian` learned anisotropic distance decay, multiplicative:
+             SP_h(d) = 1 + a_h * exp(-(dx / sx_h)^2 / 2 - (dy / sy_h)^2 / 2), sx_h = exp(lx_h),
+             sy_h = exp(ly_h). Highlights the neighbourhood of the query (a local window whose
+             extent per axis is learned). Initialised a_h = 0 (SP = 1), sx_h = sy_h = 2.
+* `axial`    horizontal / vertical relations, multiplicative:
+             SP_h(d) = 1 + r_h * exp(-(dy / w_h)^2 / 2) + c_h * exp(-(dx / w_h)^2 / 2),
+             w_h = exp(lw_h). The r term highlights the query's row (horizontal relations, dy ~ 0),
+             the c term its column (vertical relations, dx ~ 0). Initialised r_h = c_h = 0,
+             w_h = 1.
+* `rpb`      additive relative-position bias (Swin): B_h(d) = T_h[dy + S - 1, dx + S - 1] with a
+             learned table T_h of (2S - 1) x (2S - 1) entries for the block's grid side S of the
+             architecture. Offsets beyond the table (a larger input grid at run time) use the
+             nearest edge entry. Initialised T_h = 0.
+
+Multiplicative priors scale the scaled logits before the softmax:
+softmax((Q Kᵀ / sqrt(d)) * SP + B) V. With a class token in the block the prior rows and columns
+of the class token are the identity (multiplier 1, bias 0).
+
+Parameters of one `SpatialPrior` with Hm `mlp`, Hg `gaussian`, Ha `axial`, Hr `rpb` heads and
+head width d (only the tensors of types present exist):
+`mlp_fc1.weight (Hm*d, 2)`, `mlp_fc1.bias (Hm*d,)`, `mlp_weight (Hm, d)`, `mlp_bias (Hm,)`,
+`gaussian (Hg, 3)` = [a, lx, ly], `axial (Ha, 3)` = [r, c, lw], `rpb_table (Hr, 2S-1, 2S-1)`.
+Count: 4*Hm*d + Hm + 3*Hg + 3*Ha + Hr*(2S-1)^2.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Grid = tuple[int, int]
+
+MULTIPLICATIVE: frozenset[str] = frozenset({"mlp", "gaussian", "axial"})
+ADDITIVE: frozenset[str] = frozenset({"rpb"})
+
+
+@lru_cache(maxsize=64)
+def _offset_tables(gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique offsets `(K, 2)` as (dx, dy), K = (2gh-1)(2gw-1), and the `(N*N,)` pair index."""
+    dy = torch.arange(-(gh - 1), gh, device=device)
+    dx = torch.arange(-(gw - 1), gw, device=device)
+    oy, ox = torch.meshgrid(dy, dx, indexing="ij")
+    offsets = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=1)  # (K, 2) as (dx, dy)
+    rows = torch.arange(gh, device=device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=device).repeat(gh)
+    rel_y = rows[None, :] - rows[:, None]  # (N, N): row_j - row_i
+    rel_x = cols[None, :] - cols[:, None]
+    index = (rel_y + gh - 1) * (2 * gw - 1) + (rel_x + gw - 1)
+    return offsets, index.reshape(-1)
+
+
+def offset_tables(grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached `(offsets (K, 2) long as (dx, dy), pair index (N*N,) long)` for a token grid.
+
+    Entry `index[i * N + j]` is the row of `offsets` holding (col_j - col_i, row_j - row_i).
+    """
+    return _offset_tables(int(grid[0]), int(grid[1]), torch.device(device))
+
+
+class SpatialPrior(nn.Module):
+    """The spatial priors of one attention block, one type per head (see the module docstring).
+
+    Args:
+        head_types: prior type of each head (`none`, `mlp`, `gaussian`, `axial`, `rpb`).
+        head_dim: per-head width (hidden width of the `mlp` prior).
+        grid_size: the block's patch-grid side S in the architecture (size of `rpb` tables).
+    """
+
+    def __init__(self, head_types: tuple[str, ...], *, head_dim: int, grid_size: int) -> None:
+        super().__init__()
+        self.head_types = tuple(head_types)
+        self.num_heads = len(head_types)
+        self.head_dim = head_dim
+        self.grid_size = grid_size
+        idx = {t: [h for h, p in enumerate(head_types) if p == t] for t in set(head_types)}
+        self.mlp_heads = tuple(idx.get("mlp", ()))
+        self.gaussian_heads = tuple(idx.get("gaussian", ()))
+        self.axial_heads = tuple(idx.get("axial", ()))
+        self.rpb_heads = tuple(idx.get("rpb", ()))
+        self.is_multiplicative = any(t in MULTIPLICATIVE for t in head_types)
+        self.is_additive = any(t in ADDITIVE for t in head_types)
+
+        hm = len(self.mlp_heads)
+        if hm:
+            self.mlp_fc1 = nn.Linear(2, hm * head_dim)
+            self.mlp_weight = nn.Parameter(torch.empty(hm, head_dim))
+            self.mlp_bias = nn.Parameter(torch.empty(hm))
+        if self.gaussian_heads:
+            self.gaussian = nn.Parameter(torch.empty(len(self.gaussian_heads), 3))
+        if self.axial_heads:
+            self.axial = nn.Parameter(torch.empty(len(self.axial_heads), 3))
+        if self.rpb_heads:
+            side = 2 * grid_size - 1
+            self.rpb_table = nn.Parameter(torch.empty(len(self.rpb_heads), side, side))
+
+        # Row order of the per-head multiplier / bias: [typed heads..., identity row]; `*_order`
+        # maps head h to its row, so a table for all heads is one index_select.
+        mult_rows = self.mlp_heads + self.gaussian_heads + self.axial_heads
+        mult_order = [mult_rows.index(h) if h in mult_rows else len(mult_rows)
+                      for h in range(self.num_heads)]
+        add_order = [self.rpb_heads.index(h) if h in self.rpb_heads else len(self.rpb_heads)
+                     for h in range(self.num_heads)]
+        self.register_buffer("mult_order", torch.tensor(mult_order, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("add_order", torch.tensor(add_order, dtype=torch.long),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity priors: SP = 1 for multiplicative heads, B = 0 for `rpb` heads."""
+        if self.mlp_heads:
+            nn.init.trunc_normal_(self.mlp_fc1.weight, std=0.02)
+            nn.init.zeros_(self.mlp_fc1.bias)
+            nn.init.zeros_(self.mlp_weight)
+            nn.init.ones_(self.mlp_bias)
+        if self.gaussian_heads:
+            with torch.no_grad():
+                self.gaussian[:, 0] = 0.0
+                self.gaussian[:, 1:] = math.log(2.0)
+        if self.axial_heads:
+            with torch.no_grad():
+                self.axial[:, :2] = 0.0
+                self.axial[:, 2] = 0.0
+        if self.rpb_heads:
+            nn.init.zeros_(self.rpb_table)
+
+    # ------------------------------------------------------------------ tables over offsets
+    def _mlp_values(self, off: torch.Tensor) -> torch.Tensor:
+        hm, d = len(self.mlp_heads), self.head_dim
+        hidden = F.relu(self.mlp_fc1(off)).view(-1, hm, d)  # (K, Hm, d)
+        return (hidden * self.mlp_weight).sum(-1).t() + self.mlp_bias[:, None]  # (Hm, K)
+
+    def _gaussian_values(self, off: torch.Tensor) -> torch.Tensor:
+        amp, sx, sy = self.gaussian[:, 0:1], self.gaussian[:, 1:2].exp(), self.gaussian[:, 2:3].exp()
+        dx, dy = off[:, 0][None], off[:, 1][None]
+        return 1.0 + amp * torch.exp(-0.5 * ((dx / sx) ** 2 + (dy / sy) ** 2))  # (Hg, K)
+
+    def _axial_values(self, off: torch.Tensor) -> torch.Tensor:
+        row, col, w = self.axial[:, 0:1], self.axial[:, 1:2], self.axial[:, 2:3].exp()
+        dx, dy = off[:, 0][None], off[:, 1][None]
+        return 1.0 + row * torch.exp(-0.5 * (dy / w) ** 2) + col * torch.exp(-0.5 * (dx / w) ** 2)
+
+    def _rpb_values(self, grid: Grid) -> torch.Tensor:
+        gh, gw = grid
+        s = self.grid_size
+        dev = self.rpb_table.device
+        ry = (torch.arange(-(gh - 1), gh, device=dev) + s - 1).clamp(0, 2 * s - 2)
+        rx = (torch.arange(-(gw - 1), gw, device=dev) + s - 1).clamp(0, 2 * s - 2)
+        t = self.rpb_table.index_select(1, ry).index_select(2, rx)  # (Hr, 2gh-1, 2gw-1)
+        return t.reshape(t.shape[0], -1)
+
+    def offset_values(self, grid: Grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-head tables over the unique offsets of `grid`: `(mult (H, K), bias (H, K))`.
+
+        K = (2*Gh - 1) * (2*Gw - 1), offsets in row-major (dy, dx) order from (-(Gh-1), -(Gw-1)).
+        Heads of another kind hold the identity (1 in `mult`, 0 in `bias`); a kind no head uses
+        is `None`.
+        """
+        dtype = self._param_dtype()
+        offsets, _ = offset_tables(grid, self.mult_order.device)
+        off = offsets.to(dtype)
+        mult = bias = None
+        if self.is_multiplicative:
+            rows = []
+            if self.mlp_heads:
+                rows.append(self._mlp_values(off))
+            if self.gaussian_heads:
+                rows.append(self._gaussian_values(off))
+            if self.axial_heads:
+                rows.append(self._axial_values(off))
+            rows.append(torch.ones(1, off.shape[0], dtype=dtype, device=off.device))
+            mult = torch.cat(rows, 0).index_select(0, self.mult_order)
+        if self.is_additive:
+            table = self._rpb_values(grid).to(dtype)
+            zero = torch.zeros(1, table.shape[1], dtype=dtype, device=table.device)
+            bias = torch.cat([table, zero], 0).index_select(0, self.add_order)
+        return mult, bias
+
+    def _param_dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.get_default_dtype()
+
+    def forward(self, grid: Grid, num_prefix: int = 0
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(mult (H, N, N), bias (H, N, N))` over all token pairs, N = num_prefix + Gh*Gw.
+
+        Prefix (class-token) rows and columns are the identity: 1 in `mult`, 0 in `bias`.
+        """
+        mult, bias = self.offset_values(grid)
+        _, index = offset_tables(grid, self.mult_order.device)
+        n = grid[0] * grid[1]
+        out = []
+        for table, identity in ((mult, 1.0), (bias, 0.0)):
+            if table is None:
+                out.append(None)
+                continue
+            full = table.index_select(1, index).view(self.num_heads, n, n)  # (H, Np, Np)
+            if num_prefix:
+                full = F.pad(full, (num_prefix, 0, num_prefix, 0), value=identity)
+            out.append(full)
+        return out[0], out[1]
+
+    def tables(self, grid: Grid) -> torch.Tensor:
+        """Per-head prior over offsets as `(H, 2*Gh - 1, 2*Gw - 1)`, indexed [dy + Gh-1, dx + Gw-1].
+
+        Multiplicative heads give their multiplier, additive heads their bias, `none` heads the
+        identity of the block's kind (1 if any head is multiplicative, else 0).
+        """
+        mult, bias = self.offset_values(grid)
+        shape = (self.num_heads, 2 * grid[0] - 1, 2 * grid[1] - 1)
+        if mult is None:
+            return bias.reshape(shape)
+        if bias is None:
+            return mult.reshape(shape)
+        additive = torch.tensor([t in ADDITIVE for t in self.head_types], device=mult.device)
+        return torch.where(additive[:, None], bias, mult).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"head_types={self.head_types}, head_dim={self.head_dim}, grid={self.grid_size}"
