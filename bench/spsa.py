@@ -6,7 +6,7 @@ into an (H, N, N) multiplier. The naive formulation (the SP-ViT release's) evalu
 N^2 token pairs and repeats it over the batch. All three layers include their Q/K/V and output
 projections. Times are medians of `--repeats` runs after warm-up, forward + backward.
 
-    .venv/bin/python bench/spsa.py                      # defaults: 14x14 grid, dim 384, 6 heads, batch 8
+    .venv/bin/python bench/spsa.py    # 14x14 grid, dim 384, 6 heads, batch 8; spvit_s batch 8
     .venv/bin/python bench/spsa.py --skip-model --repeats 20
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +52,21 @@ class NaiveSPSA(nn.Module):
         return a.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
-def _time(fn, repeats: int, warmup: int = 2) -> float:
+def _time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
+                      warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """Median (wall s, process CPU s) per function, runs interleaved A B C A B C ... so that load
+    from other processes on a shared machine hits every candidate alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
+            for name, s in samples.items()}
 
 
 def bench_layer(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -82,18 +89,20 @@ def bench_layer(args: argparse.Namespace) -> list[tuple[str, float]]:
     with torch.no_grad():
         ref, _ = spsa(x, (grid, grid))
         torch.testing.assert_close(naive(x), ref, rtol=1e-4, atol=1e-4)
-    rows = [("vanilla (fused SDPA)", _time(step(lambda t: vanilla(t, (grid, grid))), args.repeats)),
-            ("SP-SA mlp (per offset)", _time(step(lambda t: spsa(t, (grid, grid))), args.repeats)),
-            ("SP-SA mlp (naive N^2)", _time(step(naive), max(3, args.repeats // 3)))]
-    return rows
+    fast = _time_interleaved({
+        "vanilla (fused SDPA)": step(lambda t: vanilla(t, (grid, grid))),
+        "SP-SA mlp (per offset)": step(lambda t: spsa(t, (grid, grid))),
+    }, args.repeats)
+    slow = _time_interleaved({"SP-SA mlp (naive N^2)": step(naive)}, max(3, args.repeats // 4))
+    return {**fast, **slow}
 
 
-def bench_model(args: argparse.Namespace) -> list[tuple[str, float]]:
+def bench_model(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     spec = spvit.resolve_arch("spvit_s").replace(drop_path_rate=0.0)
     plain = spec.replace(blocks=[dict(b.to_dict(), prior="none") for b in spec.blocks])
     x = torch.randn(args.model_batch, 3, spec.img_size, spec.img_size)
     y = torch.randint(0, spec.num_classes, (args.model_batch,))
-    rows = []
+    steps = {}
     for label, s in (("spvit_s, priors none", plain), ("spvit_s, mlp priors", spec)):
         model = spvit.create_model(s, seed=0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -103,8 +112,18 @@ def bench_model(args: argparse.Namespace) -> list[tuple[str, float]]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rows.append((label, _time(train_step, args.model_repeats, warmup=1)))
-    return rows
+        steps[label] = train_step
+    return _time_interleaved(steps, args.model_repeats)
+
+
+def _table(title: str, rows: dict[str, tuple[float, float]], unit: float, unit_name: str) -> None:
+    base_wall, base_cpu = next(iter(rows.values()))
+    print(f"\n{title}")
+    wall, cpu = "wall " + unit_name, "cpu " + unit_name
+    print(f"{'':28s} {wall:>11s} {'ratio':>7s} {cpu:>11s} {'ratio':>7s}")
+    for name, (wall, cpu) in rows.items():
+        print(f"{name:28s} {wall * unit:11.2f} {wall / base_wall:6.2f}x {cpu * unit:11.2f}"
+              f" {cpu / base_cpu:6.2f}x")
 
 
 def main() -> None:
@@ -113,10 +132,11 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=15, help="timed runs per layer (median)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per layer (median)")
     p.add_argument("--model-batch", type=int, default=8)
     p.add_argument("--model-repeats", type=int, default=5, help="timed train steps (median)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: steadiest on a shared machine; 0: torch default)")
     p.add_argument("--skip-model", action="store_true", help="only the attention layer")
     args = p.parse_args()
     if args.threads:
@@ -124,22 +144,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     rows = bench_layer(args)
-    base = rows[0][1]
-    print(f"\nattention layer forward+backward: grid {args.grid}x{args.grid}, dim {args.dim},"
-          f" {args.heads} heads, batch {args.batch}")
-    print(f"{'layer':28s} {'median ms':>10s} {'vs vanilla':>11s}")
-    for name, t in rows:
-        print(f"{name:28s} {t * 1e3:10.2f} {t / base:10.2f}x")
-    print(f"naive / per-offset: {rows[2][1] / rows[1][1]:.1f}x (target >= 20x)")
+    _table(f"attention layer forward+backward: grid {args.grid}x{args.grid}, dim {args.dim},"
+           f" {args.heads} heads, batch {args.batch} (median of {args.repeats})", rows, 1e3, "ms")
+    per_offset, naive = rows["SP-SA mlp (per offset)"], rows["SP-SA mlp (naive N^2)"]
+    print(f"naive / per-offset: wall {naive[0] / per_offset[0]:.1f}x, cpu"
+          f" {naive[1] / per_offset[1]:.1f}x (target >= 20x)")
 
     if not args.skip_model:
         rows = bench_model(args)
-        base = rows[0][1]
-        print(f"\nspvit_s train step (forward + backward + AdamW), batch {args.model_batch} at 224 px")
-        print(f"{'model':28s} {'median s':>10s} {'ratio':>11s}")
-        for name, t in rows:
-            print(f"{name:28s} {t:10.3f} {t / base:10.2f}x")
-        print(f"with priors / without: {rows[1][1] / base:.3f}x (target <= 1.15x)")
+        _table(f"spvit_s train step (forward + backward + AdamW), batch {args.model_batch} at"
+               f" 224 px (median of {args.model_repeats})", rows, 1.0, "s")
+        (w0, c0), (w1, c1) = rows.values()
+        print(f"with priors / without: wall {w1 / w0:.3f}x, cpu {c1 / c0:.3f}x (target <= 1.15x)")
 
 
 if __name__ == "__main__":

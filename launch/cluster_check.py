@@ -25,7 +25,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from launch.ray_env import LOOPBACK_ENV, check_shared_storage, init_ray
+from launch.ray_env import LOOPBACK_ENV, check_shared_storage, init_ray, refresh_ray_config
 from spvit.errors import ConfigError
 
 NODE_OBJECT_STORE_BYTES = 150 * 1024 * 1024
@@ -80,6 +80,7 @@ class LoopbackCluster:
         env = {**LOOPBACK_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
         self._saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        refresh_ray_config()
         self._cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "resources": self.head_resources,
             "include_dashboard": False, "node_ip_address": "127.0.0.1",
@@ -144,6 +145,7 @@ class LoopbackCluster:
             else:
                 os.environ[key] = value
         self._saved_env = {}
+        refresh_ray_config()
 
 
 def _quote(path: str | os.PathLike) -> str:

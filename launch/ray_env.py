@@ -103,11 +103,21 @@ def ensure_token_auth(*, joining: bool) -> None:
     if not joining:
         return  # ray.init turns token mode on for a new local instance and creates the token
     os.environ[AUTH_MODE_ENV] = "token"
+    refresh_ray_config()
     if not _token_available():
         raise ConfigError("joining a Ray cluster needs its authentication token, but none was"
                           " found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."
                           " Run `ray get-auth-token` on the head node and export"
                           " RAY_AUTH_TOKEN=<token>, or copy the head's ~/.ray/auth_token here.")
+
+
+def refresh_ray_config() -> None:
+    """Make an already imported Ray re-read RAY_AUTH_MODE (as Ray does when it enables tokens)."""
+    import sys
+
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None:
+        raylet.Config.initialize("")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,

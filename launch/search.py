@@ -267,6 +267,7 @@ def _plan_resume(request: SearchRequest, run_dir: Path) -> _Plan:
             raise ConfigError(f"--storage {storage_url(request.storage, run_dir)} given, but the"
                               f" run keeps its study in {info.storage}. Drop --storage.")
         url = None
+        info.storage = storage_url(None, run_dir)  # the folder may have been moved or copied
     if request.trials is not None:
         info.trials = _positive_int("trials", request.trials)
     if request.concurrent is not None:
@@ -324,7 +325,8 @@ def _legacy_progress_output() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
-def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int) -> Any:
+def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int,
+                concurrent: int) -> Any:
     from ray import tune
     from ray.tune import CLIReporter
     from ray.tune.schedulers import ASHAScheduler
@@ -344,12 +346,12 @@ def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int)
         metric_columns={"epoch": "epoch", "val_acc": "val_acc", "val_loss": "val_loss",
                         "images_per_s": "img/s"},
         parameter_columns={"arch/depth": "depth", "arch/embed_dim": "width"},
-        max_report_frequency=30, max_progress_rows=max(20, info.concurrent + 4))
+        max_report_frequency=30, max_progress_rows=max(20, concurrent + 4))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-            max_concurrent_trials=info.concurrent, trial_name_creator=_trial_label,
+            max_concurrent_trials=concurrent, trial_name_creator=_trial_label,
             # A trial's actor is kept for the next one: no new process, no second import of
             # torch/DeepSpeed. Measured on 2 cores (4 tiny trials, 2 at a time): the Tune loop
             # took 21 s instead of 40 s, with bit-identical metrics.
@@ -365,7 +367,7 @@ def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int)
 
 
 # ---------------------------------------------------------------------------------------- driver
-def _print_start(plan: _Plan, study: Any, say: Callable[[str], None]) -> None:
+def _print_start(plan: _Plan, say: Callable[[str], None]) -> None:
     info = plan.info
     say(f"study: {info.study_name}")
     say(f"storage: {info.storage}")
@@ -379,27 +381,31 @@ def _print_start(plan: _Plan, study: Any, say: Callable[[str], None]) -> None:
         f"{asha}")
 
 
-def _cluster_check(plan: _Plan, say: Callable[[str], None]) -> None:
+def _cluster_concurrency(plan: _Plan, say: Callable[[str], None]) -> int:
+    """How many trials the Ray cluster can train at once, at most `--concurrent`.
+
+    A trial holds `workers_per_trial` CPUs (one per DeepSpeed worker, in-process or under Ray
+    Train) and as many GPUs with `--gpus-per-worker 1`. Launching more Ray Train trials than fit
+    would leave their worker groups waiting for resources, so the session runs fewer at once.
+    """
     import ray
 
-    from launch.trial import trainable_resources
-
     info = plan.info
-    need = trainable_resources(info.workers_per_trial, info.gpus_per_worker > 0)
+    need = {"CPU": float(info.workers_per_trial)}
+    if info.gpus_per_worker > 0:
+        need["GPU"] = float(info.workers_per_trial)
     have = ray.cluster_resources()
-    for key, per_trial in (("CPU", need.get("cpu", need.get("CPU", 0))),
-                           ("GPU", need.get("gpu", need.get("GPU", 0)))):
-        per_trial = float(per_trial or 0)
-        if per_trial <= 0:
-            continue
+    fits = info.concurrent
+    for key, per_trial in need.items():
         if have.get(key, 0) < per_trial:
             raise ConfigError(f"one trial needs {per_trial:g} {key} but the Ray cluster has"
                               f" {have.get(key, 0):g}. Lower --workers-per-trial, set"
                               " --gpus-per-worker 0, or add nodes.")
-        fits = int(have.get(key, 0) // per_trial)
-        if fits < info.concurrent:
-            say(f"note: the cluster fits {fits} trial(s) at a time by {key}, fewer than"
-                f" --concurrent {info.concurrent}; the others wait.")
+        fits = min(fits, int(have[key] // per_trial))
+    if fits < info.concurrent:
+        say(f"note: the cluster fits {fits} trial(s) of {info.workers_per_trial} worker(s) at a"
+            f" time, fewer than --concurrent {info.concurrent}; running {fits} at a time.")
+    return fits
 
 
 def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) -> SearchOutcome:
@@ -421,7 +427,7 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
     info.sessions.append(nas_study.now_iso())
     plan.space.save(plan.run_dir / nas_study.SPACE_FILE)
     info.save(plan.run_dir)
-    _print_start(plan, study, say)
+    _print_start(plan, say)
 
     search_study = nas_study.SearchStudy(study, plan.space, run_dir=plan.run_dir,
                                          budget=info.epochs,
@@ -429,7 +435,8 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
     adopt = search_study.adoptable()
     counted = search_study.counted_trials()
     if request.resume:
-        finished = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+        finished = Counter(t.state.name for t in study.get_trials(deepcopy=False)
+                           if not t.user_attrs.get("infeasible"))
         say(f"resuming: {dict(finished)} in the study; {len(adopt)} interrupted trial(s)"
             f" continue from their checkpoints, {max(0, info.trials - counted)} new trial(s)"
             " to go")
@@ -483,8 +490,8 @@ def _run_tune(plan: _Plan, search_study: nas_study.SearchStudy, adopt: list, req
     started_ray = not ray.is_initialized()
     try:
         init_ray(request.address, num_cpus=request.num_cpus, storage_path=plan.run_dir)
-        _cluster_check(plan, say)
-        tuner = _make_tuner(plan, searcher, trial_errors, num_samples)
+        concurrent = _cluster_concurrency(plan, say)
+        tuner = _make_tuner(plan, searcher, trial_errors, num_samples, concurrent)
         with _legacy_progress_output():
             tuner.fit()
     finally:

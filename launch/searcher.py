@@ -185,6 +185,9 @@ class StudySearcher(Searcher):
         wall_s = self.clock() - started
         fidelity = (metrics or {}).get("epoch")
         try:
+            if result:
+                # Tune skips on_trial_result for the result on which a scheduler stops a trial.
+                self.study.record_epoch(candidate, result)
             if error:
                 reason = self._failure_reason(trial_id, candidate)
                 state = self.study.tell_fail(candidate, reason, fidelity=fidelity, wall_s=wall_s)

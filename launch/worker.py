@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -383,7 +382,7 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
                 "lr": stats.lr,
                 "images_per_s": stats.images_per_s,
                 "wall_s": wall_before + time.perf_counter() - run_start,
-                "startup_s": startup[0] if startup else math.nan,
+                "startup_s": startup[0],  # every epoch has >= 1 step (build_loaders)
             }
             history.append(line)
             _save_checkpoint(engine, trial_dir, epoch, setup.world_size, training, spec, history,
@@ -403,8 +402,10 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
         del engine, model, weights
         gc.collect()
         return history[-1] if history else None
-    except BaseException as e:
-        if rank0 and not isinstance(e, KeyboardInterrupt):
+    except Exception as e:
+        # Not BaseException: Tune stops an early-stopped trial with SystemExit from its
+        # report(), and Ctrl-C is an interruption; neither is a failure of the trial.
+        if rank0:
             write_failure(trial_dir, failure_reason(e))
         raise
 

@@ -87,11 +87,6 @@ class DatasetInfo:
     native_size: int | None
     class_names: tuple[str, ...]
 
-    @property
-    def resizable(self) -> bool:
-        """Folders are decoded and resized per sample to any size; tensors only upsample."""
-        return self.native_size is None
-
 
 @dataclass
 class Datasets:

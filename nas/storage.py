@@ -314,9 +314,8 @@ def lease_owner_is_dead(owner: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _run_mutex(run_dir: str | os.PathLike):
-    """Serialises ownership changes between the drivers of one machine (journal storage)."""
-    path = _lease_dir(run_dir) / "ownership.mutex"
+def _file_mutex(path: Path):
+    """An exclusive OS lock on `path` (released by the kernel if the process dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -325,6 +324,52 @@ def _run_mutex(run_dir: str | os.PathLike):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _run_mutex(run_dir: str | os.PathLike):
+    """Serialises ownership changes between the drivers of one machine (journal storage)."""
+    return _file_mutex(_lease_dir(run_dir) / "ownership.mutex")
+
+
+@contextlib.contextmanager
+def study_mutex(study: optuna.Study, run_dir: str | os.PathLike):
+    """A lock shared by every driver of `study`, for check-then-act steps such as "launch
+    another trial only if the budget is not spent yet" (count, then `study.ask()`).
+
+    PostgreSQL: a session advisory lock keyed by the study (drivers on any machine; the server
+    drops it if the holder's connection dies). MySQL: `GET_LOCK`. Journal and SQLite (one
+    machine): an OS file lock in the run folder. Not re-entrant; hold it briefly.
+    """
+    storage = _unwrap(study._storage)
+    if not isinstance(storage, RDBStorage) or storage.engine.dialect.name == "sqlite":
+        with _file_mutex(_lease_dir(run_dir) / f"study-{study._study_id}.mutex"):
+            yield
+        return
+    import hashlib
+
+    import sqlalchemy as sa
+
+    name = f"spvit-nas:{study.study_name}"
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    dialect = storage.engine.dialect.name
+    if dialect == "postgresql":
+        take, drop = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
+        params: dict[str, Any] = {"key": key}
+    elif dialect in ("mysql", "mariadb"):
+        take, drop = "SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)"
+        params = {"name": name[:64]}
+    else:
+        raise ConfigError(f"the study storage {dialect} has no cross-machine lock this project"
+                          " knows; use PostgreSQL (--storage postgresql://...) for several"
+                          " drivers.")
+    with storage.engine.connect() as conn:
+        conn.execute(sa.text(take), params)
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text(drop), params)
+            conn.commit()
 
 
 def _transfer_owner(study: optuna.Study, run_dir: str | os.PathLike, trial_id: int,

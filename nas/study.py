@@ -57,7 +57,9 @@ _SEED_STRIDE = 1_000_003
 
 
 class Space(Protocol):
-    """What the study needs from a search space (`search_spaces.SearchSpace`)."""
+    """What the study needs from a search space (`search_spaces.SearchSpace`): `suggest`, and
+    `constraints` with `values(spec, cost)` (Optuna convention, <= 0 feasible) and
+    `violations(spec, cost)` (one line per broken constraint)."""
 
     constraints: Any
 

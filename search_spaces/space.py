@@ -271,8 +271,8 @@ class SearchDefaults:
         trials: Optuna trials to run (infeasible proposals rejected before launch do not count).
         concurrent: trials trained at the same time.
         sampler: `nsga2` (default), `tpe`, `gp`, `random` or `qmc` (`nas.study.make_sampler`).
-        population_size: NSGA-II population; None leaves Optuna's default (50), which only
-            samples at random until that many trials finished, so set it below `trials`.
+        population_size: NSGA-II generation size; None lets the search driver choose one from
+            `trials` (Optuna's own default, 50, would sample at random for the first 50 trials).
         seed: seed of the sampler (and of any random draw the driver makes).
         max_consecutive_failures: stop the search after this many crashed trials in a row.
         max_infeasible: give up (the constraints cannot be met) after this many rejected
@@ -526,6 +526,9 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Any, *, check_feasible: bool = True) -> SearchSpace:
         """Validate the mapping form of a space file (what `yaml.safe_load` returns)."""
+        if data is None:
+            raise ConfigError("the search space is empty. Write at least `dimensions:` with"
+                              " depth and heads; see docs/search_spaces.md for an example.")
         if not isinstance(data, Mapping):
             raise ConfigError(
                 f"a search space must be a mapping with `arch:`, `dimensions:`, ... blocks, but"

@@ -14,9 +14,10 @@ value and the fix. Two serialised forms exist and both round-trip:
 
 Token grid and width along the network. The patch grid starts at `img_size // patch_size` per side.
 A block with `pool: true` first pools the patch-token grid 2x2 (side S becomes ceil(S / 2)) and
-multiplies the width by `pool_width_factor` (PiT-style: 1 keeps the width, 2 doubles it), then runs
-attention. With `head: cls` the CLS token joins at block `cls_block` (0 = from the start, as in DeiT;
-SP-ViT-S uses 14 of 16: SP-SA blocks see patch tokens only); it is carried through later pools.
+multiplies the width by `pool_width_factor` (PiT-style: 1 keeps the width, 2 doubles it), then
+runs attention. With `head: cls` the CLS token joins at block `cls_block` (0 = from the start, as
+in DeiT; SP-ViT-S uses 14 of 16: SP-SA blocks see patch tokens only); it is carried through later
+pools.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -313,19 +315,20 @@ class ArchSpec:
 
     def block_tokens(self) -> tuple[int, ...]:
         """Number of tokens each block's attention sees (patch tokens, plus CLS if present)."""
-        return tuple(s * s + int(c) for s, c in zip(self.block_grids(), self.block_has_cls()))
+        return tuple(s * s + int(c) for s, c in zip(self.block_grids(), self.block_has_cls(),
+                                                        strict=True))
 
     @property
     def num_features(self) -> int:
         """Width of the final features fed to the classifier."""
         return self.block_widths()[-1]
 
-    def replace(self, **changes: Any) -> "ArchSpec":
+    def replace(self, **changes: Any) -> ArchSpec:
         """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def uniform(cls, *, depth: int, heads: int, prior: str = "none", **kwargs: Any) -> "ArchSpec":
+    def uniform(cls, *, depth: int, heads: int, prior: str = "none", **kwargs: Any) -> ArchSpec:
         """A plain stack of `depth` identical blocks (no pooling, no sharing)."""
         _check_int("depth", depth, minimum=1)
         return cls(blocks=tuple(BlockSpec(heads=heads, prior=prior) for _ in range(depth)),
@@ -357,7 +360,7 @@ class ArchSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ArchSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ArchSpec:
         """Build from the nested form (has `blocks`) or the flat form (has `depth`)."""
         if not isinstance(data, Mapping):
             raise ConfigError(
@@ -378,12 +381,13 @@ class ArchSpec:
         return [f.name for f in dataclasses.fields(cls) if f.name != "blocks"]
 
     @classmethod
-    def _from_nested(cls, data: Mapping[str, Any]) -> "ArchSpec":
+    def _from_nested(cls, data: Mapping[str, Any]) -> ArchSpec:
         names = cls._global_names()
         for key in data:
             if key != "blocks" and key not in names:
                 raise ConfigError(
-                    f"unknown architecture field {key!r}.{_did_you_mean(str(key), names + ['blocks'])}"
+                    f"unknown architecture field {key!r}."
+                    f"{_did_you_mean(str(key), names + ['blocks'])}"
                     f" Valid fields: {names + ['blocks']}."
                 )
         blocks = data["blocks"]
@@ -396,7 +400,7 @@ class ArchSpec:
         return cls(blocks=tuple(_block_from_mapping(b, i) for i, b in enumerate(blocks)), **kwargs)
 
     @classmethod
-    def _from_flat(cls, data: Mapping[str, Any]) -> "ArchSpec":
+    def _from_flat(cls, data: Mapping[str, Any]) -> ArchSpec:
         names = cls._global_names()
         depth = data["depth"]
         _check_int("depth", depth, minimum=1)
@@ -441,7 +445,7 @@ class ArchSpec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "ArchSpec":
+    def from_yaml(cls, text: str) -> ArchSpec:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -456,7 +460,7 @@ class ArchSpec:
         atomic_write_text(path, self.to_yaml())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ArchSpec":
+    def load(cls, path: str | os.PathLike) -> ArchSpec:
         """Read an architecture YAML file (nested or flat form)."""
         try:
             with open(path, encoding="utf-8") as f:

@@ -66,12 +66,14 @@ class Attention(nn.Module):
         """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, d)
         mult = bias = None
         if self.prior is not None:
             mult, bias = self.prior(grid, num_prefix)  # (H, N, N) or None
         attn = None
-        if mult is None and not need_weights:
+        fused = mult is None and not need_weights
+        # One copy into (3, B, H, N, d) beats the strided views that each matmul would copy.
+        q, k, v = (qkv if fused else qkv.contiguous()).unbind(0)  # (B, H, N, d)
+        if fused:
             mask = bias.to(q.dtype) if bias is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -91,7 +93,8 @@ class Attention(nn.Module):
 class SharedAttention(nn.Module):
     """Attention that reuses another block's probabilities (PSViT attention sharing).
 
-    Parameters: `v.weight (C, C)`, `v.bias (C,)` if qkv_bias, `proj.weight (C, C)`, `proj.bias (C,)`.
+    Parameters: `v.weight (C, C)`, `v.bias (C,)` if qkv_bias, `proj.weight (C, C)`,
+    `proj.bias (C,)`.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True) -> None:

@@ -87,6 +87,9 @@ class Cost:
 
 def estimate(spec: ArchSpec) -> Cost:
     """Exact parameter count and GMACs of `spvit.create_model(spec)` (see the module docstring)."""
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"estimate() needs an ArchSpec, but got {type(spec).__name__}. Load one"
+                        " with ArchSpec.load(path) or ArchSpec.from_dict(mapping).")
     params = dict.fromkeys(PARTS, 0)
     macs = dict.fromkeys(PARTS, 0)
     D, p, cin = spec.embed_dim, spec.patch_size, spec.in_chans

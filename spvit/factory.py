@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -18,20 +18,23 @@ from torch import nn
 Grid = tuple[int, int]
 
 
-def sincos_2d(grid: Grid, dim: int, *, temperature: float = 10000.0,
-              device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def sincos_2d(grid: Grid, dim: int, *, device: torch.device | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fixed 2-D sine-cosine positional encoding, `(Gh * Gw, dim)`, row-major.
 
-    The first half of the channels encodes the column (x), the second half the row (y); each half
-    holds `dim / 4` sines then `dim / 4` cosines at frequencies `temperature ** (-k / (dim / 4))`
-    (the MAE / MoCo-v3 layout). `dim` must be divisible by 4.
+    The first half of the channels encodes the column x, the second half the row y; each half
+    holds F = dim / 4 sines then F cosines at the linearly spaced frequencies
+    w_k = pi * k / F, k = 1..F (radians per token), up to the grid's Nyquist frequency. (The
+    transformer-standard geometric schedule, temperature 10000, puts most channels at frequencies
+    far below one cycle per grid on small grids: on 8x8 its LayerNorm'd matrix has ~9 useful
+    directions out of 48 and is useless as a pseudo-input for structured init.) `dim` must be
+    divisible by 4.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos encoding needs a width divisible by 4, but got {dim}.")
     gh, gw = grid
-    quarter = dim // 4
-    omega = torch.arange(quarter, device=device, dtype=torch.float64) / quarter
-    omega = 1.0 / temperature ** omega
+    f = dim // 4
+    omega = math.pi * torch.arange(1, f + 1, device=device, dtype=torch.float64) / f
     rows = torch.arange(gh, device=device, dtype=torch.float64)
     cols = torch.arange(gw, device=device, dtype=torch.float64)
     yy, xx = torch.meshgrid(rows, cols, indexing="ij")
@@ -94,7 +97,8 @@ class ConvStem(nn.Module):
         return x.flatten(2).transpose(1, 2), grid
 
 
-def tokens_to_map(x: torch.Tensor, grid: Grid, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens_to_map(x: torch.Tensor, grid: Grid,
+                  num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `(B, P + Gh*Gw, C)` into prefix tokens `(B, P, C)` and a map `(B, C, Gh, Gw)`."""
     B, _, C = x.shape
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]

@@ -183,7 +183,8 @@ class SPViT(nn.Module):
         if seed is None:
             apply_init(self, self.spec.init, reset=False)
             return
-        devices = sorted({p.device.index or 0 for p in self.parameters() if p.device.type == "cuda"})
+        devices = sorted({p.device.index or 0 for p in self.parameters()
+                          if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
@@ -251,7 +252,8 @@ class SPViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier by a fresh one for `num_classes` (0 removes it).
+        """Replace the classifier by a fresh one for `num_classes` (0 removes it; `spec` then
+        keeps its previous num_classes, as an ArchSpec always has a classifier).
 
         `global_pool` may only restate the current pooling (`token` for head cls, `avg` for head
         avg): the pooling is part of the architecture.

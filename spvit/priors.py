@@ -149,7 +149,8 @@ class SpatialPrior(nn.Module):
         return (hidden * self.mlp_weight).sum(-1).t() + self.mlp_bias[:, None]  # (Hm, K)
 
     def _gaussian_values(self, off: torch.Tensor) -> torch.Tensor:
-        amp, sx, sy = self.gaussian[:, 0:1], self.gaussian[:, 1:2].exp(), self.gaussian[:, 2:3].exp()
+        amp = self.gaussian[:, 0:1]
+        sx, sy = self.gaussian[:, 1:2].exp(), self.gaussian[:, 2:3].exp()
         dx, dy = off[:, 0][None], off[:, 1][None]
         return 1.0 + amp * torch.exp(-0.5 * ((dx / sx) ** 2 + (dy / sy) ** 2))  # (Hg, K)
 

@@ -54,7 +54,7 @@ def test_pareto_table(run_dir, capsys):
     code, out, _ = spvit_nas(capsys, "pareto", run_dir)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == f"study {STUDY} in {run_dir / 'study.journal'}"
+    assert lines[0].startswith(f"study {STUDY} in ") and lines[0].endswith("/study.journal")
     assert "Pareto set of full-fidelity trials: 4" in lines[1]
     numbers = [int(line.split()[0]) for line in lines[4:] if line.strip()]
     assert numbers == [1, 2, 0, 8]

@@ -86,6 +86,23 @@ def test_one_epoch_in_process_writes_the_trial_folder(tmp_path):
     assert again.loss == pytest.approx(lines[0]["val_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("bf16, zero_stage", [(True, 0), (False, 3)])
+def test_weights_are_consolidated_fp32_masters_under_bf16_and_zero3(tmp_path, bf16, zero_stage):
+    trial = tmp_path / "t"
+    training = recipe(bf16=bf16, zero_stage=zero_stage)
+    out = run_candidate(SPEC, training, trial)
+    weights = load_file(trial / "model.safetensors")
+    model = create_model(SPEC)
+    model.load_state_dict(weights)  # strict: every (gathered, full-size) tensor is there
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    if bf16:
+        # From the fp32 master copies, not the bf16 module (which would round-trip exactly).
+        big = [w for w in weights.values() if w.numel() > 16]
+        assert not all(torch.equal(w, w.bfloat16().float()) for w in big)
+    again = evaluate_saved_weights(trial, training)
+    assert again.acc1 == pytest.approx(out["val_acc"], abs=(10 if bf16 else 1.5) / 360)
+
+
 class Killed(Exception):
     pass
 
@@ -156,6 +173,20 @@ def test_nan_loss_fails_the_trial_with_a_reason(tmp_path):
     assert reason == e.value.reason and reason.endswith("lower training.lr or enable grad_clip"
                                                          " (training.grad_clip > 0)")
     assert not (trial / "model.safetensors").exists()
+
+
+def test_a_trial_stopped_early_is_not_a_failure(tmp_path):
+    """Tune stops an early-stopped trial by raising SystemExit from its report()."""
+    trial = tmp_path / "t"
+
+    def stop_after_first_epoch(metrics):
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        run_candidate(SPEC, recipe(epochs=2), trial, on_epoch=stop_after_first_epoch)
+    assert not (trial / "failure.json").exists()
+    assert [m["epoch"] for m in read_lines(trial)] == [1]
+    assert json.loads((trial / "checkpoint" / "state.json").read_text())["epoch"] == 1
 
 
 def test_bad_input_is_refused_before_training(tmp_path):

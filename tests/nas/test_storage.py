@@ -375,3 +375,50 @@ def test_two_drivers_never_adopt_the_same_trial(backend, request, tmp_path):
         assert all(late.adopt(study.trials[n]) for n in numbers)
         with DriverLease(study, tmp_path) as other:  # ... until a live driver has them
             assert not any(other.adopt(study.trials[n]) for n in numbers)
+
+
+_BUDGETED_DRIVER = """
+    import json, pathlib, time, optuna
+    from nas.storage import make_storage, study_mutex
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="s", storage=make_storage({url!r}, {run_dir!r}))
+    barrier = pathlib.Path({barrier!r})
+    (barrier / "ready-{me}").touch()
+    while len(list(barrier.glob("ready-*"))) < 2:  # both drivers start together
+        time.sleep(0.02)
+    mine = []
+    while True:
+        with {mutex}:  # count-then-ask must be one step for all drivers
+            if len(study.get_trials(deepcopy=False)) >= {budget}:
+                break
+            time.sleep(0.05)  # the gap in which another driver could count the same number
+            trial = study.ask()
+        x = trial.suggest_float("x", 0, 1)
+        study.tell(trial, [x, 1 - x])
+        mine.append(trial.number)
+    print(json.dumps(mine))
+"""
+
+
+def _budgeted_drivers(url, run_dir, *, budget, mutex="study_mutex(study, {run_dir!r})"):
+    barrier = run_dir / "barrier"
+    barrier.mkdir()
+    procs = [_run_py(_BUDGETED_DRIVER.replace("{mutex}", mutex), wait=False, url=url,
+                     run_dir=str(run_dir), budget=budget, barrier=str(barrier), me=i)
+             for i in range(2)]
+    launched = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        launched.append(json.loads(out))
+    return launched
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgres"])
+def test_study_mutex_lets_concurrent_drivers_share_one_budget(backend, request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
+    study = _study(make_storage(url, tmp_path))
+    first, second = _budgeted_drivers(url, tmp_path, budget=10)
+    assert sorted(first + second) == list(range(10))  # exactly the budget: none twice, no extra
+    assert first and second  # both drivers took part
+    assert len(study.trials) == 10

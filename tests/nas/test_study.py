@@ -295,3 +295,20 @@ def test_retried_stale_trials_count_once(tmp_path, space):
     copy = ss.ask()
     assert copy.spec == c.spec and copy.number != c.number
     assert ss.counted_trials() == 1
+
+
+def test_rdb_trial_of_a_dead_local_driver_is_adopted_before_its_heartbeat_expires(tmp_path,
+                                                                                   space):
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
+    study = nas_study.open_study(storage, study_name="s", resume=False,
+                                 sampler=nas_study.make_sampler("random", seed=0))
+    ss = nas_study.SearchStudy(study, space, run_dir=tmp_path, budget=2)
+    c = ss.ask()
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    study._storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{proc.stdout.strip()}-t")
+    study._storage.record_heartbeat(c.trial_id)  # fresh: not stale by the grace period yet
+    assert [t.number for t in ss.adoptable()] == [c.number]
+    study._storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{os.getpid()}-t")
+    assert ss.adoptable() == []  # a live driver (this process) still runs it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def test_rng_must_be_explicit(shipped):
 def test_resolved_yaml_round_trips_and_saves_atomically(shipped, tmp_path):
     again = load_text(shipped.to_yaml())
     assert again == shipped
+    assert pickle.loads(pickle.dumps(shipped)) == shipped  # travels to Ray workers
     shipped.save(tmp_path / "run" / "space.yaml")
     assert SearchSpace.load(tmp_path / "run" / "space.yaml") == shipped
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["space.yaml"]  # no temp files left

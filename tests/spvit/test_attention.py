@@ -39,7 +39,8 @@ def _ref_gaussian(prior, gh, gw, head):
     out = torch.empty(gh * gw, gh * gw, dtype=torch.float64)
     for i, row in enumerate(_pairs(gh, gw)):
         for j, (dx, dy) in enumerate(row):
-            out[i, j] = 1 + a * math.exp(-0.5 * ((dx / math.exp(lx)) ** 2 + (dy / math.exp(ly)) ** 2))
+            sx, sy = math.exp(lx), math.exp(ly)
+            out[i, j] = 1 + a * math.exp(-0.5 * ((dx / sx) ** 2 + (dy / sy) ** 2))
     return out
 
 
@@ -176,7 +177,8 @@ def test_fused_path_when_no_multiplicative_prior(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    for types, expect in ((["none"] * 2, [False]), (["rpb", "none"], [True]), (["mlp", "none"], [])):
+    cases = ((["none"] * 2, [False]), (["rpb", "none"], [True]), (["mlp", "none"], []))
+    for types, expect in cases:
         calls.clear()
         attn = _make(types, dim=16, grid_size=3)
         x = torch.randn(2, 9, 16, dtype=torch.float64)

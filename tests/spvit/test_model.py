@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spvit
-from spvit import ArchSpec, BlockSpec, ConfigError, PRIOR_TYPES
+from spvit import PRIOR_TYPES, ArchSpec, BlockSpec, ConfigError
 from spvit.factory import registered_arch
 
 torch.set_num_threads(1)
@@ -48,7 +48,8 @@ def test_every_prior_type_with_pool_and_share_at_two_sizes(prior):
         out.square().mean().backward()
         for name, p in model.named_parameters():
             assert p.grad is not None, f"{name} got no gradient"
-        expected = [(n, w) for n, w in zip(spec.block_tokens(), spec.block_widths())]
+        expected = [(n, w) for n, w in zip(spec.block_tokens(), spec.block_widths(),
+                                                  strict=True)]
         assert [seen[i] for i in range(spec.depth)] == expected
 
 
@@ -120,7 +121,7 @@ def test_same_seed_same_weights_and_init_schemes_on_meta():
     spec = _spec("mlp")
     a, b = spvit.create_model(spec, seed=3), spvit.create_model(spec, seed=3)
     c = spvit.create_model(spec, seed=4)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
     for init in ("mimetic", "impulse3"):

@@ -101,4 +101,5 @@ def test_timm_interface():
 
 def test_spvit_create_model_accepts_registered_names():
     model = spvit.create_model("spvit_test", num_classes=2)
-    assert model.pretrained_cfg["num_classes"] == 2 and model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+    assert model.pretrained_cfg["num_classes"] == 2
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
