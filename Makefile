@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first: this exact release installs from local files; a looser request pulls gigabytes.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev]"
+	# DeepSpeed JIT-builds its CPU shared-memory op on the first engine start (~30 s); build it
+	# once here so the first trial of a search does not pay for it.
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 install: $(STAMP)

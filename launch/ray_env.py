@@ -254,12 +254,18 @@ def probe_nodes(storage_path: str | os.PathLike, *,
 def check_shared_storage(storage_path: str | os.PathLike, *, timeout_s: float = 120.0) -> None:
     """Refuse a run folder that some node of a multi-node cluster cannot see.
 
-    Cloud URIs pass without a check. Nodes that join later are not checked: give every node of
-    the cluster the same mounts (the cluster files in launch/cluster/ do).
+    Cloud URIs pass without a check, and so does a cluster whose only node is the driver's.
+    Nodes that join later are not checked: give every node of the cluster the same mounts (the
+    cluster files in launch/cluster/ do).
     Raises `ConfigError` naming the nodes that do not see the driver's marker file.
     """
     if is_cloud_uri(storage_path):
         return
+    import ray
+
+    nodes = alive_nodes()
+    if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
+        return  # one machine, the driver's own: nothing to share
     blind = [v for v in probe_nodes(storage_path, timeout_s=timeout_s) if not v.sees_marker]
     if blind:
         where = ", ".join(f"{v.address} [node {v.node_id[:8]}, {v.hostname}: {v.detail}]"

@@ -420,9 +420,16 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
     placeholder = nas_study.make_sampler("random", seed=0)
     study = nas_study.open_study(storage, study_name=info.study_name, sampler=placeholder,
                                  resume=request.resume)
-    existing = len(study.get_trials(deepcopy=False))
+    from nas.storage import study_mutex
+
+    # Each driver session of the study gets its own index, even when several start at once,
+    # so that concurrent drivers do not propose the same candidates.
+    with study_mutex(study, plan.run_dir):
+        session = int(study._storage.get_study_system_attrs(study._study_id).get(
+            "spvit:sessions", 0))
+        study._storage.set_study_system_attr(study._study_id, "spvit:sessions", session + 1)
     study.sampler = nas_study.make_sampler(
-        info.sampler, seed=nas_study.session_seed(info.seed, existing),
+        info.sampler, seed=nas_study.session_seed(info.seed, session),
         population_size=info.population_size)
     info.sessions.append(nas_study.now_iso())
     plan.space.save(plan.run_dir / nas_study.SPACE_FILE)

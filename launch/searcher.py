@@ -153,9 +153,15 @@ class StudySearcher(Searcher):
             while self._adopt and candidate is None:
                 candidate = self.study.adopt(self._adopt.pop(0))
             if candidate is None:
-                if self._remaining <= 0:
-                    return Searcher.FINISHED
-                candidate = self.study.ask()
+                from nas.storage import study_mutex
+
+                # The budget is the study's, shared by every driver on it: count and ask as
+                # one step under the study's lock.
+                with study_mutex(self.study.study, self.study.run_dir):
+                    if self._remaining <= 0 or self.study.counted_trials() >= self.trials:
+                        self._remaining = 0  # the budget is spent (by this or another driver)
+                        return Searcher.FINISHED
+                    candidate = self.study.ask()
                 self._remaining -= 1
         except ConfigError as e:
             self.error = e

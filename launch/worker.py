@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
 
 from nas.data import build_datasets, build_loaders
 from nas.ds_config import build_ds_config, micro_batch_size, write_ds_config
@@ -342,7 +343,12 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
             "val_images": len(loaders.val.dataset.indices)})
 
         model = spvit.create_model(spec, seed=training.seed)  # same weights on every worker
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        # No weight decay on norms, biases, embeddings and the priors: decaying the `mlp`
+        # prior's output bias (initialised to 1) would pull SP towards 0, i.e. towards uniform
+        # attention, over a long schedule.
+        param_groups = param_groups_weight_decay(
+            model, training.weight_decay, no_weight_decay_list=model.no_weight_decay())
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups,
                                                config=ds_config, dist_init_required=False)
         input_dtype = torch.bfloat16 if training.bf16 else torch.float32
 

@@ -462,7 +462,19 @@ class DriverLease:
             return
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            # Some network file systems have no locks. The journal's staleness rule needs
+            # them; a database's uses heartbeats and pids, so there the lock is a courtesy.
+            if not isinstance(self.storage, RDBStorage):
+                os.close(fd)
+                raise ConfigError(f"the run folder {self.run_dir} has no file locks"
+                                  f" ({e.strerror}), which the journal study storage needs."
+                                  " Put --out on a local disk or use --storage"
+                                  " postgresql://...") from None
+            warnings.warn(f"no file lock on {self.lock_path} ({e.strerror}); heartbeats alone"
+                          " mark this driver's trials as alive", RuntimeWarning, stacklevel=2)
         os.write(fd, f"{self.id}\n".encode())
         self._lock_fd = fd
         if self.heartbeat_interval is not None:

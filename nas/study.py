@@ -430,7 +430,8 @@ class SearchStudy:
         in its own folder, so it continues from its last checkpoint. Returns None when its
         architecture now breaks a constraint (it is then told FAIL as infeasible)."""
         live = self._trial(trial._trial_id)
-        self._claim(trial._trial_id)
+        if self.lease is not None and not self.lease.adopt(trial._trial_id):
+            return None  # another driver took it over first, or its driver is alive
         prepared = self._prepare(live, resumed=True)
         if isinstance(prepared, Candidate):
             return prepared

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from spvit.errors import ConfigError
 
@@ -122,14 +123,14 @@ class TrainingConfig:
             )
         parse_dataset(self.dataset)
 
-    def replace(self, **changes: Any) -> "TrainingConfig":
+    def replace(self, **changes: Any) -> TrainingConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "TrainingConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TrainingConfig:
         data = dict(data or {})
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:

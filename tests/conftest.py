@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["tests.postgres_fixture"]
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
