@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launch.cmd_train", "train one architecture (e.g. an exported choice)"),
     "cost": ("launch.cmd_space", "print an architecture's parameters and GFLOPs"),
     "check-space": ("launch.cmd_space", "validate a search-space file and summarise it"),
+    "cluster-check": ("launch.cluster_check", "check a Ray cluster and run folder before a search"),
 }
 
 

@@ -1,6 +1,6 @@
 """Pre-flight checks of a Ray cluster for a search, and a multi-node cluster on one machine.
 
-`python -m launch.cluster_check --address auto --out RUN_DIR [--storage URL]` joins the cluster
+`spvit-nas cluster-check --address auto --out RUN_DIR [--storage URL]` joins the cluster
 the way `spvit-nas search` does and reports what a search depends on: the alive nodes and their
 CPUs/GPUs, that token authentication is on, that every node sees the run folder (checkpoints
 written on one node must be readable on the node a trial is moved to), and that the study

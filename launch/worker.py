@@ -193,6 +193,27 @@ def failure_reason(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- process groups
+def _weights_only_checkpoint_engine() -> Any:
+    """DeepSpeed's torch checkpoint engine, loading with `torch.load(weights_only=True)`.
+
+    DeepSpeed's own engine unpickles checkpoints in full (`weights_only=False`); trial folders
+    can sit on shared storage, so loading must not run arbitrary code. Tensors, containers and
+    the three small DeepSpeed classes its ZeRO optimizer states pickle (found by listing the
+    globals of ZeRO 0-3 checkpoints, fp32 and bf16) are all that is allowed.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -355,6 +376,7 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
         history: list[dict[str, Any]] = []
         start_epoch = 0
         if state is not None:
+            engine.checkpoint_engine = _weights_only_checkpoint_engine()
             load_path, client = engine.load_checkpoint(str(ckpt), tag=state.tag)
             if load_path is None or (client or {}).get("epoch") != state.epoch:
                 raise ConfigError(f"the checkpoint {ckpt / state.tag} could not be loaded. Delete"

@@ -90,7 +90,8 @@ BAD_SPACES = {
                               "max_gflops must be > 0"),
     "unsatisfiable": ("  max_params: 200000", "  max_params: 1000",
                       "met the constraints in 200 tries"),
-    "bad training": ("  epochs: 12", "  epochs: 0", "training.epochs must be an integer"),
+    "bad training": ("  batch_size: 64", "  batch_size: 0",
+                     "training.batch_size must be an integer"),
 }
 
 

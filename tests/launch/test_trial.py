@@ -164,6 +164,43 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(tmp_pa
         run_candidate(SPEC, training.replace(lr=1e-3), resumed)
 
 
+class _Payload:
+    """Unpickling this runs a shell command: what a tampered checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_zero2_resume_loads_checkpoints_weights_only(tmp_path):
+    training = recipe(epochs=2, zero_stage=2)
+
+    def stop_after_first_epoch(metrics):
+        if metrics["epoch"] == 1:
+            raise Killed("stopped after epoch 1")
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for trial_dir in (good, bad):
+        with pytest.raises(TrialFailed):
+            run_candidate(SPEC, training, trial_dir, on_epoch=stop_after_first_epoch)
+    # ZeRO-2 optimizer states pickle two DeepSpeed classes; the weights-only loader allows them.
+    seen = []
+    run_candidate(SPEC, training, good, on_epoch=seen.append)
+    assert [m["epoch"] for m in seen] == [2]
+
+    # A tampered checkpoint is refused, never executed.
+    marker = tmp_path / "executed"
+    states = next((bad / "checkpoint" / "epoch_0001").glob("*model_states.pt"))
+    torch.save({"module": _Payload(marker)}, states)
+    with pytest.raises(TrialFailed, match="(?i)weights.only|unsupported global"):
+        run_candidate(SPEC, training, bad)
+    assert not marker.exists()
+
+
 def test_nan_loss_fails_the_trial_with_a_reason(tmp_path):
     trial = tmp_path / "t"
     training = recipe(lr=1e10, min_lr=1e10, warmup_epochs=0.0, grad_clip=0.0)
