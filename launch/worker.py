@@ -324,7 +324,9 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
 
     import spvit
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # per-step INFO lines are noise
+    # Per-step INFO lines are noise, and WarmupCosineLR warns on every construction that it is
+    # asked for a learning rate "before it has started" (it initialises the optimizer so).
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
     started_at = time.time() if started_at is None else started_at
     torch.set_num_threads(max(1, setup.threads))

@@ -181,9 +181,12 @@ def is_full_fidelity(trial: FrozenTrial) -> bool:
 
 
 def trial_kind(trial: FrozenTrial) -> str:
-    """One word for a trial's standing: full, partial, pruned, failed, infeasible, running..."""
+    """One word for a trial's standing: full, partial, pruned, failed, infeasible, duplicate,
+    running..."""
     if trial.user_attrs.get("infeasible"):
         return "infeasible"
+    if trial.user_attrs.get("duplicate_of") is not None:
+        return "duplicate"
     if trial.state == TrialState.COMPLETE:
         return "full" if is_full_fidelity(trial) else "partial"
     return {

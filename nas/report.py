@@ -42,7 +42,8 @@ from spvit.io import atomic_write_bytes, atomic_write_text
 
 REPORTS_DIR = "reports"
 REFERENCE_MARGIN = 1.1
-KIND_ORDER = ("full", "partial", "pruned", "failed", "infeasible", "running", "waiting")
+KIND_ORDER = ("full", "partial", "pruned", "failed", "infeasible", "duplicate", "running",
+              "waiting")
 
 
 # ---------------------------------------------------------------------------- data
@@ -515,7 +516,7 @@ def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
         "",
         "`full`: COMPLETE at the full budget (the only trials that can be on the front);"
         " `partial`: COMPLETE below it; `pruned`: stopped early; `infeasible`: rejected by a"
-        " constraint before training.",
+        " constraint before training; `duplicate`: a re-proposed architecture, not trained twice.",
         "",
         f"## Pareto set ({len(front)} trials)",
         pareto.format_markdown(front),

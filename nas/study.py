@@ -50,6 +50,8 @@ RUN_FILE = "run.json"
 SPACE_FILE = "space.yaml"
 TRIALS_DIR = "trials"
 DEFAULT_MAX_INFEASIBLE_TRIES = 200
+# Re-proposals of an already trained architecture replaced per `ask` before one is trained again.
+MAX_DUPLICATE_TRIES = 25
 
 # A resumed driver must not replay the proposals of the first one: the sampler's seed for a
 # session is derived from --seed and the number of trials the study already holds.
@@ -329,6 +331,7 @@ class SearchStudy:
         self.estimate = estimate or _default_estimate
         self.max_infeasible_tries = max_infeasible_tries
         self.infeasible_count = 0
+        self.duplicate_count = 0
         self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ bookkeeping
@@ -350,13 +353,14 @@ class SearchStudy:
 
     def counted_trials(self) -> int:
         """Trials that count towards the search's `--trials`: finished ones (COMPLETE, PRUNED,
-        FAIL) and RUNNING ones, but neither constraint rejections nor stale trials that were
-        re-queued as a copy (the copy counts once it runs)."""
+        FAIL) and RUNNING ones, but neither constraint rejections, duplicates of earlier trials,
+        nor stale trials that were re-queued as a copy (the copy counts once it runs)."""
         trials = self.study.get_trials(deepcopy=False)
         retried = {t.system_attrs.get("failed_trial") for t in trials}
         return sum(1 for t in trials
                    if t.state != TrialState.WAITING
                    and not t.user_attrs.get("infeasible")
+                   and t.user_attrs.get("duplicate_of") is None
                    and not (t.state == TrialState.FAIL and t.number in retried))
 
     # ------------------------------------------------------------------ proposing
@@ -393,18 +397,48 @@ class SearchStudy:
         self._release(trial._trial_id)
         self.infeasible_count += 1
 
+    def _duplicate_of(self, candidate: Candidate) -> int | None:
+        """The number of an earlier trial that trains (or trained) the same architecture:
+        COMPLETE, PRUNED or RUNNING. Failed ones may be retried."""
+        flat = candidate.spec.to_flat()
+        for t in self.study.get_trials(deepcopy=False, states=(
+                TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
+            if t.number != candidate.number and t.user_attrs.get("arch") == flat:
+                return t.number
+        return None
+
+    def _reject_duplicate(self, candidate: Candidate, original: int) -> None:
+        trial = self._trial(candidate.trial_id)
+        trial.set_user_attr("duplicate_of", original)
+        trial.set_user_attr("fail_reason", f"duplicate of trial {original} (same architecture,"
+                                           " never trained twice)")
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._release(candidate.trial_id)
+        self.duplicate_count += 1
+
     def ask(self) -> Candidate:
         """A new feasible candidate. Samples that break a constraint are told FAIL with user
         attr `infeasible` (never trained) and replaced; after `max_infeasible_tries` in a row
-        a `ConfigError` says the constraints leave (almost) nothing."""
+        a `ConfigError` says the constraints leave (almost) nothing. A sample identical to a
+        trial that is trained or training (samplers re-propose points, NSGA-II often on small
+        spaces) is told FAIL with user attr `duplicate_of` and replaced too, up to
+        `MAX_DUPLICATE_TRIES` times per call; after that it is trained again."""
         reason = ""
-        for _ in range(self.max_infeasible_tries):
+        duplicates = 0
+        infeasible = 0
+        while infeasible < self.max_infeasible_tries:
             trial = self.study.ask()
             self._claim(trial._trial_id)
             prepared = self._prepare(trial, resumed=False)
             if isinstance(prepared, Candidate):
-                return prepared
+                original = self._duplicate_of(prepared)
+                if original is None or duplicates >= MAX_DUPLICATE_TRIES:
+                    return prepared
+                duplicates += 1
+                self._reject_duplicate(prepared, original)
+                continue
             reason = prepared
+            infeasible += 1
             self._reject(trial, reason)
         raise ConfigError(
             f"the space's constraints rejected {self.max_infeasible_tries} samples in a row"

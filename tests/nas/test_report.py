@@ -65,7 +65,7 @@ def test_report_md_summarises_the_run(reported):
     run_dir, _ = reported
     md = (run_dir / "reports" / "report.md").read_text(encoding="utf-8")
     assert "# Search report: demo" in md
-    assert "| 5 | 1 | 1 | 1 | 1 | 0 | 0 | 9 |" in md  # full partial pruned failed infeasible ...
+    assert "| 5 | 1 | 1 | 1 | 1 | 0 | 0 | 0 | 9 |" in md  # counts by kind (KIND_ORDER)
     assert "nsga2" in md and "2 epochs per candidate" in md and "digits" in md
     assert "- space: [space.yaml](../space.yaml)" in md and "- searched: `depth`" in md
     table = md.split("## Pareto set (4 trials)")[1].split("Data:")[0]

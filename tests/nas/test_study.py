@@ -207,6 +207,20 @@ def test_full_budget_is_complete_with_cost_model_objectives(tmp_path, space):
     assert t.intermediate_values == {1: 0.4}
 
 
+def test_reproposed_architectures_are_never_trained_twice(tmp_path, space):
+    ss = _search_study(tmp_path, space)
+    first = ss.ask()
+    ss.tell_result(first, {"epoch": 2, "val_acc": 0.5})
+    ss.study.enqueue_trial(ss._frozen(first.number).params)  # the sampler proposes it again
+    second = ss.ask()
+    assert second.spec != first.spec
+    dups = [t for t in ss.study.get_trials() if t.user_attrs.get("duplicate_of") is not None]
+    assert dups and {t.user_attrs["duplicate_of"] for t in dups} == {first.number}
+    assert all(t.state == TrialState.FAIL for t in dups)
+    assert "duplicate of trial" in dups[0].user_attrs["fail_reason"]
+    assert ss.counted_trials() == 2  # duplicates do not use up the budget
+
+
 def test_short_runs_are_pruned_with_fidelity_never_complete(tmp_path, space):
     ss = _search_study(tmp_path, space)
     c = ss.ask()

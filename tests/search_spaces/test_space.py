@@ -96,7 +96,7 @@ def test_digits_space_is_the_small_embedded_default():
             space.fixed["num_classes"]) == (16, 2, 1, 10)
     assert set(space.prior.types) == {"none", "mlp", "gaussian", "axial", "rpb"}
     assert set(space.choices["init"]) == {"trunc_normal", "mimetic", "impulse3", "impulse5"}
-    assert 12 <= space.search.trials <= 24 and space.search.concurrent == 2
+    assert 12 <= space.search.trials <= 32 and space.search.concurrent == 2
 
 
 def test_every_sample_is_a_valid_member(shipped):
