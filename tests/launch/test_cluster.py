@@ -168,7 +168,7 @@ def test_node_lost_mid_trial_resumes_from_its_checkpoint(loopback_cluster, tmp_p
     cluster = loopback_cluster(head_cpus=0)
     node_a = cluster.add_node(num_cpus=1)
     run = tmp_path / "run"
-    epochs = 4
+    epochs = 12  # long enough that node B can join before node A's trial ends
     search = _search(["--space", str(SPACE), "--out", str(run), "--trials", "2",
                       "--concurrent", "1", "--epochs", str(epochs), "--trial-retries", "2",
                       "--seed", "3", "--address", cluster.address, "--no-export"])
@@ -179,11 +179,12 @@ def test_node_lost_mid_trial_resumes_from_its_checkpoint(loopback_cluster, tmp_p
         assert time.monotonic() < deadline, "no trial finished an epoch on node A"
         for trial_dir in sorted((run / "trials").glob("*")):
             lines = _metrics(trial_dir)
-            if lines and lines[-1]["epoch"] < epochs:
+            if lines and lines[-1]["epoch"] <= 2:
                 victim = trial_dir
-        time.sleep(0.2)
-    done_before = _metrics(victim)[-1]["epoch"]
+        time.sleep(0.1)
     cluster.add_node(num_cpus=1)  # node B, where the trial can go on
+    done_before = _metrics(victim)[-1]["epoch"]
+    assert done_before < epochs, "the trial finished on node A before it could be cut short"
     cluster.remove_node(node_a)  # node A goes away mid-trial
     out = _finish(search)
     assert search.returncode == 0, out[-5000:]
