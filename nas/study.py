@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import math
 import os
-import socket
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -284,22 +283,6 @@ def _is_finite(value: Any) -> bool:
             and math.isfinite(value))
 
 
-def _owner_is_dead_here(owner: Any) -> bool:
-    """True when a driver-lease id `host-pid-token` names a process of this host that is gone."""
-    if not isinstance(owner, str) or owner.count("-") < 2:
-        return False
-    host, pid, _ = owner.rsplit("-", 2)
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 class SearchStudy:
     """Ask/tell over the run's study, with the house's conventions (module docstring).
 
@@ -457,7 +440,7 @@ class SearchStudy:
         stale = {t.number for t in run_storage.stale_trials(self.study, self.run_dir)}
         return [t for t in running
                 if t.number in stale
-                or _owner_is_dead_here(t.system_attrs.get(run_storage.OWNER_ATTR))]
+                or run_storage.lease_owner_is_dead(t.system_attrs.get(run_storage.OWNER_ATTR))]
 
     def adopt(self, trial: FrozenTrial) -> Candidate | None:
         """Take over a RUNNING trial of a dead driver under its own number: it is trained again

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from nas import study as nas_study
-from nas.storage import OWNER_ATTR, DriverLease, make_storage
+from nas.storage import OWNER_ATTR, DriverLease, lease_owner_is_dead, make_storage
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.cost import estimate
@@ -290,10 +290,10 @@ def test_dead_local_owner_is_recognised(tmp_path):
                           capture_output=True, text=True, check=True)
     dead = int(proc.stdout)
     host = socket.gethostname()
-    assert nas_study._owner_is_dead_here(f"{host}-{dead}-abcd1234")
-    assert not nas_study._owner_is_dead_here(f"{host}-{os.getpid()}-abcd1234")
-    assert not nas_study._owner_is_dead_here(f"elsewhere-{dead}-abcd1234")
-    assert not nas_study._owner_is_dead_here(None)
+    assert lease_owner_is_dead(f"{host}-{dead}-abcd1234")
+    assert not lease_owner_is_dead(f"{host}-{os.getpid()}-abcd1234")
+    assert not lease_owner_is_dead(f"elsewhere-{dead}-abcd1234")
+    assert not lease_owner_is_dead(None)
 
 
 def test_retried_stale_trials_count_once(tmp_path, space):
