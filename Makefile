@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## The main job: a real search on the embedded digits data, to a Pareto front and an export.
+## Run again (or after an interruption) it resumes the same run: finished trials are kept.
+RUN_DIR ?= runs/digits
 search: install
-	$(VENV)/bin/spvit-nas search --space search_spaces/digits.yaml --out runs/digits
+	$(VENV)/bin/spvit-nas search --space search_spaces/digits.yaml --out $(RUN_DIR) \
+		$(if $(wildcard $(RUN_DIR)/run.json),--resume)
 
 lint: install
 	$(VENV)/bin/ruff check spvit search_spaces nas launch tests bench
