@@ -31,7 +31,7 @@ lint: install
 
 ## The whole test suite (lint first). pytest's exit code 5 ("no tests collected") is an error.
 test: lint
-	$(PY) -m pytest tests -q; rc=$$?; \
+	$(PY) -m pytest tests -q --durations=10; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 bench: install
