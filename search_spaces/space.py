@@ -38,7 +38,7 @@ import yaml
 from spvit.arch import HEADS, INIT_SCHEMES, POS_EMBEDS, PRIOR_TYPES, STEMS, ArchSpec, BlockSpec
 from spvit.cost import Cost, estimate
 from spvit.errors import ConfigError
-from spvit.io import atomic_write_text
+from spvit.io import atomic_write_text, read_user_text
 
 from .training import TrainingConfig
 
@@ -486,18 +486,8 @@ class SearchSpace:
         meets the constraints, so a space that cannot be satisfied fails here, at load time.
         """
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"search-space file {path!r} does not exist. Check the path, e.g."
-                              " search_spaces/digits.yaml.") from None
-        except IsADirectoryError:
-            raise ConfigError(f"search-space path {path!r} is a folder, not a file."
-                              " Point to a .yaml file.") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"search-space file {path!r} is not UTF-8 text."
-                              " Point to a YAML file.") from None
+        text = read_user_text(path, what="search-space",
+                              hint="Point to a space file, e.g. search_spaces/digits.yaml.")
         return cls.from_yaml(text, source=path, check_feasible=check_feasible)
 
     @classmethod

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .io import atomic_write_text
+from .io import atomic_write_text, read_user_text
 
 PRIOR_TYPES: tuple[str, ...] = ("none", "mlp", "gaussian", "axial", "rpb")
 INIT_SCHEMES: tuple[str, ...] = ("trunc_normal", "mimetic", "impulse3", "impulse5")
@@ -462,15 +462,8 @@ class ArchSpec:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ArchSpec:
         """Read an architecture YAML file (nested or flat form)."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"architecture file {str(path)!r} does not exist."
-                              " Check the path.") from None
-        except IsADirectoryError:
-            raise ConfigError(f"architecture path {str(path)!r} is a folder, not a file."
-                              " Point to its arch.yaml.") from None
+        hint = "Point to an arch.yaml, e.g. search_spaces/archs/deit_tiny.yaml."
+        text = read_user_text(path, what="architecture", hint=hint)
         try:
             return cls.from_yaml(text)
         except ConfigError as e:

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -50,3 +52,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     """Write `obj` as JSON to `path` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def read_user_text(path: str | os.PathLike, *, what: str, hint: str) -> str:
+    """The UTF-8 text of a file a user pointed to (an architecture, a search space, ...).
+
+    A missing path, a folder, or a file that is not UTF-8 text raises one `ConfigError` line that
+    names `what` the file should be and ends with `hint` (where to point instead).
+    """
+    shown = repr(os.fspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {shown} does not exist. Check the path. {hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} path {shown} is a folder, not a file. {hint}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {shown} is not UTF-8 text. {hint}") from None
