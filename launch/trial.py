@@ -51,6 +51,7 @@ from nas.engine import TrainingDiverged
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+from spvit.io import read_json_lines
 
 from .worker import (
     FAILURE_FILE,
@@ -103,16 +104,7 @@ def trainable_resources(workers: int, use_gpu: bool, *, cpus_per_worker: float =
 
 
 def _read_metrics(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            break  # a line still being written
-    return lines
+    return read_json_lines(trial_dir / METRICS_FILE)
 
 
 def _read_failure(trial_dir: Path) -> str | None:

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from spvit.arch import PRIOR_TYPES, ArchSpec
 from spvit.errors import ConfigError
+from spvit.io import read_json_lines
 
 DIRECTIONS: tuple[StudyDirection, ...] = (
     StudyDirection.MAXIMIZE,  # val_acc
@@ -218,22 +219,7 @@ def trial_dir(run_dir: str | os.PathLike, trial: FrozenTrial) -> Path:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The JSON lines of a `metrics.jsonl` file; a torn last line (killed writer) is skipped."""
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-    except FileNotFoundError:
-        return []
-    return rows
+    return read_json_lines(path)
 
 
 def trial_objectives(trial: FrozenTrial,

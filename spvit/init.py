@@ -43,6 +43,7 @@ offset for ~45% of interior tokens (100% from width 12 up).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -228,21 +229,28 @@ def pseudo_inputs(model: nn.Module) -> list[tuple[torch.Tensor, tuple[int, int]]
     """
     grids = model.spec.block_grids()
     out: list = [None] * len(model.blocks)
-    hooks = []
-    for i, blk in enumerate(model.blocks):
-        if blk.shared:
-            continue
 
-        def grab(_mod, args, i=i):
+    def grab(i: int, _blk: nn.Module):
+        def hook(_mod, args):
             out[i] = (args[0][0].detach().clone(), (grids[i], grids[i]))
-        hooks.append(blk.norm1.register_forward_pre_hook(grab))
+        return hook
+
+    _run_pe_through(model, grab)
+    return out
+
+
+def _run_pe_through(model: nn.Module, hook_for: Callable[[int, nn.Module], Callable]) -> None:
+    """Run the positional encoding alone through `model`, calling `hook_for(i, block)`'s hook on
+    the input of `norm1` of every block that computes its own attention (shared ones have none).
+    Blocks run in order, so a hook that changes block i is seen by every later block."""
+    hooks = [blk.norm1.register_forward_pre_hook(hook_for(i, blk))
+             for i, blk in enumerate(model.blocks) if not blk.shared]
     try:
         x, grid = model.pe_tokens()
         model.forward_tokens(x, grid)
     finally:
         for h in hooks:
             h.remove()
-    return out
 
 
 @torch.no_grad()
@@ -256,12 +264,9 @@ def init_impulse(model: nn.Module, *, kernel: int, mass: float = 0.9, rtol: floa
         pe = sincos_2d((s, s), spec.embed_dim, device=model.pos_embed.device)
         model.pos_embed[0, model.pos_prefix:] = pe.to(model.pos_embed.dtype)
     grids = spec.block_grids()
-    hooks = []
-    for i, blk in enumerate(model.blocks):
-        if blk.shared:
-            continue
 
-        # Solves block i when its norm1 runs, i.e. after every block before it is initialised.
+    # Solves block i when its norm1 runs, i.e. after every block before it is initialised.
+    def solver(i: int, blk: nn.Module):
         def solve(norm, args, attn=blk.attn, grid=(grids[i], grids[i])):
             xn = F.layer_norm(args[0][0], norm.normalized_shape, norm.weight, norm.bias,
                               norm.eps).double()  # (N, C) as the attention sees it
@@ -276,10 +281,6 @@ def init_impulse(model: nn.Module, *, kernel: int, mass: float = 0.9, rtol: floa
                 w[C + h * d:C + (h + 1) * d] = (b * factor).t().to(w.dtype)
             if attn.qkv.bias is not None:
                 attn.qkv.bias[:2 * C] = 0.0
-        hooks.append(blk.norm1.register_forward_pre_hook(solve))
-    try:
-        x, grid = model.pe_tokens()
-        model.forward_tokens(x, grid)
-    finally:
-        for h in hooks:
-            h.remove()
+        return solve
+
+    _run_pe_through(model, solver)

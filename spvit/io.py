@@ -70,3 +70,24 @@ def read_user_text(path: str | os.PathLike, *, what: str, hint: str) -> str:
         raise ConfigError(f"{what} path {shown} is a folder, not a file. {hint}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} file {shown} is not UTF-8 text. {hint}") from None
+
+
+def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (e.g. `metrics.jsonl`); [] if it does not exist.
+
+    Writers append one line at a time, so only the last line can be torn (a writer killed or
+    still writing); lines that do not parse as a JSON object are skipped.
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except FileNotFoundError:
+        return []
+    return rows

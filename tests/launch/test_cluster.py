@@ -15,6 +15,7 @@ import optuna
 import pytest
 import yaml
 
+from spvit.io import read_json_lines
 from tests.postgres_fixture import postgres_server, postgres_url  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,16 +112,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
 
 
 def _metrics(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            break
-    return lines
+    return read_json_lines(trial_dir / "metrics.jsonl")
 
 
 def _study(run: Path, url: str | None = None) -> optuna.Study:
