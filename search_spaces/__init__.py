@@ -1,24 +1,17 @@
 """What can be searched: YAML search spaces, their loader/validator, and the training recipe."""
 
-from .space import (
-    Candidate,
-    Constraints,
-    Dimension,
-    PoolDimension,
-    PriorDimension,
-    Proposal,
-    SearchDefaults,
-    SearchSpace,
-)
+from .constraints import Constraints
+from .dimensions import Dimension, PoolDimension, PriorDimension
+from .search_defaults import SearchDefaults
+from .space import FeasibleSample, SearchSpace
 from .training import TrainingConfig, parse_dataset
 
 __all__ = [
-    "Candidate",
     "Constraints",
     "Dimension",
+    "FeasibleSample",
     "PoolDimension",
     "PriorDimension",
-    "Proposal",
     "SearchDefaults",
     "SearchSpace",
     "TrainingConfig",

@@ -8,12 +8,11 @@ run so a run can be reproduced from its folder alone. Validated once, here, at t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spvit.errors import ConfigError
+from spvit.errors import ConfigError, did_you_mean
 
 OPTIMIZERS = ("adamw",)
 DATASET_KINDS = ("digits", "folder", "cifar10", "cifar100")
@@ -26,8 +25,7 @@ def parse_dataset(value: str) -> tuple[str, str | None]:
                           f" {value!r}. Use digits, folder:PATH, cifar10:PATH or cifar100:PATH.")
     kind, _, path = value.partition(":")
     if kind not in DATASET_KINDS:
-        close = difflib.get_close_matches(kind, DATASET_KINDS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(kind, DATASET_KINDS)
         raise ConfigError(f"dataset kind must be one of {list(DATASET_KINDS)}, but got {kind!r}."
                           f"{hint} Use digits, folder:PATH, cifar10:PATH or cifar100:PATH.")
     if kind == "digits":
@@ -135,7 +133,6 @@ class TrainingConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
+                hint = did_you_mean(key, names)
                 raise ConfigError(f"unknown training field {key!r}.{hint} Valid fields: {names}.")
         return cls(**data)

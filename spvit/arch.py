@@ -23,16 +23,15 @@ pools.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .io import atomic_write_text, read_user_text
 
 PRIOR_TYPES: tuple[str, ...] = ("none", "mlp", "gaussian", "axial", "rpb")
@@ -44,9 +43,17 @@ POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "none")
 _BLOCK_KEYS = ("heads", "prior", "share", "pool")
 
 
-def _did_you_mean(key: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
+_did_you_mean = did_you_mean
+
+
+def pooled_side(side: int) -> int:
+    """Grid side after one 2x2 token pool (kernel 3, stride 2, padding 1): ceil(side / 2)."""
+    return math.ceil(side / 2)
+
+
+def can_pool(side: int) -> bool:
+    """Whether a `side`x`side` grid may be pooled: the pooled grid keeps at least 2x2."""
+    return pooled_side(side) >= 2
 
 
 def _check_choice(name: str, value: Any, options: tuple[str, ...], where: str = "") -> None:
@@ -234,8 +241,8 @@ class ArchSpec:
         for i, b in enumerate(self.blocks):
             where = f"block {i}: "
             if b.pool:
-                new_side = math.ceil(side / 2)
-                if new_side < 2:
+                new_side = pooled_side(side)
+                if not can_pool(side):
                     raise ConfigError(
                         f"{where}pooling would shrink the token grid from {side}x{side} to"
                         f" {new_side}x{new_side}; a pool needs a grid of at least 3x3."
@@ -296,7 +303,7 @@ class ArchSpec:
         side, out = self.grid_size, []
         for b in self.blocks:
             if b.pool:
-                side = math.ceil(side / 2)
+                side = pooled_side(side)
             out.append(side)
         return tuple(out)
 

@@ -8,6 +8,9 @@ is one line that states the rule, the value and the fix. The CLI prints that lin
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ConfigError(ValueError):
     """Bad user input. The message is one line: the rule, the offending value, and the fix."""
@@ -15,3 +18,12 @@ class ConfigError(ValueError):
     def __init__(self, message: str) -> None:
         # One line, always: CLI output and logs rely on it.
         super().__init__(" ".join(str(message).split()))
+
+
+def did_you_mean(value: object, options: Iterable[str]) -> str:
+    """` Did you mean 'x'?` for the option closest to `value`, or "" when none is close.
+
+    The one spelling hint of the house: every "unknown key/choice" message appends it.
+    """
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""

@@ -18,7 +18,6 @@ L: 22 of 24), drop-path 0.1 / 0.2 / 0.3.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,7 +30,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .arch import ArchSpec, BlockSpec
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .model import SPViT
 
 
@@ -72,8 +71,7 @@ REGISTERED_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 def registered_arch(name: str) -> ArchSpec:
     """The `ArchSpec` of a registered model name."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise ConfigError(f"unknown model name {name!r}.{hint} Registered names:"
                           f" {list(_REGISTRY)}; or pass an ArchSpec or a path to an arch.yaml.")
     return _REGISTRY[name]()
@@ -107,8 +105,7 @@ def _apply_overrides(spec: ArchSpec, overrides: Mapping[str, Any]) -> ArchSpec:
         changes["img_size"] = _square_size(changes["img_size"])
     for key in changes:
         if key not in _FIELDS:
-            close = difflib.get_close_matches(key, _FIELDS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(key, _FIELDS)
             raise ConfigError(f"{key!r} is not an architecture field.{hint} Valid overrides:"
                               f" {list(_FIELDS)}.")
     return spec.replace(**changes)

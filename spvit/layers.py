@@ -153,8 +153,3 @@ class TokenPool(nn.Module):
         fmap = self.conv(fmap)  # (B, C*f, ceil(Gh/2), ceil(Gw/2))
         new_grid = (fmap.shape[-2], fmap.shape[-1])
         return map_to_tokens(self.cls_proj(prefix), fmap), new_grid
-
-
-def pooled_side(side: int) -> int:
-    """Grid side after one `TokenPool` (kernel 3, stride 2, padding 1): ceil(side / 2)."""
-    return math.ceil(side / 2)

@@ -1,0 +1,477 @@
+"""A search's run folder on disk: what it holds and how to read it back.
+
+`spvit-nas search --out RUN_DIR` writes `RUN_DIR/run.json` (`RunInfo`: the study's name and
+storage, the search budget, the training recipe), `space.yaml` (the resolved space), the study
+journal (unless the study lives in a database) and one folder per trial, `trials/NNNN`, holding
+`metrics.jsonl`, `arch.yaml` and the consolidated `model.safetensors`. This module is the one
+reader of that layout: `nas.pareto`, `nas.report` and `nas.export` build on it, and it imports
+none of them. Paths in run.json are stored relative to the run folder (database URLs as given),
+so a copied or moved run folder still reads its own study; older files with absolute paths read
+as before. No Ray.
+
+It also names what a search study is: the objectives and their directions, and the facts about
+a trial that every reader agrees on (`trial_kind`, `is_full_fidelity`, `trial_arch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from nas import storage as run_storage
+from search_spaces.search_defaults import DEFAULT_MAX_CONSECUTIVE_FAILURES
+from search_spaces.training import TrainingConfig
+from spvit.arch import ArchSpec
+from spvit.errors import ConfigError
+from spvit.io import atomic_write_json, read_json_lines
+
+# What a search study is: three objectives, in this order, with these directions.
+OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
+DIRECTIONS: tuple[str, ...] = ("maximize", "minimize", "minimize")
+
+RUN_FILE = "run.json"
+SPACE_FILE = "space.yaml"
+TRIALS_DIR = "trials"
+METRICS_FILE = "metrics.jsonl"
+ARCH_FILE = "arch.yaml"
+WEIGHTS_FILE = "model.safetensors"
+JOURNAL_NAME = run_storage.JOURNAL_NAME
+
+_URL = re.compile(r"^[a-z][a-z0-9+]*://")
+
+
+def is_url(value: Any) -> bool:
+    """True for a database URL (`postgresql://...`), False for a file path or None."""
+    return isinstance(value, str) and bool(_URL.match(value))
+
+
+def _relative_to(run_dir: Path, value: str) -> str:
+    """`value` relative to the run folder when it is a file path (URLs unchanged)."""
+    if not value or is_url(value) or not os.path.isabs(value):
+        return value
+    return os.path.relpath(value, Path(run_dir).resolve())
+
+
+def _resolved_in(run_dir: Path, value: str) -> str:
+    """A run.json path as an absolute path (relative ones count from the run folder)."""
+    if not value or is_url(value) or os.path.isabs(value):
+        return value
+    return os.path.normpath(Path(run_dir).resolve() / value)
+
+
+# ---------------------------------------------------------------------------- run.json
+@dataclass
+class RunInfo:
+    """`RUN_DIR/run.json`: the study's whereabouts and the search budget, for `--resume`,
+    reports, export and the optuna CLI/dashboard. `storage` and `space` are absolute in memory
+    and relative to the run folder on disk."""
+
+    study_name: str
+    storage: str
+    sampler: str
+    seed: int
+    trials: int
+    concurrent: int
+    epochs: int
+    workers_per_trial: int
+    space: str
+    training: dict[str, Any]
+    asha: bool = False
+    asha_reduction_factor: float = 2.0
+    gpus_per_worker: float = 0.0
+    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
+    population_size: int | None = None
+    tune_experiment: str = "tune"
+    created: str = ""
+    sessions: list[str] = field(default_factory=list)
+
+    # settings a resumed search must keep: they define what a trial and the study mean
+    FIXED: ClassVar[tuple[str, ...]] = ("sampler", "seed", "epochs", "workers_per_trial", "asha",
+                                        "asha_reduction_factor", "population_size")
+    PATHS: ClassVar[tuple[str, ...]] = ("storage", "space")
+
+    @property
+    def budget(self) -> int:
+        return self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["budget"] = self.epochs
+        out["version"] = 1
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = RUN_FILE) -> RunInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise ConfigError(f"{where} lacks {missing}; it was not written by `spvit-nas search`."
+                              " Point --out at a search's run folder.")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        data = self.to_dict()
+        for key in self.PATHS:
+            data[key] = _relative_to(Path(run_dir), data[key])
+        return atomic_write_json(Path(run_dir) / RUN_FILE, data)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunInfo:
+        path = Path(run_dir) / RUN_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"cannot resume: {path} does not exist, so {str(run_dir)!r} holds"
+                              " no search. Drop --resume to start one there.") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})."
+                              " Restore it; a search cannot resume without it.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, but holds"
+                              f" {type(data).__name__}. Restore it from the run.")
+        for key in cls.PATHS:
+            if isinstance(data.get(key), str):
+                data[key] = _resolved_in(Path(run_dir), data[key])
+        return cls.from_dict(data, where=str(path))
+
+    def check_resume(self, requested: Mapping[str, Any]) -> None:
+        """Refuse a resumed search that changes a setting of `FIXED` (None means not given)."""
+        for key in self.FIXED:
+            value = requested.get(key)
+            if value is not None and value != getattr(self, key):
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"{flag} {value} differs from {getattr(self, key)} in the run's"
+                                  f" {RUN_FILE}; a resumed search keeps it. Drop {flag} or start"
+                                  " a new search with another --out.")
+
+
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's `run.json` as a dict (at least `study_name`; `storage` may be absent/null),
+    for readers that also accept hand-written or older files."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} does not exist or is not a folder."
+            " Pass the RUN_DIR of a search (the folder holding run.json)."
+        )
+    path = run_dir / RUN_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{str(run_dir)!r} is not a search run folder: {RUN_FILE} is missing."
+            " Pass the folder `spvit-nas search` wrote."
+        ) from None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}). Restore it from the run"
+            " or rewrite it as {\"study_name\": ..., \"storage\": ...}."
+        ) from None
+    if not isinstance(info, dict) or not isinstance(info.get("study_name"), str):
+        raise ConfigError(
+            f"{path} must be a JSON object with a string `study_name`, but got"
+            f" {type(info).__name__ if not isinstance(info, dict) else sorted(info)}."
+            " Add \"study_name\": \"NAME\"."
+        )
+    return info
+
+
+def training_config(run_dir: str | os.PathLike,
+                    info: Mapping[str, Any] | None = None) -> TrainingConfig | None:
+    """The run's training recipe: run.json's `training`, else the `training:` block of the
+    run's space.yaml; None when neither holds a valid one."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir) if info is None else info
+    if isinstance(info.get("training"), Mapping):
+        try:
+            return TrainingConfig.from_dict(info["training"])
+        except ConfigError:
+            pass
+    path = run_dir / SPACE_FILE
+    if path.is_file():
+        from search_spaces.space import SearchSpace
+
+        try:
+            return SearchSpace.load(path, check_feasible=False).training
+        except ConfigError:
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------- the study
+def _journal_file(run_dir: Path, recorded: str | None) -> Path:
+    """The journal file of a run: the recorded path if it exists, else RUN_DIR/study.journal
+    (a run folder that was moved or copied keeps working)."""
+    default = run_storage.journal_path(run_dir)
+    if recorded:
+        path = Path(recorded)
+        path = path if path.is_absolute() else run_dir / path
+        if path.is_file():
+            return path
+    if default.is_file():
+        return default
+    raise ConfigError(
+        f"study journal {str(Path(recorded) if recorded else default)!r} does not exist."
+        f" Check the run folder, or pass the study's storage URL with --storage."
+    )
+
+
+def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = None, *,
+                     storage: str | None = None) -> optuna.storages.BaseStorage:
+    """The Optuna storage of a run: `storage` if given, else the `storage` entry of its
+    run.json (a journal file path or a database URL; absent/null means RUN_DIR/study.journal).
+
+    Never creates a study file: a missing journal is a `ConfigError`.
+    """
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir) if info is None else info
+    url = storage if storage is not None else info.get("storage")
+    if not is_url(url):
+        path = _journal_file(run_dir, url or None)
+        if path.resolve() == run_storage.journal_path(run_dir).resolve():
+            return run_storage.make_storage(None, run_dir)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    return run_storage.make_storage(str(url), run_dir)
+
+
+def storage_label(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = None, *,
+                  storage: str | None = None) -> str:
+    """The run's storage as a printable string (journal path, or URL with password masked)."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir) if info is None else info
+    url = storage if storage is not None else info.get("storage")
+    if not is_url(url):
+        try:
+            return str(_journal_file(run_dir, url or None))
+        except ConfigError:
+            return str(url or run_storage.journal_path(run_dir))
+    # postgresql://user:secret@host/db -> postgresql://user:***@host/db
+    return re.sub(r"^([a-z][a-z0-9+]*://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
+
+
+def open_run_study(run_dir: str | os.PathLike, *, storage: str | None = None) -> optuna.Study:
+    """Load the Optuna study of the search whose run folder is `run_dir`.
+
+    `storage` overrides the URL recorded in run.json (e.g. with the real database password,
+    which run.json never holds).
+    """
+    info = read_run_info(run_dir)
+    backend = make_run_storage(run_dir, info, storage=storage)
+    name = info["study_name"]
+    try:
+        return optuna.load_study(study_name=name, storage=backend)
+    except KeyError:
+        raise ConfigError(
+            f"study {name!r} is not in storage {storage_label(run_dir, info, storage=storage)}."
+            f" Check `study_name` and `storage` in {Path(run_dir) / RUN_FILE}."
+        ) from None
+
+
+def find_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    """The trial with this number, or a `ConfigError` naming the valid range."""
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ConfigError(f"a trial number is an integer >= 0, but got {number!r}."
+                          " Pick one from `spvit-nas pareto RUN_DIR`.")
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.number == number:
+            return t
+    have = f"trials 0-{len(trials) - 1}" if trials else "no trials"
+    raise ConfigError(f"trial {number} does not exist in study {study.study_name!r} ({have})."
+                      " Pick one from `spvit-nas pareto RUN_DIR`.")
+
+
+# ---------------------------------------------------------------------------- trial facts
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def is_full_fidelity(trial: FrozenTrial) -> bool:
+    """COMPLETE, not infeasible, three objective values, and `fidelity == budget`."""
+    if trial.state != TrialState.COMPLETE or trial.values is None or len(trial.values) != 3:
+        return False
+    attrs = trial.user_attrs
+    if attrs.get("infeasible"):
+        return False
+    fidelity, budget = _number(attrs.get("fidelity")), _number(attrs.get("budget"))
+    return fidelity is not None and budget is not None and fidelity == budget
+
+
+def trial_kind(trial: FrozenTrial) -> str:
+    """One word for a trial's standing: full, partial, pruned, failed, infeasible, duplicate,
+    running..."""
+    if trial.user_attrs.get("infeasible"):
+        return "infeasible"
+    if trial.user_attrs.get("duplicate_of") is not None:
+        return "duplicate"
+    if trial.state == TrialState.COMPLETE:
+        return "full" if is_full_fidelity(trial) else "partial"
+    return {
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }[trial.state]
+
+
+def trial_arch(trial: FrozenTrial) -> ArchSpec | None:
+    """The trial's ArchSpec from its `arch` user attr (flat form), or None if absent/invalid."""
+    flat = trial.user_attrs.get("arch")
+    if not isinstance(flat, Mapping):
+        return None
+    try:
+        return ArchSpec.from_dict(flat)
+    except ConfigError:
+        return None
+
+
+def trial_dir_of(number: int) -> str:
+    """A trial's folder relative to RUN_DIR: `trials/0007`."""
+    return f"{TRIALS_DIR}/{number:04d}"
+
+
+def trial_dir(run_dir: str | os.PathLike, trial: FrozenTrial) -> Path:
+    """The trial's folder: its `trial_dir` user attr (relative to RUN_DIR), else trials/NNNN."""
+    rel = trial.user_attrs.get("trial_dir")
+    if isinstance(rel, str) and rel:
+        return Path(run_dir) / rel
+    return Path(run_dir) / trial_dir_of(trial.number)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON lines of a `metrics.jsonl` file; a torn last line (killed writer) is skipped."""
+    return read_json_lines(path)
+
+
+def trial_metrics(run_dir: str | os.PathLike, trial: FrozenTrial) -> list[dict[str, Any]]:
+    """The epoch records of a trial's metrics.jsonl (empty when there is none)."""
+    return read_metrics(trial_dir(run_dir, trial) / METRICS_FILE)
+
+
+# ---------------------------------------------------------------------------- a trial's model
+def check_exportable(trial: FrozenTrial) -> None:
+    """Raise `ConfigError` unless `trial` finished its full training budget."""
+    n = trial.number
+    kind = trial_kind(trial)
+    attrs = trial.user_attrs
+    if kind == "full":
+        return
+    if kind == "infeasible":
+        raise ConfigError(f"trial {n} was rejected by a constraint before training (infeasible),"
+                          " so it has no weights. Export a trial from the Pareto set.")
+    if kind == "failed":
+        reason = " ".join(str(attrs.get("fail_reason") or "no reason recorded").split())
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise ConfigError(f"trial {n} failed ({reason}), so it has no trained weights."
+                          " Export a trial from the Pareto set.")
+    if kind == "pruned":
+        raise ConfigError(f"trial {n} was pruned after {attrs.get('fidelity', '?')} of"
+                          f" {attrs.get('budget', '?')} epochs; only full-budget trials are"
+                          " exported. Export a trial from the Pareto set.")
+    if kind == "partial":
+        raise ConfigError(f"trial {n} completed only {attrs.get('fidelity', '?')} of"
+                          f" {attrs.get('budget', '?')} epochs (fidelity != budget); only"
+                          " full-budget trials are exported. Export a trial from the Pareto set.")
+    raise ConfigError(f"trial {n} is still {trial.state.name} and has no final weights yet."
+                      " Wait for it to finish or export another trial.")
+
+
+def trial_spec(run_dir: str | os.PathLike, trial: FrozenTrial) -> ArchSpec:
+    """The trial's ArchSpec (study `arch` attr; its arch.yaml must agree when both exist)."""
+    folder = trial_dir(run_dir, trial)
+    flat = trial.user_attrs.get("arch")
+    spec = None
+    if flat is not None:
+        try:
+            spec = ArchSpec.from_dict(flat)
+        except ConfigError as e:
+            raise ConfigError(f"trial {trial.number}: the study's `arch` attribute is not a valid"
+                              f" architecture ({e}). The study is damaged; export another"
+                              " trial.") from None
+    file_spec = ArchSpec.load(folder / ARCH_FILE) if (folder / ARCH_FILE).is_file() else None
+    if spec is None and file_spec is None:
+        raise ConfigError(f"trial {trial.number} has neither an `arch` attribute in the study nor"
+                          f" {folder / ARCH_FILE}. Its architecture is unknown; export another"
+                          " trial.")
+    if spec is not None and file_spec is not None and spec != file_spec:
+        raise ConfigError(f"trial {trial.number}: {folder / ARCH_FILE} differs from the"
+                          " architecture the study recorded. The trial folder does not belong"
+                          " to this trial; check `trial_dir` or export another trial.")
+    return spec if spec is not None else file_spec
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors state dict, or a one-line `ConfigError` if it is missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file {str(path)!r} is missing (the trial never finished"
+                          " writing its consolidated weights). Export another trial.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"weights file {str(path)!r} is corrupt or not safetensors ({first})."
+                          " Export another trial or retrain this one.") from None
+
+
+def build_with_weights(spec: ArchSpec, state: dict[str, Any], *, source: str = "weights"):
+    """`spvit.create_model(spec)` in eval mode with `state` loaded strictly (checked finite)."""
+    import torch
+
+    import spvit
+
+    model = spvit.create_model(spec)
+    bad_dtype = sorted(k for k, v in state.items()
+                       if v.is_floating_point() and v.dtype != torch.float32)
+    if bad_dtype:
+        raise ConfigError(f"{source}: tensors {bad_dtype[:3]} are not float32; the consolidated"
+                          " weights must be fp32. Re-save them as fp32 or retrain.")
+    not_finite = sorted(k for k, v in state.items()
+                        if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise ConfigError(f"{source}: tensors {not_finite[:3]} contain NaN or inf (the training"
+                          " diverged). Export another trial.")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state))
+                  if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ConfigError(
+            f"{source} do not match the architecture: missing {missing[:3]}, unexpected"
+            f" {unexpected[:3]}, shape {mismatched[:2]}. The file belongs to another"
+            " architecture; export another trial."
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_trial_model(run_dir: str | os.PathLike, trial: FrozenTrial):
+    """(model in eval mode with the trial's trained weights, its ArchSpec)."""
+    check_exportable(trial)
+    spec = trial_spec(run_dir, trial)
+    path = trial_dir(run_dir, trial) / WEIGHTS_FILE
+    model = build_with_weights(spec, load_weights(path), source=f"weights file {str(path)!r}")
+    return model, spec
