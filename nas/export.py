@@ -32,10 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 from optuna.trial import FrozenTrial
 
-from nas import pareto
+from nas import pareto, run
+from nas.run import (  # noqa: F401  (the trial-model readers live in nas.run)
+    build_with_weights,
+    check_exportable,
+    find_trial,
+    load_trial_model,
+    load_weights,
+    trial_spec,
+)
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_text
@@ -48,131 +55,6 @@ WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "arch.yaml"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
-
-
-# ---------------------------------------------------------------------------- checks
-def find_trial(study: optuna.Study, number: int) -> FrozenTrial:
-    """The trial with this number, or a `ConfigError` naming the valid range."""
-    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-        raise ConfigError(f"a trial number is an integer >= 0, but got {number!r}."
-                          " Pick one from `spvit-nas pareto RUN_DIR`.")
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        if t.number == number:
-            return t
-    have = f"trials 0-{len(trials) - 1}" if trials else "no trials"
-    raise ConfigError(f"trial {number} does not exist in study {study.study_name!r} ({have})."
-                      " Pick one from `spvit-nas pareto RUN_DIR`.")
-
-
-def check_exportable(trial: FrozenTrial) -> None:
-    """Raise `ConfigError` unless `trial` finished its full training budget."""
-    n = trial.number
-    kind = pareto.trial_kind(trial)
-    attrs = trial.user_attrs
-    if kind == "full":
-        return
-    if kind == "infeasible":
-        raise ConfigError(f"trial {n} was rejected by a constraint before training (infeasible),"
-                          " so it has no weights. Export a trial from the Pareto set.")
-    if kind == "failed":
-        reason = " ".join(str(attrs.get("fail_reason") or "no reason recorded").split())
-        reason = reason if len(reason) <= 200 else reason[:197] + "..."
-        raise ConfigError(f"trial {n} failed ({reason}), so it has no trained weights."
-                          " Export a trial from the Pareto set.")
-    if kind == "pruned":
-        raise ConfigError(f"trial {n} was pruned after {attrs.get('fidelity', '?')} of"
-                          f" {attrs.get('budget', '?')} epochs; only full-budget trials are"
-                          " exported. Export a trial from the Pareto set.")
-    if kind == "partial":
-        raise ConfigError(f"trial {n} completed only {attrs.get('fidelity', '?')} of"
-                          f" {attrs.get('budget', '?')} epochs (fidelity != budget); only"
-                          " full-budget trials are exported. Export a trial from the Pareto set.")
-    raise ConfigError(f"trial {n} is still {trial.state.name} and has no final weights yet."
-                      " Wait for it to finish or export another trial.")
-
-
-def trial_spec(run_dir: str | os.PathLike, trial: FrozenTrial) -> ArchSpec:
-    """The trial's ArchSpec (study `arch` attr; its arch.yaml must agree when both exist)."""
-    folder = pareto.trial_dir(run_dir, trial)
-    flat = trial.user_attrs.get("arch")
-    spec = None
-    if flat is not None:
-        try:
-            spec = ArchSpec.from_dict(flat)
-        except ConfigError as e:
-            raise ConfigError(f"trial {trial.number}: the study's `arch` attribute is not a valid"
-                              f" architecture ({e}). The study is damaged; export another"
-                              " trial.") from None
-    file_spec = ArchSpec.load(folder / ARCH_FILE) if (folder / ARCH_FILE).is_file() else None
-    if spec is None and file_spec is None:
-        raise ConfigError(f"trial {trial.number} has neither an `arch` attribute in the study nor"
-                          f" {folder / ARCH_FILE}. Its architecture is unknown; export another"
-                          " trial.")
-    if spec is not None and file_spec is not None and spec != file_spec:
-        raise ConfigError(f"trial {trial.number}: {folder / ARCH_FILE} differs from the"
-                          " architecture the study recorded. The trial folder does not belong"
-                          " to this trial; check `trial_dir` or export another trial.")
-    return spec if spec is not None else file_spec
-
-
-def load_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """A safetensors state dict, or a one-line `ConfigError` if it is missing or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"weights file {str(path)!r} is missing (the trial never finished"
-                          " writing its consolidated weights). Export another trial.")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"weights file {str(path)!r} is corrupt or not safetensors ({first})."
-                          " Export another trial or retrain this one.") from None
-
-
-def build_with_weights(spec: ArchSpec, state: dict[str, Any], *, source: str = "weights"):
-    """`spvit.create_model(spec)` in eval mode with `state` loaded strictly (checked finite)."""
-    import torch
-
-    import spvit
-
-    model = spvit.create_model(spec)
-    bad_dtype = sorted(k for k, v in state.items()
-                       if v.is_floating_point() and v.dtype != torch.float32)
-    if bad_dtype:
-        raise ConfigError(f"{source}: tensors {bad_dtype[:3]} are not float32; the consolidated"
-                          " weights must be fp32. Re-save them as fp32 or retrain.")
-    not_finite = sorted(k for k, v in state.items()
-                        if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-    if not_finite:
-        raise ConfigError(f"{source}: tensors {not_finite[:3]} contain NaN or inf (the training"
-                          " diverged). Export another trial.")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state))
-                  if tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ConfigError(
-            f"{source} do not match the architecture: missing {missing[:3]}, unexpected"
-            f" {unexpected[:3]}, shape {mismatched[:2]}. The file belongs to another"
-            " architecture; export another trial."
-        )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def load_trial_model(run_dir: str | os.PathLike, trial: FrozenTrial):
-    """(model in eval mode with the trial's trained weights, its ArchSpec)."""
-    check_exportable(trial)
-    spec = trial_spec(run_dir, trial)
-    path = pareto.trial_dir(run_dir, trial) / WEIGHTS_FILE
-    model = build_with_weights(spec, load_weights(path), source=f"weights file {str(path)!r}")
-    return model, spec
 
 
 # ---------------------------------------------------------------------------- ONNX
@@ -231,9 +113,8 @@ def _sha256(path: Path) -> str:
 
 
 def _training_block(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    from nas.report import _training_block as block
-
-    return block(run_dir, info)
+    config = run.training_config(run_dir, info)
+    return config.to_dict() if config is not None else {}
 
 
 def _normalisation(dataset: str, in_chans: int) -> str:

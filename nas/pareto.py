@@ -5,8 +5,9 @@ A search stores its trials in an Optuna study with directions `[maximize, minimi
 over `(val_acc, gflops, params)` (see docs/architecture.md). Only trials that ran the whole
 training budget are comparable, so the front here is taken over COMPLETE trials whose user attrs
 say `fidelity == budget` (and that no constraint marked `infeasible`); on a study where every
-trial is full-fidelity it is exactly Optuna's `study.best_trials`. This module also opens a run's
-study from its folder, renders the front as a table, JSON or CSV, and picks one trial under
+trial is full-fidelity it is exactly Optuna's `study.best_trials`. It reads the run folder
+through `nas.run` (re-exporting its readers), renders the front as a table, JSON or CSV, and
+picks one trial under
 GFLOPs/parameter budgets, either the most accurate (`best`) or the knee of the accuracy/GFLOPs
 front (`knee`, defined in `knee_scores`). Reports (`nas.report`) and export (`nas.export`) build
 on it. No Ray, no model build: costs come from the study.
@@ -19,207 +20,36 @@ import io
 import json
 import math
 import os
-import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
+from nas import run
+from nas.run import (  # noqa: F401  (the run-folder readers, re-exported for callers of pareto)
+    OBJECTIVES,
+    RUN_FILE,
+    is_full_fidelity,
+    make_run_storage,
+    read_metrics,
+    read_run_info,
+    storage_label,
+    trial_arch,
+    trial_dir,
+    trial_kind,
+)
+from nas.run import open_run_study as open_study  # noqa: F401
+from spvit import cost
 from spvit.arch import PRIOR_TYPES, ArchSpec
 from spvit.errors import ConfigError
-from spvit.io import read_json_lines
 
-DIRECTIONS: tuple[StudyDirection, ...] = (
-    StudyDirection.MAXIMIZE,  # val_acc
-    StudyDirection.MINIMIZE,  # gflops
-    StudyDirection.MINIMIZE,  # params
-)
-OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
+# The study's directions as Optuna enums (the names are declared once, in `nas.run`).
+DIRECTIONS: tuple[StudyDirection, ...] = tuple(StudyDirection[d.upper()] for d in run.DIRECTIONS)
 PICK_METHODS: tuple[str, ...] = ("best", "knee")
-RUN_FILE = "run.json"
-DEFAULT_JOURNAL = "study.journal"
-
-
-# ---------------------------------------------------------------------------- opening a run
-def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run's `run.json` as a dict (at least `study_name`; `storage` may be absent/null)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(
-            f"run folder {str(run_dir)!r} does not exist or is not a folder."
-            " Pass the RUN_DIR of a search (the folder holding run.json)."
-        )
-    path = run_dir / RUN_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{str(run_dir)!r} is not a search run folder: {RUN_FILE} is missing."
-            " Pass the folder `spvit-nas search` wrote."
-        ) from None
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}). Restore it from the run"
-            " or rewrite it as {\"study_name\": ..., \"storage\": ...}."
-        ) from None
-    if not isinstance(info, dict) or not isinstance(info.get("study_name"), str):
-        raise ConfigError(
-            f"{path} must be a JSON object with a string `study_name`, but got"
-            f" {type(info).__name__ if not isinstance(info, dict) else sorted(info)}."
-            " Add \"study_name\": \"NAME\"."
-        )
-    return info
-
-
-def _storage_module() -> Any | None:
-    try:
-        from nas import storage
-    except ImportError:
-        return None
-    return storage if hasattr(storage, "make_storage") else None
-
-
-_URL = re.compile(r"^[a-z][a-z0-9+]*://")
-
-
-def _journal_file(run_dir: Path, recorded: str | None) -> Path:
-    """The journal file of a run: the recorded path if it exists, else RUN_DIR/study.journal
-    (a run folder that was moved or copied keeps working)."""
-    default = run_dir / DEFAULT_JOURNAL
-    if recorded:
-        path = Path(recorded)
-        path = path if path.is_absolute() else run_dir / path
-        if path.is_file():
-            return path
-    if default.is_file():
-        return default
-    raise ConfigError(
-        f"study journal {str(Path(recorded) if recorded else default)!r} does not exist."
-        f" Check the run folder, or pass the study's storage URL with --storage."
-    )
-
-
-def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = None, *,
-                     storage: str | None = None) -> Any:
-    """The Optuna storage of a run: `storage` if given, else the `storage` entry of its
-    run.json (a journal file path or a database URL; absent/null means RUN_DIR/study.journal).
-
-    Never creates a study file: a missing journal is a `ConfigError`.
-    """
-    run_dir = Path(run_dir)
-    info = read_run_info(run_dir) if info is None else info
-    url = storage if storage is not None else info.get("storage")
-    module = _storage_module()
-    if url in (None, "") or not _URL.match(str(url)):
-        path = _journal_file(run_dir, url or None)
-        if module is not None and path.resolve() == module.journal_path(run_dir).resolve():
-            return module.make_storage(None, run_dir)
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(str(path)))
-    if module is not None:
-        return module.make_storage(str(url), run_dir)
-    return str(url)  # Optuna opens database URLs itself
-
-
-def storage_label(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = None, *,
-                  storage: str | None = None) -> str:
-    """The run's storage as a printable string (journal path, or URL with password masked)."""
-    run_dir = Path(run_dir)
-    info = read_run_info(run_dir) if info is None else info
-    url = storage if storage is not None else info.get("storage")
-    if url in (None, "") or not _URL.match(str(url)):
-        try:
-            return str(_journal_file(run_dir, url or None))
-        except ConfigError:
-            return str(url or run_dir / DEFAULT_JOURNAL)
-    # postgresql://user:secret@host/db -> postgresql://user:***@host/db
-    return re.sub(r"^([a-z][a-z0-9+]*://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
-
-
-def open_study(run_dir: str | os.PathLike, *, storage: str | None = None) -> optuna.Study:
-    """Load the Optuna study of the search whose run folder is `run_dir`.
-
-    `storage` overrides the URL recorded in run.json (e.g. with the real database password,
-    which run.json never holds).
-    """
-    info = read_run_info(run_dir)
-    backend = make_run_storage(run_dir, info, storage=storage)
-    name = info["study_name"]
-    try:
-        return optuna.load_study(study_name=name, storage=backend)
-    except KeyError:
-        raise ConfigError(
-            f"study {name!r} is not in storage {storage_label(run_dir, info, storage=storage)}."
-            f" Check `study_name` and `storage` in {Path(run_dir) / RUN_FILE}."
-        ) from None
-
-
-# ---------------------------------------------------------------------------- trial facts
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def is_full_fidelity(trial: FrozenTrial) -> bool:
-    """COMPLETE, not infeasible, three objective values, and `fidelity == budget`."""
-    if trial.state != TrialState.COMPLETE or trial.values is None or len(trial.values) != 3:
-        return False
-    attrs = trial.user_attrs
-    if attrs.get("infeasible"):
-        return False
-    fidelity, budget = _number(attrs.get("fidelity")), _number(attrs.get("budget"))
-    return fidelity is not None and budget is not None and fidelity == budget
-
-
-def trial_kind(trial: FrozenTrial) -> str:
-    """One word for a trial's standing: full, partial, pruned, failed, infeasible, duplicate,
-    running..."""
-    if trial.user_attrs.get("infeasible"):
-        return "infeasible"
-    if trial.user_attrs.get("duplicate_of") is not None:
-        return "duplicate"
-    if trial.state == TrialState.COMPLETE:
-        return "full" if is_full_fidelity(trial) else "partial"
-    return {
-        TrialState.PRUNED: "pruned",
-        TrialState.FAIL: "failed",
-        TrialState.RUNNING: "running",
-        TrialState.WAITING: "waiting",
-    }[trial.state]
-
-
-def trial_arch(trial: FrozenTrial) -> ArchSpec | None:
-    """The trial's ArchSpec from its `arch` user attr (flat form), or None if absent/invalid."""
-    flat = trial.user_attrs.get("arch")
-    if not isinstance(flat, Mapping):
-        return None
-    try:
-        return ArchSpec.from_dict(flat)
-    except ConfigError:
-        return None
-
-
-def trial_dir(run_dir: str | os.PathLike, trial: FrozenTrial) -> Path:
-    """The trial's folder: its `trial_dir` user attr (relative to RUN_DIR), else trials/NNNN."""
-    rel = trial.user_attrs.get("trial_dir")
-    if isinstance(rel, str) and rel:
-        return Path(run_dir) / rel
-    return Path(run_dir) / "trials" / f"{trial.number:04d}"
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON lines of a `metrics.jsonl` file; a torn last line (killed writer) is skipped."""
-    return read_json_lines(path)
 
 
 def trial_objectives(trial: FrozenTrial,
@@ -237,7 +67,7 @@ def trial_objectives(trial: FrozenTrial,
     if trial.intermediate_values:
         acc = trial.intermediate_values[max(trial.intermediate_values)]
     if acc is None and run_dir is not None:
-        rows = [r for r in read_metrics(trial_dir(run_dir, trial) / "metrics.jsonl")
+        rows = [r for r in run.trial_metrics(run_dir, trial)
                 if _number(r.get("val_acc")) is not None]
         if rows:
             acc = rows[-1]["val_acc"]
@@ -249,13 +79,15 @@ def trial_objectives(trial: FrozenTrial,
         spec = trial_arch(trial)
         if spec is None:
             return None
-        try:
-            from spvit import cost
-        except ImportError:
-            return None
         estimate = cost.estimate(spec)
         gflops, params = float(estimate.gflops), float(estimate.params)
     return float(acc), gflops, params
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 # ---------------------------------------------------------------------------- the front

@@ -1,6 +1,6 @@
 """Reports of a search run: the Pareto front as pictures, tables and a markdown summary.
 
-`write_reports(run_dir)` reads the run's study (through `nas.pareto.open_study`) and writes into
+`write_reports(run_dir)` reads the run's study (through `nas.run.open_run_study`) and writes into
 `RUN_DIR/reports/`:
 
 * `pareto.csv`      the full-fidelity Pareto set, one row per trial (`nas.pareto.to_csv`);
@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import optuna
-import yaml
 from optuna.trial import FrozenTrial
 
-from nas import pareto
+from nas import pareto, run
+from search_spaces.space import SearchSpace
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_bytes, atomic_write_text
 
@@ -75,8 +75,6 @@ def hypervolume_history(trials: Sequence[FrozenTrial], *, reference: Sequence[fl
 
     Returns (trial numbers, hypervolume after each, reference as (val_acc, gflops, params)).
     """
-    from optuna._hypervolume import compute_hypervolume
-
     ordered = sorted(trials, key=lambda t: t.number)
     full = [t for t in ordered if pareto.is_full_fidelity(t)]
     if reference is None:
@@ -97,10 +95,41 @@ def hypervolume_history(trials: Sequence[FrozenTrial], *, reference: Sequence[fl
         if losses:
             pts = np.array(losses, dtype=float)
             pts = pts[(pts < 1.0).all(axis=1)]  # points beyond the reference add nothing
-            values.append(float(compute_hypervolume(pts, np.ones(3))) if len(pts) else 0.0)
+            values.append(hypervolume(pts, np.ones(3)))
         else:
             values.append(0.0)
     return numbers, values, (acc_ref, g_ref, p_ref)
+
+
+def _area_2d(points: np.ndarray, reference: np.ndarray) -> float:
+    """Area that points (N, 2), all below `reference`, dominate (minimisation)."""
+    area, best_y = 0.0, float(reference[1])
+    for x, y in sorted(map(tuple, points)):
+        if y < best_y:
+            area += (reference[0] - x) * (best_y - y)
+            best_y = y
+    return area
+
+
+def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """Volume of the region that 3-D points (N, 3) dominate below `reference` (minimisation).
+
+    Slices along the first objective: between consecutive first coordinates the dominated
+    region is the 2-D region of the points seen so far, so the volume is a sum of slab
+    thickness times area (O(N^2 log N), ample for a search's fronts).
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, 3)
+    reference = np.asarray(reference, dtype=float)
+    pts = pts[(pts < reference).all(axis=1)]
+    if not len(pts):
+        return 0.0
+    pts = pts[np.argsort(pts[:, 0], kind="stable")]
+    volume = 0.0
+    for i in range(len(pts)):
+        upper = pts[i + 1, 0] if i + 1 < len(pts) else reference[0]
+        if upper > pts[i, 0]:
+            volume += (upper - pts[i, 0]) * _area_2d(pts[: i + 1, 1:], reference[1:])
+    return float(volume)
 
 
 def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
@@ -327,50 +356,27 @@ def _choices_text(choices: Any) -> str:
 
 
 def _space_lines(run_dir: Path, info: dict[str, Any]) -> list[str]:
-    """Markdown lines describing the searched space (RUN_DIR/space.yaml)."""
-    path = run_dir / "space.yaml"
+    """Markdown lines describing the searched space (RUN_DIR/space.yaml, read as a
+    `SearchSpace`)."""
+    path = run_dir / run.SPACE_FILE
     source = info.get("space") if isinstance(info.get("space"), str) else None
     if not path.is_file():
         return [f"- space: `{source}` (no space.yaml in the run folder)" if source
                 else "- space: unknown (no space.yaml in the run folder)"]
     lines = ["- space: [space.yaml](../space.yaml)" + (f" (from `{source}`)" if source else "")]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        data = None
-    if not isinstance(data, dict):
-        return lines + ["- (space.yaml is not a mapping; see the file)"]
-    if data.get("name"):
-        lines[0] += f": {data['name']}"
-    dims = None
-    try:
-        from search_spaces.space import SearchSpace
-
-        dims = [(d.name, d.choices) for d in SearchSpace.load(path).dimensions()]
-    except (ImportError, ConfigError):
-        if isinstance(data.get("dimensions"), dict):
-            dims = list(data["dimensions"].items())
+        space = SearchSpace.load(path, check_feasible=False)
+    except ConfigError as e:
+        return lines + [f"- (space.yaml does not load: {e})"]
+    lines[0] += f": {space.name}"
+    dims = [(d.name, d.choices) for d in space.dimensions()]
     if dims:
         lines.append("- searched: " + "; ".join(f"`{name}` {_choices_text(choices)}"
                                                 for name, choices in dims))
-    constraints = data.get("constraints")
-    if isinstance(constraints, dict) and constraints:
+    constraints = space.constraints.to_dict()
+    if constraints:
         lines.append("- constraints: " + ", ".join(f"{k} {v}" for k, v in constraints.items()))
     return lines
-
-
-def _training_block(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(info.get("training"), dict):
-        return info["training"]
-    path = run_dir / "space.yaml"
-    if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            return {}
-        if isinstance(data, dict) and isinstance(data.get("training"), dict):
-            return data["training"]
-    return {}
 
 
 def _epochs_text(epochs: Any) -> str:
@@ -407,15 +413,6 @@ def _default_prior_trial(front: Sequence[FrozenTrial]) -> FrozenTrial | None:
     return chosen
 
 
-def _study_trial(study: optuna.Study, number: int) -> FrozenTrial:
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        if t.number == number:
-            return t
-    raise ConfigError(f"trial {number} does not exist in study {study.study_name!r} (trials"
-                      f" 0-{len(trials) - 1}). Pick a number from `spvit-nas pareto RUN_DIR`.")
-
-
 def write_reports(run_dir: str | os.PathLike, *, trial: int | None = None,
                   storage: str | None = None) -> list[Path]:
     """Write the run's reports into RUN_DIR/reports/ and return the paths written.
@@ -426,8 +423,8 @@ def write_reports(run_dir: str | os.PathLike, *, trial: int | None = None,
     study storage URL of run.json.
     """
     run_dir = Path(run_dir)
-    info = pareto.read_run_info(run_dir)
-    study = pareto.open_study(run_dir, storage=storage)
+    info = run.read_run_info(run_dir)
+    study = run.open_run_study(run_dir, storage=storage)
     trials = study.get_trials(deepcopy=False)
     front = pareto.pareto_trials(study)
     out = run_dir / REPORTS_DIR
@@ -442,14 +439,12 @@ def write_reports(run_dir: str | os.PathLike, *, trial: int | None = None,
     # The priors first: a requested trial that cannot be drawn fails before anything is written.
     prior_note = ""
     prior_tables = None
-    prior_trial = _study_trial(study, trial) if trial is not None else _default_prior_trial(front)
+    prior_trial = run.find_trial(study, trial) if trial is not None else _default_prior_trial(front)
     if prior_trial is None:
         prior_note = "no full-fidelity trial yet, so no priors to draw."
     else:
-        from nas.export import load_trial_model
-
         try:
-            model, _ = load_trial_model(run_dir, prior_trial)
+            model, _ = run.load_trial_model(run_dir, prior_trial)
             prior_tables = model.prior_tables()
             if not prior_tables:
                 raise ConfigError("this architecture has no block with a spatial prior, so there"
@@ -484,13 +479,14 @@ def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
                prior_trial: FrozenTrial | None, prior_file: str | None, prior_note: str,
                storage: str | None) -> str:
     counts = trial_counts(trials)
-    training = _training_block(run_dir, info)
+    training = run.training_config(run_dir, info)
     budgets = sorted({t.user_attrs["budget"] for t in trials
                       if isinstance(t.user_attrs.get("budget"), (int, float))})
-    budget = info.get("budget", budgets[-1] if budgets else training.get("epochs"))
-    where = pareto.storage_label(run_dir, info, storage=storage)
+    budget = info.get("budget", budgets[-1] if budgets
+                      else training.epochs if training is not None else None)
+    where = run.storage_label(run_dir, info, storage=storage)
     objectives = ", ".join(f"{o} ({d.name.lower()})"
-                           for o, d in zip(pareto.OBJECTIVES, study.directions, strict=True))
+                           for o, d in zip(run.OBJECTIVES, study.directions, strict=True))
     sampler = info.get("sampler")
     if isinstance(sampler, dict):
         sampler = json.dumps(sampler, sort_keys=True)
@@ -504,7 +500,7 @@ def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
         f"- objectives: {objectives}",
         *_space_lines(run_dir, info),
         f"- training budget: {_epochs_text(budget)} per candidate"
-        + (f" on `{training['dataset']}`" if training.get("dataset") else ""),
+        + (f" on `{training.dataset}`" if training is not None else ""),
         f"- sampler: {sampler or 'unknown'}"
         + (f", seed {info['seed']}" if info.get("seed") is not None else ""),
         *_wall_lines(trials),

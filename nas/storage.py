@@ -40,7 +40,7 @@ import contextlib
 import copy
 import errno
 import fcntl
-import json
+import hashlib
 import os
 import socket
 import threading
@@ -56,11 +56,11 @@ from optuna.storages import (
     JournalStorage,
     RDBStorage,
     RetryHeartbeatStaleTrialCallback,
-    _CachedStorage,
 )
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from nas import optuna_compat
 from spvit.errors import ConfigError
 
 JOURNAL_NAME = "study.journal"
@@ -255,13 +255,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _unwrap(storage: BaseStorage) -> BaseStorage:
-    """The storage under Optuna's `_CachedStorage` wrapper (what `study._storage` may be)."""
-    return storage._backend if isinstance(storage, _CachedStorage) else storage
-
-
-def is_rdb(storage: BaseStorage) -> bool:
-    return isinstance(_unwrap(storage), RDBStorage)
+def is_rdb(storage: BaseStorage | optuna.Study) -> bool:
+    """True when a storage (or a study's storage) is a database (`RDBStorage`)."""
+    if isinstance(storage, optuna.Study):
+        storage = optuna_compat.study_storage(storage)
+    return isinstance(storage, RDBStorage)
 
 
 # ---------------------------------------------------------------------------------------- leases
@@ -331,6 +329,12 @@ def _run_mutex(run_dir: str | os.PathLike):
     return _file_mutex(_lease_dir(run_dir) / "ownership.mutex")
 
 
+def _study_key(study_name: str) -> int:
+    """A signed 64-bit key naming the study (PostgreSQL advisory locks take one)."""
+    name = f"spvit-nas:{study_name}"
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
 @contextlib.contextmanager
 def study_mutex(study: optuna.Study, run_dir: str | os.PathLike):
     """A lock shared by every driver of `study`, for check-then-act steps such as "launch
@@ -340,17 +344,15 @@ def study_mutex(study: optuna.Study, run_dir: str | os.PathLike):
     drops it if the holder's connection dies). MySQL: `GET_LOCK`. Journal and SQLite (one
     machine): an OS file lock in the run folder. Not re-entrant; hold it briefly.
     """
-    storage = _unwrap(study._storage)
+    storage = optuna_compat.study_storage(study)
     if not isinstance(storage, RDBStorage) or storage.engine.dialect.name == "sqlite":
-        with _file_mutex(_lease_dir(run_dir) / f"study-{study._study_id}.mutex"):
+        with _file_mutex(_lease_dir(run_dir) / f"study-{_study_key(study.study_name)}.mutex"):
             yield
         return
-    import hashlib
-
     import sqlalchemy as sa
 
     name = f"spvit-nas:{study.study_name}"
-    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    key = _study_key(study.study_name)
     dialect = storage.engine.dialect.name
     if dialect == "postgresql":
         take, drop = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
@@ -377,44 +379,16 @@ def _transfer_owner(study: optuna.Study, run_dir: str | os.PathLike, trial_id: i
     """Atomically set the owner of a RUNNING trial from `expected` (None: no owner yet) to
     `new_owner`. False when the trial finished or another driver changed its owner first.
 
-    RDB: one compare-and-set UPDATE (or a unique-key INSERT) in a transaction, so drivers on
-    different machines cannot both win. Journal: under an OS lock in the run folder."""
-    storage = _unwrap(study._storage)
-    if isinstance(storage, RDBStorage):
-        return _transfer_owner_rdb(storage, trial_id, expected, new_owner)
-    with _run_mutex(run_dir):
+    The check and the change happen under `study_mutex` (a database lock on PostgreSQL/MySQL,
+    so drivers on different machines cannot both win; an OS lock in the run folder for the
+    journal and SQLite), through Optuna's public storage calls."""
+    storage = optuna_compat.study_storage(study)
+    with study_mutex(study, run_dir):
         trial = storage.get_trial(trial_id)
         if trial.state != TrialState.RUNNING or trial.system_attrs.get(OWNER_ATTR) != expected:
             return False
         storage.set_trial_system_attr(trial_id, OWNER_ATTR, new_owner)
         return True
-
-
-def _transfer_owner_rdb(storage: RDBStorage, trial_id: int, expected: str | None,
-                        new_owner: str) -> bool:
-    import sqlalchemy as sa
-    from optuna.storages._rdb import models
-
-    attrs = models.TrialSystemAttributeModel.__table__
-    trials = models.TrialModel.__table__
-    running = sa.exists().where(trials.c.trial_id == trial_id,
-                                trials.c.state == TrialState.RUNNING)
-    with storage.engine.begin() as conn:
-        if not conn.execute(sa.select(running)).scalar():
-            return False
-        if expected is None:
-            try:
-                with conn.begin_nested():
-                    conn.execute(sa.insert(attrs).values(trial_id=trial_id, key=OWNER_ATTR,
-                                                         value_json=json.dumps(new_owner)))
-            except sa.exc.IntegrityError:
-                return False  # someone claimed it first
-            return True
-        done = conn.execute(sa.update(attrs).where(
-            attrs.c.trial_id == trial_id, attrs.c.key == OWNER_ATTR,
-            attrs.c.value_json == json.dumps(expected),
-        ).values(value_json=json.dumps(new_owner)))
-        return done.rowcount == 1
 
 
 class DriverLease:
@@ -432,7 +406,7 @@ class DriverLease:
     def __init__(self, study: optuna.Study, run_dir: str | os.PathLike) -> None:
         self.study = study
         self.run_dir = Path(run_dir)
-        self.storage = _unwrap(study._storage)
+        self.storage = optuna_compat.study_storage(study)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._trial_ids: set[int] = set()
         self._mutex = threading.Lock()
@@ -557,22 +531,19 @@ class DriverLease:
                                   RuntimeWarning, stacklevel=1)
 
 
-def _trial_id(trial: optuna.Trial | FrozenTrial | int) -> int:
-    return trial if isinstance(trial, int) else trial._trial_id
+_trial_id = optuna_compat.trial_id
 
 
 # ---------------------------------------------------------------------------------------- recovery
 def _rdb_stale_ids(storage: RDBStorage, study: optuna.Study) -> set[int]:
-    if storage.get_heartbeat_interval() is None:
-        return set()
-    return set(storage._get_stale_trial_ids(study._study_id))
+    return optuna_compat.stale_trial_ids(storage, study)
 
 
 def is_stale(study: optuna.Study, run_dir: str | os.PathLike, trial: FrozenTrial, *,
              ignore: str | None = None) -> bool:
     """Whether a RUNNING trial is one nobody runs any more (see the module docstring).
     `ignore`: a lease id not to count as a live driver (the caller's own)."""
-    storage = _unwrap(study._storage)
+    storage = optuna_compat.study_storage(study)
     rdb_stale = _rdb_stale_ids(storage, study) if isinstance(storage, RDBStorage) else None
     return _is_stale(run_dir, trial, ignore=ignore, rdb_stale=rdb_stale)
 
@@ -585,14 +556,14 @@ def _is_stale(run_dir: str | os.PathLike, trial: FrozenTrial, *, ignore: str | N
     if lease_owner_is_dead(owner):
         return True
     if rdb_stale is not None:
-        return trial._trial_id in rdb_stale
+        return _trial_id(trial) in rdb_stale
     leases = set(live_leases(run_dir)) - {ignore}
     return owner not in leases if owner is not None else not leases
 
 
 def stale_trials(study: optuna.Study, run_dir: str | os.PathLike) -> list[FrozenTrial]:
     """RUNNING trials of `study` nobody runs any more (see the module docstring)."""
-    storage = _unwrap(study._storage)
+    storage = optuna_compat.study_storage(study)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not running:
         return []
@@ -608,7 +579,7 @@ def recover_stale_trials(study: optuna.Study, run_dir: str | os.PathLike) -> lis
 
     Returns the numbers of the trials this call failed.
     """
-    storage = _unwrap(study._storage)
+    storage = optuna_compat.study_storage(study)
     if isinstance(storage, RDBStorage):
         callback = storage.get_heartbeat_stale_trial_callback()
         grace = storage.grace_period or 2 * (storage.get_heartbeat_interval() or 0)
@@ -619,19 +590,19 @@ def recover_stale_trials(study: optuna.Study, run_dir: str | os.PathLike) -> lis
     failed: list[int] = []
     for trial in stale_trials(study, run_dir):
         owner = trial.system_attrs.get(OWNER_ATTR)
-        if not _transfer_owner(study, run_dir, trial._trial_id, owner, recoverer):
+        if not _transfer_owner(study, run_dir, _trial_id(trial), owner, recoverer):
             continue  # another driver adopted or recovered it first
         if lease_owner_is_dead(owner) or grace is None:
             reason = STALE_REASON_JOURNAL.format(owner=owner or "none")
         else:
             reason = STALE_REASON_RDB.format(grace=grace)
         try:
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            storage.set_trial_user_attr(_trial_id(trial), "fail_reason", reason)
+            if not storage.set_trial_state_values(_trial_id(trial), state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         failed.append(trial.number)
         if callback is not None:
-            callback(study, study._storage.get_trial(trial._trial_id))
+            callback(study, storage.get_trial(_trial_id(trial)))
     return failed

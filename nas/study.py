@@ -9,7 +9,7 @@ so it can be driven and tested on its own:
   the deprecated `constraints_func`);
 * `open_study`: the multi-objective study (`maximize val_acc, minimize gflops, minimize params`)
   in a persistent storage (`nas.storage.make_storage`), refusing to overwrite or to invent one;
-* `RunInfo`: `RUN_DIR/run.json`, everything `--resume`, reports and export need;
+* `RunInfo` (`nas.run`, re-exported here): `RUN_DIR/run.json`;
 * `SearchStudy`: ask/tell with the conventions of docs/architecture.md. Constraint-violating
   samples are rejected before any launch (told FAIL with user attr `infeasible`) and re-proposed;
   only full-budget results are told COMPLETE; shorter ones are PRUNED with their `fidelity`;
@@ -22,33 +22,34 @@ User attrs of a trial: `arch` (flat ArchSpec), `gflops`, `params`, `budget`, `fi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nas import optuna_compat
+from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-exported)
+    DIRECTIONS,
+    OBJECTIVES,
+    RUN_FILE,
+    SPACE_FILE,
+    TRIALS_DIR,
+    RunInfo,
+    trial_dir_of,
+)
+from search_spaces.search_defaults import DEFAULT_MAX_INFEASIBLE, DEFAULT_SAMPLER, SAMPLERS
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
-from spvit.io import atomic_write_json
 
-OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
-DIRECTIONS: tuple[str, ...] = ("maximize", "minimize", "minimize")
-SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc")
-DEFAULT_SAMPLER = "nsga2"
-
-RUN_FILE = "run.json"
-SPACE_FILE = "space.yaml"
-TRIALS_DIR = "trials"
-DEFAULT_MAX_INFEASIBLE_TRIES = 200
+DEFAULT_MAX_INFEASIBLE_TRIES = DEFAULT_MAX_INFEASIBLE
 # Re-proposals of an already trained architecture replaced per `ask` before one is trained again.
 MAX_DUPLICATE_TRIES = 25
 
@@ -171,86 +172,6 @@ def open_study(storage: Any, *, study_name: str, sampler: optuna.samplers.BaseSa
     return study
 
 
-# ---------------------------------------------------------------------------------------- run.json
-@dataclass
-class RunInfo:
-    """`RUN_DIR/run.json`: the study's whereabouts and the search budget, for `--resume`,
-    reports, export and the optuna CLI/dashboard."""
-
-    study_name: str
-    storage: str
-    sampler: str
-    seed: int
-    trials: int
-    concurrent: int
-    epochs: int
-    workers_per_trial: int
-    space: str
-    training: dict[str, Any]
-    asha: bool = False
-    asha_reduction_factor: float = 2.0
-    gpus_per_worker: float = 0.0
-    max_consecutive_failures: int = 5
-    population_size: int | None = None
-    tune_experiment: str = "tune"
-    created: str = ""
-    sessions: list[str] = field(default_factory=list)
-
-    # settings a resumed search must keep: they define what a trial and the study mean
-    FIXED: ClassVar[tuple[str, ...]] = ("sampler", "seed", "epochs", "workers_per_trial", "asha",
-                              "asha_reduction_factor", "population_size")
-
-    @property
-    def budget(self) -> int:
-        return self.epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["budget"] = self.epochs
-        out["version"] = 1
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = RUN_FILE) -> RunInfo:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
-        if missing:
-            raise ConfigError(f"{where} lacks {missing}; it was not written by `spvit-nas search`."
-                              " Point --out at a search's run folder.")
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def save(self, run_dir: str | os.PathLike) -> Path:
-        return atomic_write_json(Path(run_dir) / RUN_FILE, self.to_dict())
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> RunInfo:
-        path = Path(run_dir) / RUN_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"cannot resume: {path} does not exist, so {str(run_dir)!r} holds"
-                              " no search. Drop --resume to start one there.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})."
-                              " Restore it; a search cannot resume without it.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object, but holds"
-                              f" {type(data).__name__}. Restore it from the run.")
-        return cls.from_dict(data, where=str(path))
-
-    def check_resume(self, requested: Mapping[str, Any]) -> None:
-        """Refuse a resumed search that changes a setting of `FIXED` (None means not given)."""
-        for key in self.FIXED:
-            value = requested.get(key)
-            if value is not None and value != getattr(self, key):
-                flag = "--" + key.replace("_", "-")
-                raise ConfigError(f"{flag} {value} differs from {getattr(self, key)} in the run's"
-                                  f" {RUN_FILE}; a resumed search keeps it. Drop {flag} or start"
-                                  " a new search with another --out.")
-
-
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
@@ -271,11 +192,6 @@ class Candidate:
     def config(self, run_dir: str | os.PathLike) -> dict[str, Any]:
         return {"arch": self.spec.to_flat(),
                 "trial_dir": str(Path(run_dir).resolve() / self.trial_dir)}
-
-
-def trial_dir_of(number: int) -> str:
-    """A trial's folder relative to RUN_DIR: `trials/0007`."""
-    return f"{TRIALS_DIR}/{number:04d}"
 
 
 def _is_finite(value: Any) -> bool:
@@ -322,9 +238,7 @@ class SearchStudy:
         return optuna.Trial(self.study, trial_id)
 
     def _frozen(self, number: int) -> FrozenTrial:
-        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number)
-        return self.study._storage.get_trial(trial_id)
+        return next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
 
     def _claim(self, trial_id: int) -> None:
         if self.lease is not None:
@@ -369,7 +283,7 @@ class SearchStudy:
         trial.set_user_attr("trial_dir", rel)
         if not resumed:
             trial.set_user_attr("fidelity", 0)
-        return Candidate(number=trial.number, trial_id=trial._trial_id, spec=spec,
+        return Candidate(number=trial.number, trial_id=optuna_compat.trial_id(trial), spec=spec,
                          gflops=float(cost.gflops), params=int(cost.params), trial_dir=rel,
                          resumed=resumed)
 
@@ -377,7 +291,7 @@ class SearchStudy:
         trial.set_user_attr("infeasible", reason)
         trial.set_user_attr("fail_reason", f"infeasible: {reason}")
         self.study.tell(trial, state=TrialState.FAIL)
-        self._release(trial._trial_id)
+        self._release(optuna_compat.trial_id(trial))
         self.infeasible_count += 1
 
     def _duplicate_of(self, candidate: Candidate) -> int | None:
@@ -411,7 +325,7 @@ class SearchStudy:
         infeasible = 0
         while infeasible < self.max_infeasible_tries:
             trial = self.study.ask()
-            self._claim(trial._trial_id)
+            self._claim(optuna_compat.trial_id(trial))
             prepared = self._prepare(trial, resumed=False)
             if isinstance(prepared, Candidate):
                 original = self._duplicate_of(prepared)
@@ -446,8 +360,8 @@ class SearchStudy:
         """Take over a RUNNING trial of a dead driver under its own number: it is trained again
         in its own folder, so it continues from its last checkpoint. Returns None when its
         architecture now breaks a constraint (it is then told FAIL as infeasible)."""
-        live = self._trial(trial._trial_id)
-        if self.lease is not None and not self.lease.adopt(trial._trial_id):
+        live = self._trial(optuna_compat.trial_id(trial))
+        if self.lease is not None and not self.lease.adopt(optuna_compat.trial_id(trial)):
             return None  # another driver took it over first, or its driver is alive
         prepared = self._prepare(live, resumed=True)
         if isinstance(prepared, Candidate):
@@ -465,10 +379,9 @@ class SearchStudy:
         trial.set_user_attr("fidelity", int(epoch))
         acc = metrics.get("val_acc")
         if _is_finite(acc):
-            # Trial.report refuses multi-objective studies; the storage call records the same
-            # intermediate value, which reports and plots read for pruned trials.
-            self.study._storage.set_trial_intermediate_value(candidate.trial_id, int(epoch),
-                                                             float(acc))
+            # Trial.report refuses multi-objective studies (see `nas.optuna_compat`).
+            optuna_compat.report_intermediate(self.study, candidate.trial_id, int(epoch),
+                                              float(acc))
 
     def _finish_attrs(self, candidate: Candidate, fidelity: Any, wall_s: float | None) -> None:
         trial = self._trial(candidate.trial_id)
