@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from spvit.errors import ConfigError
-
-ARCHS_DIR = Path(__file__).resolve().parent.parent / "search_spaces" / "archs"
 
 
 # ---------------------------------------------------------------------------- cost
@@ -29,41 +26,11 @@ def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object (params, gflops, macs, parts)")
 
 
-def _resolve_arch_path(value: str) -> Path:
-    path = Path(value)
-    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in value:
-        return path
-    reference = ARCHS_DIR / f"{value}.yaml"
-    if reference.exists():
-        return reference
-    known = sorted(p.stem for p in ARCHS_DIR.glob("*.yaml"))
-    raise ConfigError(f"--arch {value!r} is neither a file nor a reference architecture"
-                      f" (known: {known}). Pass the path of an arch.yaml.")
-
-
-def _looks_like_space(path: Path) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "dimensions" in data and "blocks" not in data
-
-
 def run_cost(args: argparse.Namespace) -> int:
-    from spvit.arch import ArchSpec
+    from search_spaces.arch_refs import resolve_arch
     from spvit.cost import estimate
 
-    path = _resolve_arch_path(args.arch)
-    try:
-        spec = ArchSpec.load(path)
-    except ConfigError:
-        if _looks_like_space(path):
-            raise ConfigError(f"{path} is a search-space file, not an architecture. Use"
-                              f" `spvit-nas check-space {path}`, or pass an arch.yaml to"
-                              " --arch.") from None
-        raise
+    spec = resolve_arch(args.arch)
     if args.img_size is not None:
         if args.img_size < 1:
             raise ConfigError(f"--img-size must be a positive integer, but got {args.img_size}."

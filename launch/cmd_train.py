@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
     from tqdm import tqdm
 
-    from spvit import resolve_arch
+    from search_spaces.arch_refs import resolve_arch
     from spvit.errors import ConfigError
     from spvit.io import atomic_write_text
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nas import study as nas_study
+from nas.storage import JOURNAL_NAME
 from spvit.errors import ConfigError
 
 TUNE_EXPERIMENT = "tune"
@@ -141,7 +142,7 @@ def _check_reduction_factor(value: Any) -> float:
 
 
 def _holds_study(run_dir: Path) -> str | None:
-    for name in (nas_study.RUN_FILE, "study.journal"):
+    for name in (nas_study.RUN_FILE, JOURNAL_NAME):
         if (run_dir / name).exists():
             return name
     return None
@@ -425,9 +426,8 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
     # Each driver session of the study gets its own index, even when several start at once,
     # so that concurrent drivers do not propose the same candidates.
     with study_mutex(study, plan.run_dir):
-        session = int(study._storage.get_study_system_attrs(study._study_id).get(
-            "spvit:sessions", 0))
-        study._storage.set_study_system_attr(study._study_id, "spvit:sessions", session + 1)
+        session = int(study.user_attrs.get("spvit:sessions", 0))
+        study.set_user_attr("spvit:sessions", session + 1)
     study.sampler = nas_study.make_sampler(
         info.sampler, seed=nas_study.session_seed(info.seed, session),
         population_size=info.population_size)
@@ -521,28 +521,17 @@ def _finish(plan: _Plan, study: Any, request: SearchRequest, outcome: SearchOutc
         share = 1.0 - train_s / trial_s if trial_s > 0 else 0.0
         say(f"trial time {trial_s:.0f}s, of which training epochs {train_s:.0f}s"
             f" ({100 * share:.0f}% start-up, evaluation and orchestration)")
-    try:
-        from nas import pareto
-    except ImportError:
-        return
+    from nas import export, pareto, report
+
     front = pareto.pareto_trials(study)
     outcome.pareto = [t.number for t in front]
     say(f"Pareto set ({len(front)} full-budget trial(s)):")
     say(pareto.format_table(front))
     if outcome.exit_code != EXIT_OK:
         return
-    try:
-        from nas import report
-    except ImportError:
-        report = None
-    if report is not None:
-        outcome.reports = list(report.write_reports(plan.run_dir, storage=plan.url))
-        say(f"reports: {plan.run_dir / 'reports'}")
+    outcome.reports = list(report.write_reports(plan.run_dir, storage=plan.url))
+    say(f"reports: {plan.run_dir / 'reports'}")
     if request.export and front:
-        try:
-            from nas import export
-        except ImportError:
-            return
         path, trial, why = export.export_pick(plan.run_dir, plan.run_dir / EXPORT_DIR,
                                               method="knee", overwrite=True, storage=plan.url)
         outcome.export_dir = Path(path)

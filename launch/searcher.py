@@ -38,6 +38,7 @@ from ray.tune.callback import Callback
 from ray.tune.search import Searcher
 
 from nas.study import Candidate, SearchStudy, read_failure_reason
+from search_spaces.search_defaults import DEFAULT_MAX_CONSECUTIVE_FAILURES
 from spvit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class StudySearcher(Searcher):
     """
 
     def __init__(self, study: SearchStudy, *, trials: int, base_config: Mapping[str, Any],
-                 adopt: Sequence[FrozenTrial] = (), max_consecutive_failures: int = 3,
+                 adopt: Sequence[FrozenTrial] = (),
+                 max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
                  error_lookup: Callable[[str], str | None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(metric="val_acc", mode="max")
