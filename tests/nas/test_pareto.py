@@ -238,12 +238,15 @@ def test_moved_run_folder_falls_back_to_its_own_journal(tmp_path):
     (lambda d: (d / "run.json").write_text(json.dumps({"study_name": "nope"})), "'nope'"),
     (lambda d: (d / "study.journal").unlink(), "does not exist"),
 ])
-def test_open_study_errors_are_one_line(tmp_path, damage, needle):
+def test_open_study_errors_name_the_problem_and_touch_nothing(tmp_path, damage, needle):
     run_dir = make_run(tmp_path, storage_entry="none")
     damage(run_dir)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     with pytest.raises(ConfigError) as e:
         pareto.open_study(run_dir)
-    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert needle in str(e.value)
+    # Reading a run never creates or rewrites a file (a missing journal stays missing).
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
 def test_open_study_missing_folder(tmp_path):
@@ -335,7 +338,8 @@ def test_pick_errors_when_nothing_fits():
     with pytest.raises(ConfigError) as e:
         pareto.pick(front, max_gflops=0.5, max_params=50)
     msg = str(e.value)
-    assert "1 GFLOPs (trial 0)" in msg and "100 params (trial 3)" in msg and "\n" not in msg
+    assert "1 GFLOPs (trial 0)" in msg and "100 params (trial 3)" in msg
+    assert "max_gflops 0.5 and max_params 50" in msg and msg.endswith("Raise the budget.")
     with pytest.raises(ConfigError, match="no complete full-fidelity trial"):
         pareto.pick([], method="best")
     with pytest.raises(ConfigError, match="must be one of"):

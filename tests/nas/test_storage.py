@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from nas import optuna_compat
 from nas.storage import (
     OWNER_ATTR,
     DriverLease,
@@ -115,21 +116,20 @@ def test_storage_url_masks_passwords():
     ("", "non-empty string"),
     ("postgresql://nas:***@127.0.0.1:5432/nas", "masked password"),
 ])
-def test_malformed_urls_are_one_line_config_errors(tmp_path, url, words):
+def test_malformed_urls_are_config_errors_that_create_nothing(tmp_path, url, words):
     with pytest.raises(ConfigError) as info:
         make_storage(url, tmp_path)
-    assert words in str(info.value) and "\n" not in str(info.value)
+    assert words in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no journal, no database file, no lease folder
 
 
 def test_unreachable_server_is_a_config_error_without_the_password(tmp_path):
-    port = free_port()  # nothing listens there
-    started = time.monotonic()
+    port = free_port()  # nothing listens there (how long it takes: bench/core_timing.py)
     with pytest.raises(ConfigError) as info:
         make_storage(f"postgresql://nas:topsecret@127.0.0.1:{port}/nas", tmp_path)
     message = str(info.value)
     assert "cannot open the study database" in message and str(port) in message
-    assert "topsecret" not in message and "\n" not in message
-    assert time.monotonic() - started < 15
+    assert "topsecret" not in message
 
 
 def test_bad_heartbeat_settings_are_refused(tmp_path):
@@ -342,7 +342,8 @@ def _orphan_trials(study, count):
     numbers = []
     for _ in range(count):
         trial = _ask(study)
-        study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
+        optuna_compat.study_storage(study).set_trial_system_attr(
+            optuna_compat.trial_id(trial), OWNER_ATTR, owner)
         numbers.append(trial.number)
     return numbers
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nas import optuna_compat
 from nas import study as nas_study
 from nas.storage import OWNER_ATTR, DriverLease, lease_owner_is_dead, make_storage
 from search_spaces.space import SearchSpace
@@ -106,7 +109,7 @@ def test_open_study_creates_then_refuses_to_create_again(tmp_path):
     with pytest.raises(ConfigError, match="cannot resume: study 'other'"):
         nas_study.open_study(storage, study_name="other", sampler=sampler, resume=True)
     again = nas_study.open_study(storage, study_name="run", sampler=sampler, resume=True)
-    assert again._study_id == study._study_id
+    assert optuna_compat.study_id(again) == optuna_compat.study_id(study)
 
 
 def test_open_study_refuses_a_study_with_other_directions(tmp_path):
@@ -137,6 +140,31 @@ def test_run_info_round_trips_and_guards_fixed_settings(tmp_path):
         loaded.check_resume({"epochs": 3})
     with pytest.raises(ConfigError, match="--sampler tpe differs from nsga2"):
         loaded.check_resume({"sampler": "tpe"})
+
+
+def test_run_info_stores_paths_relative_to_the_run_folder(tmp_path):
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    journal = run_dir / "study.journal"
+    info = _info(storage=str(journal), space=str(tmp_path / "spaces" / "s.yaml"))
+    info.save(run_dir)
+    on_disk = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    assert on_disk["storage"] == "study.journal"
+    assert on_disk["space"] == os.path.join("..", "..", "spaces", "s.yaml")
+    assert nas_study.RunInfo.load(run_dir) == info
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(run_dir, moved)
+    assert nas_study.RunInfo.load(moved).storage == str((moved / "study.journal").resolve())
+    url = _info(storage="postgresql://nas:***@db:5432/nas")
+    url.save(run_dir)
+    assert json.loads((run_dir / "run.json").read_text())["storage"] == url.storage
+
+
+def test_run_info_reads_old_absolute_paths(tmp_path):
+    data = _info().to_dict()
+    (tmp_path / "run.json").write_text(json.dumps(data), encoding="utf-8")
+    loaded = nas_study.RunInfo.load(tmp_path)
+    assert loaded.storage == "/x/study.journal" and loaded.space == "/x/space.yaml"
 
 
 def test_run_info_load_errors_are_one_line(tmp_path):
@@ -321,8 +349,9 @@ def test_rdb_trial_of_a_dead_local_driver_is_adopted_before_its_heartbeat_expire
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     host = socket.gethostname()
-    study._storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{proc.stdout.strip()}-t")
-    study._storage.record_heartbeat(c.trial_id)  # fresh: not stale by the grace period yet
+    storage = optuna_compat.study_storage(study)
+    storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{proc.stdout.strip()}-t")
+    storage.record_heartbeat(c.trial_id)  # fresh: not stale by the grace period yet
     assert [t.number for t in ss.adoptable()] == [c.number]
-    study._storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{os.getpid()}-t")
+    storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{os.getpid()}-t")
     assert ss.adoptable() == []  # a live driver (this process) still runs it
