@@ -54,7 +54,25 @@ def _trials(run_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def _counted(trials):
-    return [t for t in trials if not t.user_attrs.get("infeasible")]
+    """The trials the search trained (or is training): neither constraint rejections nor
+    re-proposals of an architecture already trained (how many of those a sampler makes depends
+    on timing, so only their invariant is checked: `_check_skipped`)."""
+    return [t for t in trials
+            if not t.user_attrs.get("infeasible") and t.user_attrs.get("duplicate_of") is None]
+
+
+def _check_skipped(run_dir: Path, trials) -> None:
+    """Every trial the search did not train is FAIL, has no trial folder, and a duplicate
+    names a trained trial with the same architecture."""
+    by_number = {t.number: t for t in trials}
+    for t in trials:
+        original = t.user_attrs.get("duplicate_of")
+        if t.user_attrs.get("infeasible") or original is not None:
+            assert t.state == TrialState.FAIL
+            assert not (run_dir / "trials" / f"{t.number:04d}").exists()
+        if original is not None:
+            assert original in by_number and original in {c.number for c in _counted(trials)}
+            assert by_number[original].user_attrs["arch"] == t.user_attrs["arch"]
 
 
 def test_four_trials_two_at_a_time_with_a_constraint(tmp_path, ray_local, capsys):
@@ -65,6 +83,7 @@ def test_four_trials_two_at_a_time_with_a_constraint(tmp_path, ray_local, capsys
     trials = _trials(run_dir, "run")
     counted = _counted(trials)
     assert len(counted) == 4
+    _check_skipped(run_dir, trials)
     for t in counted:
         assert t.state == TrialState.COMPLETE and len(t.values) == 3
         spec = ArchSpec.from_dict(t.user_attrs["arch"])
@@ -183,6 +202,7 @@ def test_killed_driver_resumes_without_lost_or_duplicated_trials(tmp_path, ray_l
         time.sleep(0.2)
 
     assert main(["search", "--out", str(run_dir), "--resume", "--no-export"]) == 0
+    _check_skipped(run_dir, _trials(run_dir, "killed"))
     after = _counted(_trials(run_dir, "killed"))
     assert len(after) == 4 and len({t.number for t in after}) == 4
     assert len({t.user_attrs["trial_dir"] for t in after}) == 4

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import re
 import shutil
 
@@ -58,7 +60,29 @@ def test_pareto_html_embeds_plotly_and_the_data(reported):
         assert f"trial {n} (Pareto)" in html
     assert "trial 5 (pruned)" in html and "trial 4 (partial)" in html
     assert "trial 6" not in html  # failed trials have no objectives
-    assert "90.0" in html and "0.03" in html  # trial 1's accuracy (%) and GFLOPs
+    # The plotted numbers themselves, read back from the figure's JSON.
+    traces = _plotly_traces(html)
+    front = next(tr for tr in traces if tr["name"] == "Pareto set (full budget)")
+    points = {int(n): (x, y) for n, x, y in zip(_array(front["customdata"]), _array(front["x"]),
+                                                  _array(front["y"]), strict=True)}
+    assert sorted(points) == sorted(FRONT)
+    assert points[1] == pytest.approx((0.03, 90.0))  # trial 1: GFLOPs, accuracy in %
+
+
+def _array(value):
+    """A plotly array: a list, or a typed array {"dtype", "bdata" (base64)}."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
+def _plotly_traces(html):
+    """The trace list passed to `Plotly.newPlot(id, traces, layout, config)` in the page."""
+    start = html.index("Plotly.newPlot(")
+    rest = html[start + len("Plotly.newPlot("):]
+    rest = rest[rest.index(",") + 1:].lstrip()  # skip the div id
+    traces, _ = json.JSONDecoder().raw_decode(rest)
+    return traces
 
 
 def test_report_md_summarises_the_run(reported):
