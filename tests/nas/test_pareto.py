@@ -110,8 +110,7 @@ def save_weights(spec: ArchSpec, path: Path, seed: int) -> None:
 
     import spvit
 
-    torch.manual_seed(seed)
-    model = spvit.create_model(spec)
+    model = spvit.create_model(spec, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for k, v in model.state_dict().items():

@@ -1,0 +1,91 @@
+"""nas.optuna_compat against the installed Optuna: every private name it wraps still means what
+the wrapper says, and the constraint values the study stores are the ones Optuna reads."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.trial import TrialState
+
+from nas import optuna_compat
+from nas.storage import make_storage
+
+ROOT = Path(__file__).resolve().parents[2]
+DIRECTIONS = ["maximize", "minimize", "minimize"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_installed_optuna_is_in_the_supported_and_pinned_range():
+    low, high = optuna_compat.SUPPORTED
+    assert low <= optuna_compat.optuna_version() < high
+    pin = re.search(r'"optuna>=([\d.]+),<([\d.]+)"',
+                    (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pin, "pyproject.toml pins optuna as >=X,<Y"
+    as_pair = [tuple(int(x) for x in (v.split(".") + ["0"])[:2]) for v in pin.groups()]
+    assert tuple(as_pair) == optuna_compat.SUPPORTED
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_study_storage_is_the_backend_and_ids_are_its_keys(tmp_path, kind):
+    storage = make_storage(None if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}",
+                           tmp_path)
+    optuna.create_study(study_name="s", storage=storage, directions=DIRECTIONS)
+    study = optuna.load_study(study_name="s", storage=storage)
+    backend = optuna_compat.study_storage(study)
+    assert backend is storage  # load_study wraps an RDBStorage in a cache; this unwraps it
+    assert isinstance(backend, JournalStorage if kind == "journal" else RDBStorage)
+    assert optuna_compat.study_id(study) == backend.get_study_id_from_name("s")
+    trial = study.ask()
+    frozen = study.get_trials(deepcopy=False)[0]
+    expected = backend.get_trial_id_from_study_id_trial_number(optuna_compat.study_id(study),
+                                                               trial.number)
+    assert optuna_compat.trial_id(trial) == optuna_compat.trial_id(frozen) == expected
+    assert optuna_compat.trial_id(expected) == expected
+
+
+def test_report_intermediate_works_on_a_multi_objective_study(tmp_path):
+    study = optuna.create_study(storage=make_storage(None, tmp_path), directions=DIRECTIONS)
+    trial = study.ask()
+    with pytest.raises(NotImplementedError):
+        trial.report(0.5, 1)  # the public call refuses multi-objective studies
+    optuna_compat.report_intermediate(study, trial, 1, 0.25)
+    optuna_compat.report_intermediate(study, optuna_compat.trial_id(trial), 2, 0.5)
+    assert study.get_trials(deepcopy=False)[0].intermediate_values == {1: 0.25, 2: 0.5}
+
+
+def test_stale_trial_ids_follow_the_heartbeat(tmp_path):
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", tmp_path, heartbeat_interval=1,
+                           grace_period=2)
+    study = optuna.create_study(study_name="s", storage=storage, directions=DIRECTIONS)
+    beating, silent = study.ask(), study.ask()
+    for t in (beating, silent):
+        storage.record_heartbeat(optuna_compat.trial_id(t))
+    assert optuna_compat.stale_trial_ids(storage, study) == set()
+    time.sleep(2.5)
+    storage.record_heartbeat(optuna_compat.trial_id(beating))
+    assert optuna_compat.stale_trial_ids(storage, study) == {optuna_compat.trial_id(silent)}
+    plain = make_storage(None, tmp_path / "j")
+    journal_study = optuna.create_study(storage=plain, directions=DIRECTIONS)
+    journal_study.ask()
+    assert optuna_compat.stale_trial_ids(plain, journal_study) == set()
+
+
+def test_set_constraint_is_what_optuna_reads(tmp_path):
+    """The study stores constraint values with `Trial.set_constraint`: FrozenTrial.constraints
+    and `study.best_trials` (constrained: infeasible trials are never best) read them."""
+    study = optuna.create_study(storage=make_storage(None, tmp_path), directions=DIRECTIONS)
+    for value, violation in ((0.9, 0.5), (0.5, -0.1)):
+        trial = study.ask()
+        trial.set_constraint("max_gflops", violation)
+        study.tell(trial, [value, 1.0, 1.0])
+    trials = study.get_trials(deepcopy=False)
+    assert [t.constraints for t in trials] == [{"max_gflops": 0.5}, {"max_gflops": -0.1}]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # trial 0 dominates trial 1 but breaks its constraint, so only trial 1 is best
+    assert [t.number for t in study.best_trials] == [1]
