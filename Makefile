@@ -35,6 +35,7 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 bench: install
+	$(PY) bench/core_timing.py
 	$(PY) bench/spsa.py
 
 clean:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SAMPLER_CHOICES = ("nsga2", "tpe", "gp", "random", "qmc")
+from search_spaces.search_defaults import SAMPLERS as SAMPLER_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

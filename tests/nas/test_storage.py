@@ -225,11 +225,11 @@ def test_postgres_retries_stop_after_max_retry(postgres_url, tmp_path):  # noqa:
                            max_retry=1)
     study = _study(storage)
     first = _ask(study)
-    storage.record_heartbeat(first._trial_id)  # beats once, then its driver is gone
+    storage.record_heartbeat(optuna_compat.trial_id(first))  # beats once, then its driver is gone
     time.sleep(3.2)
     assert recover_stale_trials(study, tmp_path) == [first.number]
     second = study.ask()  # the retry, popped and then also abandoned
-    storage.record_heartbeat(second._trial_id)
+    storage.record_heartbeat(optuna_compat.trial_id(second))
     time.sleep(3.2)
     assert recover_stale_trials(study, tmp_path) == [second.number]
     states = [t.state for t in study.get_trials()]
@@ -328,7 +328,7 @@ _ADOPTER = """
     with DriverLease(study, {run_dir!r}) as lease:
         meet("ready")
         won = [n for n in numbers if lease.adopt(study.trials[n])]
-        assert lease.claimed == sorted(study.trials[n]._trial_id for n in won)
+        assert lease.claimed == sorted(optuna_compat.trial_id(study.trials[n]) for n in won)
         meet("done")
     print(json.dumps(won), flush=True)
 """
