@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from spvit.arch import ArchSpec, BlockSpec, can_pool, pooled_side
+from spvit.arch import ArchSpec, BlockSpec, can_pool, can_share, pooled_side
 from spvit.cost import Cost, estimate
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_text, read_user_text
@@ -233,8 +233,8 @@ class SearchSpace:
         return cls_block + depth if cls_block < 0 else cls_block
 
     def share_possible(self, i: int, pool: bool, cls_block: int) -> bool:
-        # ArchSpec's rules: not on block 0, not on a pooling block, not where CLS joins.
-        return i > 0 and not pool and not (self.fixed["head"] == "cls" and i == cls_block)
+        """Whether block `i` may share attention (ArchSpec's rule, `spvit.arch.can_share`)."""
+        return can_share(i, pool=pool, head=self.fixed["head"], cls_block=cls_block)
 
     def build(self, choose: Chooser) -> ArchSpec:
         """The one code path behind `sample` and `suggest`."""

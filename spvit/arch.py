@@ -56,6 +56,23 @@ def can_pool(side: int) -> bool:
     return pooled_side(side) >= 2
 
 
+def _share_refusal(index: int, pool: bool) -> str:
+    if index == 0:
+        return ("share: true reuses the previous block's attention map, but block 0 has no"
+                " previous block. Set share: false on block 0.")
+    if pool:
+        return ("share: true cannot follow a pool (the token grid changed), but this block"
+                " pools. Set share: false or move the pool.")
+    return (f"share: true cannot be used where the CLS token joins (the token count changes at"
+            f" cls_block {index}). Set share: false here.")
+
+
+def can_share(index: int, *, pool: bool, head: str, cls_block: int) -> bool:
+    """Whether block `index` may reuse the previous block's attention map: not block 0, not a
+    block that pools, not where the CLS token joins (the token grid or count changes there)."""
+    return index > 0 and not pool and not (head == "cls" and index == cls_block)
+
+
 def _check_choice(name: str, value: Any, options: tuple[str, ...], where: str = "") -> None:
     if not isinstance(value, str) or value not in options:
         hint = _did_you_mean(value, options) if isinstance(value, str) else ""
@@ -256,21 +273,8 @@ class ArchSpec:
                     " Choose a head count that divides the width."
                 )
             if b.share:
-                if i == 0:
-                    raise ConfigError(
-                        f"{where}share: true reuses the previous block's attention map, but block"
-                        " 0 has no previous block. Set share: false on block 0."
-                    )
-                if b.pool:
-                    raise ConfigError(
-                        f"{where}share: true cannot follow a pool (the token grid changed), but"
-                        " this block pools. Set share: false or move the pool."
-                    )
-                if self.head == "cls" and self.cls_block == i and i > 0:
-                    raise ConfigError(
-                        f"{where}share: true cannot be used where the CLS token joins (the token"
-                        f" count changes at cls_block {i}). Set share: false here."
-                    )
+                if not can_share(i, pool=b.pool, head=self.head, cls_block=self.cls_block):
+                    raise ConfigError(f"{where}{_share_refusal(i, b.pool)}")
                 prev = self.blocks[i - 1]
                 if prev.heads != b.heads:
                     raise ConfigError(
