@@ -46,10 +46,22 @@ def _ask(study):
     return trial
 
 
+# The driver processes below use nas.storage alone. `spvit` is registered as a bare package so
+# that `spvit.errors` loads without `spvit/__init__.py`, which imports torch and timm (seconds
+# per interpreter, and these tests start many); nas.storage itself is imported unchanged.
+_PRELUDE = f"""
+import sys, types
+_spvit = types.ModuleType("spvit")
+_spvit.__path__ = [{str(REPO / "spvit")!r}]
+sys.modules["spvit"] = _spvit
+"""
+
+
 def _run_py(code: str, *, wait: bool = True, **fmt) -> subprocess.Popen | str:
     """Run `code` in a fresh interpreter (another driver process) in the repository root."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code).format(**fmt)],
+    source = _PRELUDE + textwrap.dedent(code).format(**fmt)
+    proc = subprocess.Popen([sys.executable, "-c", source],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     if not wait:
@@ -314,6 +326,7 @@ def _recover_reason(study, run_dir, number):
 
 _ADOPTER = """
     import json, pathlib, time, optuna
+    from nas import optuna_compat
     from nas.storage import make_storage, DriverLease
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="s", storage=make_storage({url!r}, {run_dir!r}))
