@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install search test lint bench clean
+.PHONY: install search test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: install
 test: lint
 	$(PY) -m pytest tests -q --durations=10; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+## The tests that start no Ray, DeepSpeed, PostgreSQL or driver subprocess (a quick check).
+test-fast: lint
+	$(PY) -m pytest tests -q -m "not slow"
 
 bench: install
 	$(PY) bench/core_timing.py

@@ -30,3 +30,13 @@ def ray_local():
     yield context
     if started:
         ray.shutdown()
+
+
+# Fixtures that start a server or a cluster: every test using one is slow, marked or not.
+SLOW_FIXTURES = ("ray_local", "postgres_url", "postgres_server", "loopback_cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)

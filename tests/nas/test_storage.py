@@ -154,6 +154,7 @@ def test_bad_heartbeat_settings_are_refused(tmp_path):
         make_storage(None, tmp_path, max_retry=-1)
 
 
+@pytest.mark.slow  # driver subprocesses
 def test_journal_is_shared_by_processes_on_one_machine(tmp_path):
     _study(make_storage(None, tmp_path))
     code = """
@@ -274,6 +275,7 @@ def test_postgres_study_shared_by_concurrent_processes(postgres_url, tmp_path): 
 
 
 # ------------------------------------------------------------------------------ journal staleness
+@pytest.mark.slow  # driver subprocesses
 def test_journal_trial_of_a_killed_driver_is_stale_at_once(tmp_path):
     study = _study(make_storage(None, tmp_path, max_retry=2))
     proc, dead_number = _start_dying_driver(None, tmp_path)
@@ -374,6 +376,7 @@ def _adopt_concurrently(url, run_dir):
     return won
 
 
+@pytest.mark.slow  # driver subprocesses
 @pytest.mark.parametrize("backend", ["journal", "postgres"])
 def test_two_drivers_never_adopt_the_same_trial(backend, request, tmp_path):
     url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
@@ -428,6 +431,7 @@ def _budgeted_drivers(url, run_dir, *, budget, mutex="study_mutex(study, {run_di
     return launched
 
 
+@pytest.mark.slow  # driver subprocesses
 @pytest.mark.parametrize("backend", ["journal", "postgres"])
 def test_study_mutex_lets_concurrent_drivers_share_one_budget(backend, request, tmp_path):
     url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
