@@ -17,6 +17,12 @@ the name fails there first, not in a search. The supported range is pinned in py
   which `optuna.Trial(study, trial_id)` and the storage calls take.
 * `report_intermediate(study, trial_id, step, value)`: `Trial.report` refuses multi-objective
   studies, but reports and plots read a pruned trial's last accuracy as its intermediate value.
+* `set_constraints(study, trial, values)`: the constraint values of a trial as the system attr
+  `constraints`, a list (`optuna.study._constrained_optimization._CONSTRAINTS_KEY`): the one
+  place both optuna-dashboard (which serialises that list) and Optuna 5 itself (samplers,
+  `FrozenTrial.constraints`, `study.best_trials`) read. `Trial.set_constraint` writes one
+  `constraints:<name>` attr per constraint, which Optuna reads but optuna-dashboard does not;
+  Optuna 5 has no public way to set a trial's system attr.
 * `stale_trial_ids(storage, study)`: RUNNING trials whose heartbeat is older than the grace
   period (`BaseHeartbeat._get_stale_trial_ids`). The public `optuna.storages.fail_stale_trials`
   fails them at once; a driver must first try to adopt them (continue them from their
@@ -25,6 +31,7 @@ the name fails there first, not in a search. The supported range is pinned in py
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
@@ -60,6 +67,26 @@ def trial_id(trial: optuna.Trial | FrozenTrial | int) -> int:
 def report_intermediate(study: optuna.Study, trial: Any, step: int, value: float) -> None:
     """Record `value` as the intermediate value of `trial` at `step` (multi-objective too)."""
     study._storage.set_trial_intermediate_value(trial_id(trial), int(step), float(value))
+
+
+CONSTRAINTS_ATTR = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY
+
+
+def set_constraints(study: optuna.Study, trial: Any, values: Mapping[str, float]) -> None:
+    """Store `values` (feasible when <= 0) as the trial's constraint list, in their order; the
+    names go to the user attr `constraint_names` (Optuna reads the list as "0", "1", ...)."""
+    numbers = [float(v) for v in values.values()]
+    if any(v != v for v in numbers):
+        raise ValueError(f"constraint values must not be NaN, but got {dict(values)}")
+    study._storage.set_trial_system_attr(trial_id(trial), CONSTRAINTS_ATTR, numbers)
+    study._storage.set_trial_user_attr(trial_id(trial), "constraint_names", list(values))
+
+
+def constraint_values(trial: FrozenTrial) -> dict[str, float]:
+    """A trial's constraint values by name (as `set_constraints` stored them)."""
+    names = trial.user_attrs.get("constraint_names") or []
+    values = trial.system_attrs.get(CONSTRAINTS_ATTR) or []
+    return dict(zip(names, values, strict=False))
 
 
 def stale_trial_ids(storage: BaseStorage, study: optuna.Study) -> set[int]:

@@ -5,8 +5,8 @@ module holds everything that decides *what* is tried and *how it is recorded*, w
 so it can be driven and tested on its own:
 
 * `make_sampler`: an explicit, seeded sampler (`nsga2` by default; Optuna 5 changed its own
-  default); constraints reach it through `Trial.set_constraint` (Optuna 5's replacement for
-  the deprecated `constraints_func`);
+  default); constraints reach it as each trial's constraint values
+  (`nas.optuna_compat.set_constraints`), not the deprecated `constraints_func`;
 * `open_study`: the multi-objective study (`maximize val_acc, minimize gflops, minimize params`)
   in a persistent storage (`nas.storage.make_storage`), refusing to overwrite or to invent one;
 * `RunInfo` (`nas.run`, re-exported here): `RUN_DIR/run.json`;
@@ -99,10 +99,11 @@ def make_sampler(name: str, *, seed: int, population_size: int | None = None,
     """The sampler `name` (one of `SAMPLERS`), seeded; `population_size` concerns NSGA-II only
     (None: Optuna's 50).
 
-    Constraints reach the constraint-aware samplers (NSGA-II, TPE, GP) through
-    `Trial.set_constraint`, which `SearchStudy` calls on every asked trial: Optuna 5 deprecates
-    the samplers' `constraints_func` argument in its favour (FutureWarning, removal in 7.0),
-    and both feed the same constrained domination / acquisition.
+    Constraints reach the constraint-aware samplers (NSGA-II, TPE, GP) as the constraint values
+    `SearchStudy` stores on every asked trial (`nas.optuna_compat.set_constraints`, which
+    `FrozenTrial.constraints` reads): Optuna 5 deprecates the samplers' `constraints_func`
+    argument (FutureWarning, removal in 7.0), and both feed the same constrained domination /
+    acquisition.
     """
     if name not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {list(SAMPLERS)}, but got {name!r}."
@@ -275,8 +276,9 @@ class SearchStudy:
         trial.set_user_attr("params", int(cost.params))
         trial.set_user_attr("budget", self.budget)
         if not resumed:
-            for key, value in self.space.constraints.values(spec, cost).items():
-                trial.set_constraint(key, value)
+            # where optuna-dashboard and Optuna's samplers/best_trials both read them
+            optuna_compat.set_constraints(self.study, trial,
+                                          self.space.constraints.values(spec, cost))
         violations = list(self.space.constraints.violations(spec, cost))
         if violations:
             return "; ".join(violations)

@@ -1,8 +1,8 @@
 """`Constraints`: hard limits on a candidate's analytic cost, checked before any training.
 
 `values` follows Optuna's convention (one value per constraint, feasible when <= 0), which the
-study stores with `Trial.set_constraint` where Optuna's samplers, `study.best_trials` and
-optuna-dashboard read it; `violations` says the same in words.
+search study stores where Optuna's samplers, `study.best_trials` and optuna-dashboard read it;
+`violations` says the same in words.
 """
 
 from __future__ import annotations

@@ -76,16 +76,22 @@ def test_stale_trial_ids_follow_the_heartbeat(tmp_path):
     assert optuna_compat.stale_trial_ids(plain, journal_study) == set()
 
 
-def test_set_constraint_is_what_optuna_reads(tmp_path):
-    """The study stores constraint values with `Trial.set_constraint`: FrozenTrial.constraints
-    and `study.best_trials` (constrained: infeasible trials are never best) read them."""
+def test_stored_constraints_are_what_optuna_and_the_dashboard_read(tmp_path):
+    """`set_constraints` writes the `constraints` list optuna-dashboard serialises; Optuna reads
+    the same list into FrozenTrial.constraints and `study.best_trials` (an infeasible trial is
+    never best)."""
     study = optuna.create_study(storage=make_storage(None, tmp_path), directions=DIRECTIONS)
     for value, violation in ((0.9, 0.5), (0.5, -0.1)):
         trial = study.ask()
-        trial.set_constraint("max_gflops", violation)
+        optuna_compat.set_constraints(study, trial, {"max_gflops": violation, "min_tokens": -1})
         study.tell(trial, [value, 1.0, 1.0])
     trials = study.get_trials(deepcopy=False)
-    assert [t.constraints for t in trials] == [{"max_gflops": 0.5}, {"max_gflops": -0.1}]
+    assert [t.system_attrs[optuna_compat.CONSTRAINTS_ATTR] for t in trials] == [[0.5, -1.0],
+                                                                                [-0.1, -1.0]]
+    assert [t.constraints for t in trials] == [{"0": 0.5, "1": -1.0}, {"0": -0.1, "1": -1.0}]
+    assert optuna_compat.constraint_values(trials[0]) == {"max_gflops": 0.5, "min_tokens": -1.0}
     assert all(t.state == TrialState.COMPLETE for t in trials)
     # trial 0 dominates trial 1 but breaks its constraint, so only trial 1 is best
     assert [t.number for t in study.best_trials] == [1]
+    with pytest.raises(ValueError, match="NaN"):
+        optuna_compat.set_constraints(study, study.ask(), {"max_gflops": float("nan")})

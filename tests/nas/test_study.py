@@ -190,7 +190,8 @@ def test_ask_rejects_infeasible_samples_before_launch(tmp_path, space):
         assert "max_params" in t.user_attrs["infeasible"]
         assert t.user_attrs["fail_reason"].startswith("infeasible: ")
         assert "trial_dir" not in t.user_attrs
-        assert t.constraints["max_params"] > 0
+        assert optuna_compat.constraint_values(t)["max_params"] > 0
+        assert list(t.constraints.values()) == t.system_attrs["constraints"]  # what Optuna reads
         spec = ArchSpec.from_dict(t.user_attrs["arch"])
         assert estimate(spec).params > 15000
     for c in candidates:
@@ -201,7 +202,8 @@ def test_ask_rejects_infeasible_samples_before_launch(tmp_path, space):
         assert frozen.user_attrs["trial_dir"] == f"trials/{c.number:04d}" == c.trial_dir
         assert frozen.user_attrs["budget"] == 2 and frozen.user_attrs["fidelity"] == 0
         assert ArchSpec.from_dict(frozen.user_attrs["arch"]) == c.spec
-        assert frozen.constraints["max_params"] <= 0
+        assert optuna_compat.constraint_values(frozen)["max_params"] <= 0
+        assert all(v <= 0 for v in frozen.constraints.values())
         assert space.contains(c.spec)
     assert ss.counted_trials() == 4
 
