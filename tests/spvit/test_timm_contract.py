@@ -115,6 +115,12 @@ def test_feature_model_and_pooling(name):
         assert spvit.count_parameters(fresh) == spvit.count_parameters(model)
 
 
+def test_spvit_create_model_builds_feature_models_too():
+    model = spvit.create_model("spvit_test", num_classes=0, global_pool="avg", seed=0)
+    assert model.num_classes == 0 and model.global_pool == "avg"
+    assert model(_images("spvit_test", 1)).shape == (1, model.num_features)
+
+
 def test_bad_pool_and_num_classes_are_refused():
     with pytest.raises(ConfigError, match="global_pool must be one of"):
         timm.create_model("spvit_test", global_pool="mean")
