@@ -151,8 +151,12 @@ def test_forward_intermediates(name):
         if P:
             torch.testing.assert_close(last_cls, final[:, :P])
         # NCHW is NLC on each block's own grid.
+        (plain,) = model.forward_intermediates(x, indices=[0], output_fmt="NLC",
+                                               intermediates_only=True)
         torch.testing.assert_close(
-            inter[0], first.transpose(1, 2).reshape(2, widths[0], grids[0], grids[0]))
+            inter[0], plain.transpose(1, 2).reshape(2, widths[0], grids[0], grids[0]))
+        if widths[0] == model.num_features:  # norm=True normalises the blocks of that width
+            assert not torch.allclose(first, plain)
         early = model.forward_intermediates(x, indices=2, stop_early=True,
                                             intermediates_only=True)
         assert len(early) == 2
