@@ -11,8 +11,21 @@
                        TorchScript-based exporter (`torch.onnx.export(dynamo=False)`: the dynamo
                        exporter needs the `onnxscript` package) and verified against torch with
                        onnxruntime at two batch sizes;
-* `README.md`          a model card: metrics, cost, dataset, budget, architecture, how to load it
-                       (spvit, timm, onnxruntime) and how to retrain it.
+* `config.json`        the Hugging Face Hub / timm model config: `architecture` (`spvit`),
+                       `num_classes`, `num_features`, `global_pool`, `model_args` (`arch`: the
+                       nested ArchSpec) and `pretrained_cfg` with the input size, interpolation,
+                       crop and the mean/std the search trained with (`training_preprocessing`),
+                       so that `timm.create_model("local-dir:DIR", pretrained=True)` (after
+                       `import spvit`) rebuilds the model with its weights and
+                       `timm.data.resolve_data_config(model=...)` gives the training's inputs;
+* `training.yaml`      the search's training recipe (`TrainingConfig`, epochs = the trial's budget;
+                       a dataset path is reduced to its folder name);
+* `README.md`          a model card with the Hub's YAML front matter (`library_name: timm`, tags,
+                       dataset, metrics with validation and, when the trial recorded `test_acc`,
+                       test accuracy): metrics, cost, dataset, budget, architecture, how to load
+                       it (timm, spvit, onnxruntime) and how to retrain it.
+
+Nothing exported holds an absolute path: the card names files relative to the folder.
 
 Everything is written into a hidden temporary folder next to `out_dir`, which is renamed to
 `out_dir` only when complete, so a killed export never leaves half a folder. Trials that cannot
@@ -23,7 +36,9 @@ corrupt weights) raise `ConfigError` with one line (the CLI exits 2). No Ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import uuid
@@ -32,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from optuna.trial import FrozenTrial
 
 from nas import pareto, run
@@ -45,7 +61,7 @@ from nas.run import (  # noqa: F401  (the trial-model readers live in nas.run)
 )
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
-from spvit.io import atomic_write_text
+from spvit.io import atomic_write_json, atomic_write_text
 
 ONNX_OPSET = 17
 ONNX_INPUT = "image"
@@ -55,6 +71,9 @@ WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "arch.yaml"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
+CONFIG_FILE = "config.json"
+TRAINING_FILE = "training.yaml"
+EXPORT_FILES = (ARCH_FILE, CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, TRAINING_FILE, CARD_FILE)
 
 
 # ---------------------------------------------------------------------------- ONNX
@@ -117,41 +136,150 @@ def _training_block(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     return config.to_dict() if config is not None else {}
 
 
-def _normalisation(dataset: str, in_chans: int) -> str:
-    """How the search fed images to the model (the validation transform of `nas.data`)."""
-    from search_spaces.training import parse_dataset
+def training_config(training: dict[str, Any], budget: Any = None):
+    """The search's `TrainingConfig` from its recorded training block (defaults where the run
+    recorded none, as the search itself did), with `epochs` set to the trial's `budget`."""
+    from search_spaces.training import TrainingConfig
 
     try:
-        kind, _ = parse_dataset(dataset)
-    except ConfigError:
-        return "normalised as in training (dataset unknown)."
+        config = TrainingConfig.from_dict(training)
+    except ConfigError as e:
+        raise ConfigError(f"the run's training recipe is invalid ({e}). Fix run.json or"
+                          " space.yaml of the run.") from None
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        config = dataclasses.replace(config, epochs=budget)
+    return config
+
+
+def training_preprocessing(training, spec: ArchSpec) -> dict[str, Any]:
+    """How the search fed images to `spec` in training (`nas.data`'s validation transform), as
+    timm data-config fields: `mean`, `std` (tuples, one entry per input channel),
+    `interpolation`, `crop_pct`, `crop_mode`.
+
+    * digits: 8x8 scans upsampled bilinearly to `img_size`, normalised with the training
+      split's pixel mean / std (computed by `nas.data.build_datasets`, so the numbers are the
+      training's own);
+    * cifar10 / cifar100: bilinear resize to `img_size`, the CIFAR channel statistics;
+    * folder: timm's eval transform (bilinear, crop 0.875) with ImageNet statistics (their
+      average for one channel).
+    """
+    from timm.data import DEFAULT_CROP_PCT
+
+    from nas import data
+    from search_spaces.training import parse_dataset
+
+    kind, _ = parse_dataset(training.dataset)
+    crop_pct = 1.0  # tensor datasets are resized whole, never cropped
     if kind == "digits":
-        return ("8x8 digit scans upsampled bilinearly to the input size and normalised with the"
-                " training split's pixel mean and standard deviation (`nas.data`).")
+        # The statistics do not depend on the class count; the digits have 10 classes.
+        datasets = data.build_datasets(dataclasses.replace(training, augment=False),
+                                       spec.replace(num_classes=10))
+        mean, std = tuple(datasets.mean), tuple(datasets.std)
+    elif kind in ("cifar10", "cifar100"):
+        mean, std = {"cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
+                     "cifar100": (data.CIFAR100_MEAN, data.CIFAR100_STD)}[kind]
+    else:
+        mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+        if spec.in_chans == 1:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        crop_pct = DEFAULT_CROP_PCT
+    return dict(mean=tuple(float(m) for m in mean), std=tuple(float(v) for v in std),
+                interpolation="bilinear", crop_pct=crop_pct, crop_mode="center")
+
+
+def _portable_dataset(dataset: str) -> str:
+    """The dataset string without the machine's path: `kind:<folder name>`."""
+    kind, _, path = dataset.partition(":")
+    return f"{kind}:{Path(path).name}" if path else kind
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
+
+
+def hub_config(spec: ArchSpec, preprocessing: dict[str, Any], *,
+               label_names: list[str] | None = None) -> dict[str, Any]:
+    """The `config.json` that timm's `local-dir:` / `hf-hub:` loaders read."""
+    from spvit import pretrained_cfg_for
+
+    cfg = pretrained_cfg_for(spec, **preprocessing)
+    cfg.pop("architecture", None)
+    config = {
+        "architecture": "spvit",
+        "num_classes": spec.num_classes,
+        "num_features": spec.num_features,
+        "global_pool": "token" if spec.head == "cls" else "avg",
+        "model_args": {"arch": spec.to_dict()},
+        "pretrained_cfg": cfg,
+    }
+    if label_names and len(label_names) == spec.num_classes:
+        config["label_names"] = list(label_names)
+    return _json_ready(config)
+
+
+def _label_names(training) -> list[str] | None:
     from nas import data
 
-    mean, std = {"cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
-                 "cifar100": (data.CIFAR100_MEAN, data.CIFAR100_STD)}.get(
-        kind, (data.IMAGENET_MEAN, data.IMAGENET_STD))
-    if in_chans == 1:
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return (f"pixels in [0, 1] normalised per channel with mean {tuple(mean)} and std"
-            f" {tuple(std)} (`nas.data`, validation transform).")
+    try:
+        return list(data.describe_dataset(training.dataset).class_names)
+    except ConfigError:  # the data is not on this machine: the config simply has no names
+        return None
+
+
+def _front_matter(*, name: str, dataset_kind: str, val_acc: float,
+                  test_acc: float | None) -> str:
+    results = [{"task": {"type": "image-classification", "name": "Image Classification"},
+                "dataset": {"name": dataset_kind, "type": dataset_kind, "split": "validation"},
+                "metrics": [{"type": "accuracy", "value": round(100 * val_acc, 2),
+                             "name": "validation top-1 accuracy"}]}]
+    if test_acc is not None:
+        results.append({"task": {"type": "image-classification", "name": "Image Classification"},
+                        "dataset": {"name": dataset_kind, "type": dataset_kind, "split": "test"},
+                        "metrics": [{"type": "accuracy", "value": round(100 * test_acc, 2),
+                                     "name": "test top-1 accuracy"}]})
+    meta = {
+        "library_name": "timm",
+        "license": "apache-2.0",
+        "pipeline_tag": "image-classification",
+        "tags": ["image-classification", "timm", "spvit", "vision-transformer",
+                 "neural-architecture-search"],
+        "datasets": [dataset_kind],
+        "metrics": ["accuracy"],
+        "model-index": [{"name": name, "results": results}],
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: FrozenTrial,
-               spec: ArchSpec, out_dir: Path, weights_sha256: str, onnx_error: float) -> str:
-    """The README.md of an export."""
+               spec: ArchSpec, out_dir: Path, weights_sha256: str, onnx_error: float,
+               training=None, preprocessing: dict[str, Any] | None = None) -> str:
+    """The README.md of an export (Hub front matter + card); file names relative to it."""
     acc, gflops, params = trial.values
     attrs = trial.user_attrs
     metrics = pareto.read_metrics(pareto.trial_dir(run_dir, trial) / "metrics.jsonl")
     last = metrics[-1] if metrics else {}
-    training = _training_block(run_dir, info)
-    dataset = training.get("dataset", "unknown")
-    folder = str(out_dir)
+    if training is None:
+        training = training_config(_training_block(run_dir, info), attrs.get("budget"))
+    if preprocessing is None:
+        preprocessing = training_preprocessing(training, spec)
+    dataset = _portable_dataset(training.dataset)
+    kind = dataset.partition(":")[0]
+    test_acc = _number(attrs.get("test_acc"))
+    name = f"spvit-{study_name}-trial{trial.number}"
+    folder = out_dir.name
 
-    def metric(name: str, fmt: str) -> str:
-        v = last.get(name)
+    def metric(key: str, fmt: str) -> str:
+        v = last.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
     block_rows = []
@@ -162,12 +290,18 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
         block_rows.append(f"| {i} | {side}x{side}{' + CLS' if has_cls[i] else ''} | {width} |"
                           f" {b.heads} | {prior} | {'yes' if b.share else ''} |"
                           f" {'yes' if b.pool else ''} |")
-    recipe = ", ".join(f"{k} {v}" for k, v in training.items()
-                       if k in ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
-                                "weight_decay", "label_smoothing", "zero_stage", "bf16",
-                                "workers_per_trial", "augment", "seed"))
+    recipe = ", ".join(f"{k} {getattr(training, k)}" for k in (
+        "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay",
+        "label_smoothing", "zero_stage", "bf16", "workers_per_trial", "augment", "seed"))
+    mean = ", ".join(f"{m:.4f}" for m in preprocessing["mean"])
+    std = ", ".join(f"{v:.4f}" for v in preprocessing["std"])
+    test_row = ([f"| test top-1 accuracy | {100 * test_acc:.2f}% |"] if test_acc is not None
+                else [])
+    retrain_dataset = ("" if kind == "digits" else
+                       f" --dataset {kind}:PATH/TO/{dataset.partition(':')[2]}")
     lines = [
-        f"# SP-ViT trial {trial.number} of search `{study_name}`",
+        _front_matter(name=name, dataset_kind=kind, val_acc=acc, test_acc=test_acc),
+        f"# {name}: SP-ViT trial {trial.number} of search `{study_name}`",
         "",
         "A vision transformer from the SP-ViT family (spatial-prior attention, token pooling,"
         " attention sharing, structured attention initialisation) found by a multi-objective"
@@ -177,6 +311,7 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
         "| metric | value |",
         "|---|---:|",
         f"| validation top-1 accuracy | {100 * acc:.2f}% |",
+        *test_row,
         f"| validation top-5 accuracy | {metric('val_acc5', '.4f')} |",
         f"| validation loss | {metric('val_loss', '.4f')} |",
         f"| GFLOPs (GMACs per image, {spec.img_size}x{spec.img_size}) | {gflops:.4g} |",
@@ -187,10 +322,13 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
         "## Data and training",
         f"- dataset: `{dataset}` ({spec.num_classes} classes, {spec.in_chans}-channel"
         f" {spec.img_size}x{spec.img_size} inputs)",
-        f"- training budget: {attrs.get('budget')} epochs" + (f"; recipe: {recipe}" if recipe
-                                                              else ""),
-        f"- search run: `{run_dir}`, study `{study_name}`, trial {trial.number}"
-        f" (folder `{attrs.get('trial_dir', '-')}`)",
+        f"- preprocessing (as in training, also in `{CONFIG_FILE}`): resize"
+        f" ({preprocessing['interpolation']}, crop_pct {preprocessing['crop_pct']:g}) to"
+        f" {spec.img_size}x{spec.img_size}, pixels in [0, 1] normalised with mean ({mean}) and"
+        f" std ({std})",
+        f"- training recipe (`{TRAINING_FILE}`): {recipe}",
+        f"- search: study `{study_name}`, trial {trial.number}"
+        f" (run folder `{Path(run_dir).name}`, trial folder `{attrs.get('trial_dir', '-')}`)",
         "",
         "## Architecture",
         f"- depth {spec.depth}, embed_dim {spec.embed_dim}, mlp_ratio {spec.mlp_ratio:g},"
@@ -205,16 +343,28 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
         *block_rows,
         "",
         "## Files",
+        f"- `{CONFIG_FILE}`: timm / Hugging Face Hub config (architecture, model_args,"
+        " pretrained_cfg with the training's preprocessing).",
         f"- `{ARCH_FILE}`: the architecture (`spvit.ArchSpec`).",
         f"- `{WEIGHTS_FILE}`: trained fp32 weights, sha256 `{weights_sha256}`.",
         f"- `{ONNX_FILE}`: ONNX opset {ONNX_OPSET}, input `{ONNX_INPUT}` float32"
         f" (batch, {spec.in_chans}, {spec.img_size}, {spec.img_size}), output `{ONNX_OUTPUT}`"
         f" (batch, {spec.num_classes}); batch axis dynamic; max |onnxruntime - torch| on random"
         f" inputs {onnx_error:.2g}.",
-        "",
-        f"Inputs: {_normalisation(dataset, spec.in_chans)}",
+        f"- `{TRAINING_FILE}`: the training recipe of the search.",
         "",
         "## Use",
+        f"Paths below are relative to the folder that holds this export (`{folder}`).",
+        "",
+        "With timm (importing spvit registers the `spvit` architecture):",
+        "```python",
+        "import timm",
+        "import spvit  # noqa: F401",
+        "",
+        f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()',
+        "config = timm.data.resolve_data_config(model=model)  # the training's mean / std",
+        "transform = timm.data.create_transform(**config)",
+        "```",
         "With spvit:",
         "```python",
         "import spvit",
@@ -224,26 +374,21 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
         f'model.load_state_dict(load_file("{folder}/{WEIGHTS_FILE}"))',
         "model.eval()",
         "```",
-        "With timm (spvit registers the `spvit` entry point):",
-        "```python",
-        "import timm",
-        "import spvit  # noqa: F401  (registers the models)",
-        "",
-        f'model = timm.create_model("spvit", arch="{folder}/{ARCH_FILE}", pretrained=True,',
-        f'                          pretrained_cfg_overlay=dict(file="{folder}/{WEIGHTS_FILE}"))',
-        "```",
         "With onnxruntime:",
         "```python",
         "import onnxruntime as ort",
         "",
         f'session = ort.InferenceSession("{folder}/{ONNX_FILE}")',
         f'logits = session.run(["{ONNX_OUTPUT}"], {{"{ONNX_INPUT}": images}})[0]'
-        "  # images: float32 numpy",
+        "  # images: float32 numpy, normalised as above",
         "```",
         "",
         "## Retrain",
+        "The search's recipe, from inside this folder"
+        + (":" if kind == "digits" else " (point --dataset at your copy of the data):"),
         "```",
-        f"spvit-nas train --arch {folder}/{ARCH_FILE} --out RUN_DIR",
+        f"spvit-nas train --arch {ARCH_FILE} --training {TRAINING_FILE}{retrain_dataset}"
+        " --out retrain",
         "```",
         "",
     ]
@@ -319,10 +464,18 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
         if ArchSpec.load(tmp / ARCH_FILE) != spec:
             raise RuntimeError("the exported arch.yaml does not round-trip to the ArchSpec")
         onnx_error = export_onnx(model, spec, tmp / ONNX_FILE)
+        training = training_config(_training_block(run_dir, info),
+                                   trial.user_attrs.get("budget"))
+        preprocessing = training_preprocessing(training, spec)
+        atomic_write_json(tmp / CONFIG_FILE, hub_config(spec, preprocessing,
+                                                        label_names=_label_names(training)))
+        recipe = dict(training.to_dict(), dataset=_portable_dataset(training.dataset))
+        atomic_write_text(tmp / TRAINING_FILE, yaml.safe_dump(recipe, sort_keys=False))
         atomic_write_text(tmp / CARD_FILE, model_card(
             run_dir=run_dir, info=info, study_name=study.study_name, trial=trial, spec=spec,
-            out_dir=out_dir, weights_sha256=sha, onnx_error=onnx_error))
-        for name in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE):
+            out_dir=out_dir, weights_sha256=sha, onnx_error=onnx_error, training=training,
+            preprocessing=preprocessing))
+        for name in EXPORT_FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp / name, 0o644)  # an export is meant to be shared
@@ -355,15 +508,19 @@ def export_pick(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, metho
 
 
 __all__ = [
+    "EXPORT_FILES",
     "build_with_weights",
     "check_exportable",
     "export_onnx",
     "export_pick",
     "export_trial",
     "find_trial",
+    "hub_config",
     "load_trial_model",
     "load_weights",
     "model_card",
     "trial_spec",
+    "training_config",
+    "training_preprocessing",
     "verify_onnx",
 ]

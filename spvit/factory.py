@@ -95,6 +95,18 @@ def resolve_arch(arch: ArchSpec | Mapping[str, Any] | str | os.PathLike) -> Arch
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ArchSpec))
+# Keyword arguments of `SPViT` itself (not architecture fields): timm-style layer injection and
+# the pooling. `num_classes=0` (a feature model) is also passed to the model, not the spec.
+MODEL_KWARGS = ("global_pool", "norm_layer", "act_layer")
+
+
+def _split_model_kwargs(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ArchSpec overrides, SPViT keyword arguments)."""
+    changes = dict(overrides)
+    model_kwargs = {k: changes.pop(k) for k in MODEL_KWARGS if k in changes}
+    if changes.get("num_classes") == 0 and not isinstance(changes["num_classes"], bool):
+        model_kwargs["num_classes"] = changes.pop("num_classes")
+    return changes, model_kwargs
 
 
 def _apply_overrides(spec: ArchSpec, overrides: Mapping[str, Any]) -> ArchSpec:
@@ -107,7 +119,7 @@ def _apply_overrides(spec: ArchSpec, overrides: Mapping[str, Any]) -> ArchSpec:
         if key not in _FIELDS:
             hint = did_you_mean(key, _FIELDS)
             raise ConfigError(f"{key!r} is not an architecture field.{hint} Valid overrides:"
-                              f" {list(_FIELDS)}.")
+                              f" {list(_FIELDS) + list(MODEL_KWARGS)}.")
     return spec.replace(**changes)
 
 
@@ -141,8 +153,9 @@ def create_model(arch: ArchSpec | Mapping[str, Any] | str | os.PathLike, *,
         seed: initialise every parameter from this seed (default: global torch RNG).
         **overrides: `ArchSpec` fields to change, e.g. `num_classes=10, img_size=32`.
     """
-    spec = _apply_overrides(resolve_arch(arch), overrides)
-    model = SPViT(spec, seed=seed)
+    changes, model_kwargs = _split_model_kwargs(overrides)
+    spec = _apply_overrides(resolve_arch(arch), changes)
+    model = SPViT(spec, seed=seed, **model_kwargs)
     model.pretrained_cfg = model.default_cfg = pretrained_cfg_for(spec)
     return model
 
@@ -169,13 +182,16 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SPViT
     return out
 
 
-def _build(*, spec: ArchSpec, seed: int | None, num_classes: int, in_chans: int) -> SPViT:
-    return SPViT(spec.replace(num_classes=num_classes, in_chans=in_chans), seed=seed)
+def _build(*, spec: ArchSpec, seed: int | None, num_classes: int, in_chans: int,
+           **model_kwargs: Any) -> SPViT:
+    return SPViT(spec.replace(in_chans=in_chans), num_classes=num_classes, seed=seed,
+                 **model_kwargs)
 
 
 def _create_spvit(variant: str, pretrained: bool = False, *, arch: Any = None,
                   pretrained_cfg: Any = None, pretrained_cfg_overlay: dict | None = None,
-                  cache_dir: Any = None, seed: int | None = None, **kwargs: Any) -> SPViT:
+                  cache_dir: Any = None, seed: int | None = None,
+                  pretrained_model_args: dict | None = None, **kwargs: Any) -> SPViT:
     if variant == "spvit":
         if arch is None:
             raise ConfigError("the generic 'spvit' model needs arch= (an ArchSpec, a mapping or a"
@@ -190,15 +206,26 @@ def _create_spvit(variant: str, pretrained: bool = False, *, arch: Any = None,
     if pretrained and file and not os.path.isfile(file):
         raise ConfigError(f"pretrained weight file {file!r} does not exist. Check the path in"
                           " pretrained_cfg_overlay=dict(file=...).")
-    spec = _apply_overrides(base, kwargs)
+    # timm's feature wrapper options (features_only=True): the last 3 blocks by default.
+    feature_kwargs = {k: kwargs.pop(k) for k in ("features_only", "feature_cls", "feature_cfg")
+                      if k in kwargs}
+    out_indices = kwargs.pop("out_indices", min(3, base.depth))
+    changes, model_kwargs = _split_model_kwargs(kwargs)
+    spec = _apply_overrides(base, changes)
+    num_classes = model_kwargs.pop("num_classes", spec.num_classes)
     if pretrained_cfg is None:
         # The weights' own configuration: the architecture as saved, before overrides.
         pretrained_cfg = pretrained_cfg_for(base, architecture=variant)
+    feature_cfg = dict(out_indices=out_indices, feature_cls="getter")
+    feature_cfg.update(feature_kwargs.pop("feature_cfg", None) or {})
+    extra = {} if pretrained_model_args is None else {
+        "pretrained_model_args": pretrained_model_args}
     return build_model_with_cfg(
         _build, variant, pretrained, pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=pretrained_cfg_overlay, pretrained_filter_fn=checkpoint_filter_fn,
-        cache_dir=cache_dir, spec=spec, seed=seed, num_classes=spec.num_classes,
-        in_chans=spec.in_chans)
+        cache_dir=cache_dir, feature_cfg=feature_cfg, spec=spec, seed=seed,
+        num_classes=num_classes, in_chans=spec.in_chans, **model_kwargs, **feature_kwargs,
+        **extra)
 
 
 # timm's registry entries (no hosted weights): the generic `spvit` entry replaces its cfg by one

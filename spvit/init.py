@@ -71,20 +71,20 @@ def _is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def init_trunc_normal(model: nn.Module) -> None:
+def init_trunc_normal(model: nn.Module, *, generator: torch.Generator | None = None) -> None:
     """timm ViT init: Linear N(0, .02) truncated / bias 0, pos_embed N(0, .02), cls N(0, 1e-6)."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    for m in model.modules():
+    for m in model.modules():  # first, so the draws below (from `generator`) are the last word
         if isinstance(m, SpatialPrior):
             m.reset_parameters()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     if getattr(model, "pos_embed", None) is not None:
-        nn.init.trunc_normal_(model.pos_embed, std=0.02)
+        nn.init.trunc_normal_(model.pos_embed, std=0.02, generator=generator)
     if getattr(model, "cls_token", None) is not None:
-        nn.init.normal_(model.cls_token, std=1e-6)
+        nn.init.normal_(model.cls_token, std=1e-6, generator=generator)
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def apply_init(model: nn.Module, scheme: str, *, reset: bool = False,
         for m in model.modules():
             if m is not model and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    init_trunc_normal(model)
+    init_trunc_normal(model, generator=generator)
     if scheme == "trunc_normal" or _is_meta(model):
         return
     if scheme == "mimetic":

@@ -98,17 +98,24 @@ class ConvStem(nn.Module):
 
 
 def tokens_to_map(x: torch.Tensor, grid: Grid,
-                  num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split `(B, P + Gh*Gw, C)` into prefix tokens `(B, P, C)` and a map `(B, C, Gh, Gw)`."""
+                  num_prefix: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Split `(B, P + Gh*Gw, C)` into prefix tokens `(B, P, C)` (None when P = 0) and a map
+    `(B, C, Gh, Gw)`.
+
+    `num_prefix` is a Python int fixed when the model is built, so which branch runs never
+    depends on a tensor's shape (the forward stays symbolically traceable).
+    """
     B, _, C = x.shape
-    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    prefix = x[:, :num_prefix] if num_prefix else None
+    patches = x[:, num_prefix:]
     return prefix, patches.transpose(1, 2).reshape(B, C, grid[0], grid[1])
 
 
-def map_to_tokens(prefix: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tokens_to_map`: `(B, P, C)` and `(B, C, Gh, Gw)` -> `(B, P + Gh*Gw, C)`."""
+def map_to_tokens(prefix: torch.Tensor | None, fmap: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tokens_to_map`: `(B, P, C)` or None and `(B, C, Gh, Gw)` ->
+    `(B, P + Gh*Gw, C)`."""
     patches = fmap.flatten(2).transpose(1, 2)
-    return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
+    return patches if prefix is None else torch.cat([prefix, patches], dim=1)
 
 
 class ConvPosEnc(nn.Module):
@@ -152,4 +159,5 @@ class TokenPool(nn.Module):
         prefix, fmap = tokens_to_map(x, grid, num_prefix)
         fmap = self.conv(fmap)  # (B, C*f, ceil(Gh/2), ceil(Gw/2))
         new_grid = (fmap.shape[-2], fmap.shape[-1])
-        return map_to_tokens(self.cls_proj(prefix), fmap), new_grid
+        prefix = None if prefix is None else self.cls_proj(prefix)
+        return map_to_tokens(prefix, fmap), new_grid

@@ -49,8 +49,9 @@ def _images(batch, spec, seed):
 @pytest.mark.parametrize("n", [1, 3])
 def test_folder_contents_and_arch_round_trip(exported, run_dir, n):
     out = exported[n]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "arch.yaml", "model.onnx",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(export.EXPORT_FILES) == [
+        "README.md", "arch.yaml", "config.json", "model.onnx", "model.safetensors",
+        "training.yaml"]
     spec = ArchSpec.load(out / "arch.yaml")
     assert spec == ARCHS[n]
     trial = pareto.open_study(run_dir).trials[n]
@@ -101,10 +102,12 @@ def test_onnx_matches_torch_at_two_batch_sizes(exported, run_dir, n):
 def test_model_card(exported, run_dir):
     card = (exported[1] / "README.md").read_text(encoding="utf-8")
     for needle in ("90.00%", "| parameters | 9,000 |", "0.03 |", "`digits`", "2 / 2",
-                   "spvit-nas train --arch " + str(exported[1] / "arch.yaml"),
-                   'timm.create_model("spvit", arch=', "spvit.create_model(",
+                   "spvit-nas train --arch arch.yaml --training training.yaml --out retrain",
+                   'timm.create_model("local-dir:trial1", pretrained=True)',
+                   'spvit.create_model("trial1/arch.yaml")',
                    "onnxruntime", "| 2 | 2x2 | 32 | 4 | axial |  | yes |", "mimetic"):
         assert needle in card, needle
+    assert "test top-1 accuracy" not in card  # the trial recorded no test accuracy
     card3 = (exported[3] / "README.md").read_text(encoding="utf-8")
     assert "| 3 | 2x2 + CLS | 32 | 2 | none | yes |  |" in card3  # the shared block
 
@@ -194,3 +197,92 @@ def test_export_pick_uses_the_budgets(run_dir, tmp_path):
     assert ArchSpec.load(path / "arch.yaml") == ARCHS[2]
     with pytest.raises(ConfigError, match="no Pareto trial fits"):
         export.export_pick(run_dir, tmp_path / "none", max_params=10)
+
+
+# ---------------------------------------------------------------------------- Hub layout
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    """Trial 8 made a digits model (1 channel, 10 classes) with a recorded test accuracy."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from tests.nas.test_pareto import make_study
+
+    root = tmp_path_factory.mktemp("hub")
+    digits = ARCHS[8].replace(in_chans=1, num_classes=10, img_size=24, patch_size=4)
+    run = make_run(root, weights=True, archs={**ARCHS, 8: digits})
+    trials = pareto.open_study(run).get_trials()
+    trials[8].set_user_attr("test_acc", 0.5875)
+    (run / "study.journal").unlink()
+    make_study(JournalStorage(JournalFileBackend(str(run / "study.journal"))), trials)
+    return run, export.export_trial(run, 8, root / "exports" / "digits-8"), digits
+
+
+def test_timm_local_dir_rebuilds_weights_and_preprocessing(digits_export):
+    from PIL import Image
+
+    from nas import data
+    from search_spaces.training import TrainingConfig
+
+    run, out, spec = digits_export
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert isinstance(model, spvit.SPViT) and model.spec == spec
+    ref = spvit.create_model(spec)
+    ref.load_state_dict(load_file(str(run / "trials/0008/model.safetensors")))
+    x = _images(4, spec, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref.eval()(x), rtol=0, atol=1e-5)
+
+    # timm's preprocessing is the training's: same statistics, same pixels.
+    cfg = timm.data.resolve_data_config(model=model)
+    train = data.build_datasets(TrainingConfig(dataset="digits"), spec)
+    assert tuple(cfg["input_size"]) == (1, 24, 24) and cfg["interpolation"] == "bilinear"
+    assert tuple(cfg["mean"]) == pytest.approx(train.mean, abs=1e-7)
+    assert tuple(cfg["std"]) == pytest.approx(train.std, abs=1e-7)
+    assert cfg["mean"][0] == pytest.approx(0.3054, abs=0.01)  # grey digits, not ImageNet's RGB
+    transform = timm.data.create_transform(**cfg)
+    _, _, val_x, _ = data.load_digits_split()
+    for i in (0, 7):
+        raw = Image.fromarray(val_x[i, 0].numpy(), mode="F")  # the 8x8 scan in [0, 1]
+        expected, _ = train.val[i]
+        torch.testing.assert_close(transform(raw), expected, rtol=0, atol=1e-5)
+
+
+def test_hub_config_and_card_front_matter(digits_export):
+    import json
+
+    import yaml
+
+    run, out, spec = digits_export
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["architecture"] == "spvit" and config["num_classes"] == 10
+    assert config["num_features"] == spec.num_features and config["global_pool"] == "avg"
+    assert ArchSpec.from_dict(config["model_args"]["arch"]) == spec
+    assert config["label_names"] == [str(i) for i in range(10)]
+    assert config["pretrained_cfg"]["input_size"] == [1, 24, 24]
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "timm" and "timm" in meta["tags"]
+    assert meta["datasets"] == ["digits"]
+    results = {r["dataset"]["split"]: r["metrics"][0]["value"]
+               for r in meta["model-index"][0]["results"]}
+    assert results == {"validation": 60.0, "test": 58.75}
+    assert "| test top-1 accuracy | 58.75% |" in card
+    recipe = yaml.safe_load((out / "training.yaml").read_text(encoding="utf-8"))
+    assert recipe["epochs"] == 2 and recipe["dataset"] == "digits" and recipe["lr"] == 0.002
+
+
+def test_nothing_exported_holds_an_absolute_path(digits_export, exported):
+    run, out, _ = digits_export
+    for folder, roots in ((out, (run, out)), (exported[1], (exported[1],))):
+        for path in folder.iterdir():
+            data = path.read_bytes()
+            for root in (*roots, "/tmp", os.path.expanduser("~"), os.getcwd()):
+                assert str(root).encode() not in data, (path.name, str(root))
+
+
+def test_folder_dataset_path_is_reduced_to_its_name():
+    assert export._portable_dataset("folder:/data/sets/flowers") == "folder:flowers"
+    assert export._portable_dataset("digits") == "digits"

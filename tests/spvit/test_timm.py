@@ -93,8 +93,12 @@ def test_timm_interface():
     assert model(x).shape == (2, 3) and model.num_classes == 3 and model.spec.num_classes == 3
     model.reset_classifier(0)
     assert model(x).shape == (2, model.num_features)
-    with pytest.raises(ConfigError, match="cannot change"):
-        model.reset_classifier(3, global_pool="avg")
+    model.reset_classifier(3, global_pool="avg")  # mean of the patch tokens, class token out
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 1:].mean(1))
+    with pytest.raises(ConfigError, match="needs a class token"):
+        timm.create_model("spvit", arch=registered_arch("spvit_test").replace(head="avg",
+                                                                              cls_block=0),
+                          global_pool="token")
     data_cfg = timm.data.resolve_data_config({}, model=model)
     assert data_cfg["input_size"] == (3, 32, 32)
 

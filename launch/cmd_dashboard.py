@@ -1,0 +1,68 @@
+"""`spvit-nas dashboard RUN_DIR [--port P]`: browse a search's study in optuna-dashboard.
+
+optuna-dashboard (an optional extra: `pip install 'spvit-nas[dashboard]'`) serves Optuna's own
+views of the study in RUN_DIR's storage (the journal file or database that run.json names): the
+Pareto front of (val_acc, gflops, params), optimisation history, parameter importances, and every
+trial's user attrs (`arch`, `gflops`, `params`, `budget`, `fidelity`, `wall_s`, `test_acc`, ...:
+plain JSON values, shown as they are). The server binds to 127.0.0.1 only; reach it from another
+machine through an SSH tunnel. It runs until interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+INSTALL = "pip install 'spvit-nas[dashboard]'  (or: pip install optuna-dashboard)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder of a search")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="P",
+                        help=f"port on {HOST} (default: {DEFAULT_PORT})")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="study storage URL (default: the one in RUN_DIR/run.json)")
+
+
+def open_run_storage(run_dir: str, storage: str | None = None):
+    """(the run's storage, its study name, a printable label); `ConfigError` if the run's
+    study is not in it."""
+    import optuna
+
+    from nas import pareto
+    from spvit.errors import ConfigError
+
+    info = pareto.read_run_info(run_dir)
+    backend = pareto.make_run_storage(run_dir, info, storage=storage)
+    label = pareto.storage_label(run_dir, info, storage=storage)
+    name = info["study_name"]
+    if name not in optuna.get_all_study_names(backend):
+        raise ConfigError(f"study {name!r} is not in storage {label}. Check `study_name` and"
+                          f" `storage` in {run_dir}/run.json.")
+    return backend, name, label
+
+
+def run(args: argparse.Namespace) -> int:
+    from spvit.errors import ConfigError
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, but got {args.port}. Pick a free port"
+                          f" such as {DEFAULT_PORT}.")
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError(f"optuna-dashboard is not installed. Install it with: {INSTALL}")\
+            from None
+    backend, name, label = open_run_storage(args.run_dir, args.storage)
+    print(f"optuna-dashboard for study {name!r} ({label}) at http://{HOST}:{args.port}/"
+          " (Ctrl-C stops it)", flush=True)
+    optuna_dashboard.run_server(backend, host=HOST, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from launch.cli import main
+
+    sys.exit(main(["dashboard", *sys.argv[1:]]))
