@@ -23,15 +23,14 @@ from typing import Any
 import torch
 
 
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write `data` to `path` atomically (temp file + os.replace)."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (temp file + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,6 +38,11 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write `data` as indented JSON to `path` atomically."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def machine() -> dict[str, Any]:
