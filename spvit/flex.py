@@ -166,6 +166,10 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mult: torch.Tensor
 
 
 _compiled_fused: Callable[..., torch.Tensor] | None = None
+# Each (shape, dtype, grad mode, prior kinds) of a layer is one static compiled graph, and a model
+# has a few per block grid (training, evaluation, a smaller last batch): more than dynamo's
+# default of 8 recompiles per function, after which it would run FlexAttention uncompiled.
+RECOMPILE_LIMIT = 64
 
 
 def _compiled() -> Callable[..., torch.Tensor]:
@@ -219,8 +223,15 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         mult_identity, flex_scale = 1.0, float(scale)
     compile = q.device.type == "cuda" if compile is None else compile
-    fn = _compiled() if compile else _fused
+    args = (q, k, v, mult, bias, (int(grid[0]), int(grid[1])), int(num_prefix), mult_identity,
+            flex_scale, gather)
     # The kernel accumulates in fp32 whatever autocast says; q, k, v keep their dtype.
     with torch.autocast(q.device.type, enabled=False):
-        return fn(q, k, v, mult, bias, (int(grid[0]), int(grid[1])), int(num_prefix),
-                  mult_identity, flex_scale, gather)
+        if not compile:
+            return _fused(*args)
+        if torch.compiler.is_compiling():  # inside a compiled model: traced as part of it
+            return _compiled()(*args)
+        dynamo_config = torch._dynamo.config
+        limit = max(RECOMPILE_LIMIT, dynamo_config.recompile_limit)
+        with dynamo_config.patch(recompile_limit=limit):
+            return _compiled()(*args)

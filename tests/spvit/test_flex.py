@@ -191,6 +191,24 @@ def test_set_attention_backend_validates_and_resets():
     assert not any("backend" in key for key in model.state_dict())
 
 
+def test_compiled_call_raises_the_recompile_limit_only_around_the_call(monkeypatch):
+    seen = []
+
+    def fake_compiled(q, k, v, mult, bias, grid, num_prefix, mult_identity, scale, gather):
+        seen.append((torch._dynamo.config.recompile_limit, grid, num_prefix, mult_identity,
+                     scale, gather, mult.dtype))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(flex, "_compiled", lambda: fake_compiled)
+    before = torch._dynamo.config.recompile_limit
+    q = torch.zeros(1, 2, 10, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        flex.fused_attention(q, q, q, mult=torch.ones(2, 25, dtype=torch.bfloat16), bias=None,
+                             grid=(3, 3), num_prefix=1, scale=0.25, compile=True)
+    assert seen == [(max(64, before), (3, 3), 1, 0.25, 1.0, "offset", torch.float32)]
+    assert torch._dynamo.config.recompile_limit == before
+
+
 # ---------------------------------------------------------------------- compiled (inductor, CPU)
 def _cpu_compile_supported() -> bool:
     from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
