@@ -141,8 +141,9 @@ def _timing_table(data: dict[str, dict[str, Any]]) -> list[str]:
         lines += ["", "| variant | N | batch | dtype | fwd+bwd ms | peak MiB |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in timing["rows"]:
+            ms = _fmt(r["fwd_bwd_ms"]) if not r.get("error") else f"failed: {r['error'][:120]}"
             lines.append(f"| {r['name']} | {r['tokens']} | {r['batch']} | {r['dtype']} |"
-                         f" {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['peak_mib'], 1)} |")
+                         f" {ms} | {_fmt(r['peak_mib'], 1)} |")
     m = data["model"]
     if m["status"] == "ok":
         lines += ["", "| model | batch | ms/step | images/s | peak MiB | SP-SA paths |",
