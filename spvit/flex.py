@@ -1,6 +1,6 @@
 """Fused SP-SA: the spatial priors as a FlexAttention `score_mod`, and the choice of attention path.
 
-`fused_attention` computes exactly what the eager path of `spvit.attention.Attention` computes,
+`fused_attention` computes the function of the eager path of `spvit.attention.Attention`,
 `softmax((Q Kᵀ / sqrt(d)) * SP + B) V`, without materialising the `(B, H, N, N)` logits: the
 multiplier SP and the bias B enter as a `score_mod` of `torch.nn.attention.flex_attention`, which
 reads each pair's prior from the per-head table over unique offsets (`SpatialPrior.offset_values`,
@@ -9,12 +9,13 @@ reads each pair's prior from the per-head table over unique offsets (`SpatialPri
 `SpatialPrior.forward`. The score function knows nothing of prior families: any family that
 `offset_values` tabulates, multiplicative or additive, plugs in. The scale 1/sqrt(d) is folded into
 the multiplier table (as the eager path folds it into its `(H, N, N)` multiplier), so the score
-function applies `score * (scale * SP) + B`, the eager formula term for term.
+function applies `score * (scale * SP) + B`, the eager formula term for term. SP multiplies the
+logits, not the probabilities, so no `log(SP)` rewrite is involved and SP may take any sign.
 
 Gradients reach the tables (FlexAttention differentiates captured tensors), hence the prior's
-parameters. On CUDA the call is compiled (`torch.compile`) into one Triton kernel for the forward
-and one for the backward. FlexAttention has no backward on CPU, so on CPU it serves only as a
-forward reference (uncompiled, as tests use it).
+parameters. On CUDA the call is compiled (`torch.compile`) into FlexAttention's fused Triton
+kernels, forward and backward. FlexAttention has no backward on CPU, so on CPU it serves only as
+a forward reference (uncompiled, as tests use it).
 
 Attention path (`resolve_backend`): `auto` (default) picks `fused` on CUDA when the head width is
 at least 16 (the Triton kernel's tile floor) and FlexAttention exists in this torch, else `eager`.
