@@ -47,7 +47,7 @@ from typing import Any
 
 from nas.data import check_compatible, describe_dataset
 from nas.ds_config import micro_batch_size
-from nas.engine import TrainingDiverged
+from nas.engine import TrainingDiverged, inprocess_device, process_group_backend
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -183,7 +183,7 @@ def _run_ray_train(spec: ArchSpec, training: TrainingConfig, trial_dir: Path, *,
             "resume": resume, "started_at": started_at,
             "threads": max(1, math.floor(cpus_per_worker)),
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -231,8 +231,9 @@ def _run(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike,
             clear_trial(trial_dir)
 
         if path == "inprocess":
-            ensure_local_process_group("nccl" if use_gpu else "gloo")
-            setup = WorkerSetup(device="cuda:0" if use_gpu else "cpu",
+            device = inprocess_device(use_gpu)  # ConfigError if no GPU is there
+            ensure_local_process_group(process_group_backend(use_gpu))
+            setup = WorkerSetup(device=str(device),
                                 threads=max(1, math.floor(cpus_per_worker)))
             last = train_worker(spec, training, trial_dir, setup=setup, resume=resume,
                                 started_at=started_at, report=on_epoch)

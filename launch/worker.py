@@ -38,8 +38,8 @@ import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 
 from nas.data import build_datasets, build_loaders
-from nas.ds_config import build_ds_config, micro_batch_size, write_ds_config
-from nas.engine import TrainingDiverged, evaluate, train_one_epoch
+from nas.ds_config import build_ds_config, deepspeed_device_args, micro_batch_size, write_ds_config
+from nas.engine import TrainingDiverged, evaluate, model_input_dtype, train_one_epoch
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -371,9 +371,10 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
         # attention, over a long schedule.
         param_groups = param_groups_weight_decay(
             model, training.weight_decay, no_weight_decay_list=model.no_weight_decay())
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups,
+        engine, _, _, _ = deepspeed.initialize(args=deepspeed_device_args(device), model=model,
+                                               model_parameters=param_groups,
                                                config=ds_config, dist_init_required=False)
-        input_dtype = torch.bfloat16 if training.bf16 else torch.float32
+        input_dtype = model_input_dtype(training.bf16, device)
 
         history: list[dict[str, Any]] = []
         start_epoch = 0

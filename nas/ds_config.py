@@ -7,13 +7,20 @@ warm-up from `min_lr` to `lr` over `warmup_epochs`, then cosine decay to `min_lr
 step), weight decay, gradient clipping, ZeRO stage, bf16, and the batch arithmetic
 `train_batch_size = micro_batch x gradient_accumulation x world_size` with the global batch fixed
 by `training.batch_size` whatever the worker count. No DeepSpeed import: the dict is data.
+
+On a GPU, `deepspeed_device_args` pins the engine to the worker's own device: DeepSpeed would
+otherwise put the model on `cuda:$LOCAL_RANK`, and under Ray Train a worker's GPU index among the
+visible devices need not equal its local rank.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from search_spaces.training import TrainingConfig
 from spvit.errors import ConfigError
@@ -90,6 +97,20 @@ def build_ds_config(training: TrainingConfig, *, world_size: int, steps_per_epoc
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def deepspeed_device_args(device: torch.device | str) -> SimpleNamespace | None:
+    """The `args` of `deepspeed.initialize` that place the engine on `device`.
+
+    On CUDA a namespace with `device_rank` (the device index, the current device for plain
+    `cuda`; DeepSpeed's own default is `$LOCAL_RANK`); on CPU None (DeepSpeed's CPU accelerator
+    has one device).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return SimpleNamespace(device_rank=index)
 
 
 def write_ds_config(config: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -8,6 +8,11 @@ validation counts are summed over workers with `torch.distributed.all_reduce`, s
 returns the same numbers and stops at the same step. A non-finite loss on any worker stops all of
 them with `TrainingDiverged`, whose message says where and what to change.
 
+Placement (`process_group_backend`, `inprocess_device`, `model_input_dtype`): CPU workers use gloo,
+GPU workers nccl with one GPU each; a one-worker trial in the caller's process trains on `cuda:0`,
+the first GPU this process sees (under Ray, the GPU Ray gave the trial, through
+`CUDA_VISIBLE_DEVICES`). Nothing here fixes a GPU index, a memory size or a batch per device.
+
 No DeepSpeed import here: the launch package passes the engine in.
 """
 
@@ -21,6 +26,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from spvit.errors import ConfigError
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +79,48 @@ class EvalStats:
     acc1: float
     acc5: float
     count: int
+
+
+def process_group_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend of a trial's workers: `nccl` on GPUs, `gloo` on CPUs."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def inprocess_device(use_gpu: bool) -> torch.device:
+    """Where a one-worker trial trains in the caller's process: `cuda:0` or `cpu`.
+
+    `cuda:0` is the first GPU visible to this process; inside a Ray trial that is the GPU Ray
+    assigned (Ray sets `CUDA_VISIBLE_DEVICES`), elsewhere pick one with `CUDA_VISIBLE_DEVICES`.
+
+    Raises:
+        ConfigError: a GPU was asked for but torch sees none (or lacks NCCL).
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("training on a GPU was requested, but torch sees no CUDA device"
+                          f" (torch {torch.__version__}). Train on CPU (--gpus-per-worker 0, or"
+                          " drop --use-gpu) or install a CUDA build of torch.")
+    if not dist.is_nccl_available():
+        raise ConfigError("training on a GPU uses the nccl backend, which this torch build lacks."
+                          " Install a CUDA build of torch with NCCL, or train on CPU.")
+    return torch.device("cuda", 0)
+
+
+def model_input_dtype(bf16: bool, device: torch.device | str) -> torch.dtype:
+    """dtype of the images fed to the model: bf16 under DeepSpeed bf16, else fp32.
+
+    Raises:
+        ConfigError: bf16 on a GPU without bf16 arithmetic (compute capability < 8.0).
+    """
+    device = torch.device(device)
+    if not bf16:
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"training.bf16 needs a GPU with bf16 arithmetic (compute capability"
+                          f" >= 8.0), but {name} has none. Set training.bf16: false.")
+    return torch.bfloat16
 
 
 def _world_size() -> int:

@@ -3,13 +3,21 @@ attention of PSViT that reuses the previous block's attention probabilities.
 
 `Attention` computes `softmax((Q Kᵀ / sqrt(d)) * SP + B) V` per head, where SP (multiplicative
 priors) and B (additive priors) come from `spvit.priors.SpatialPrior` and are the identity for heads
-of type `none`. Paths:
+of type `none`. Paths, for training and inference alike:
 
-* no multiplicative prior and no attention map requested: one fused
-  `F.scaled_dot_product_attention` call (the `rpb` bias rides in as `attn_mask`);
+* no prior and no attention map requested: one `F.scaled_dot_product_attention` call (flash
+  attention on CUDA);
+* priors, no attention map requested, and the `fused` backend (`spvit.flex.resolve_backend`:
+  by default on CUDA for head widths >= 16): FlexAttention, compiled, with the priors applied
+  inside its score function from the per-offset tables (`spvit.flex.fused_attention`); the
+  `(B, H, N, N)` logits are never materialised;
 * otherwise the eager path: logits, one elementwise multiply by `scale * SP` (scale folded into
-  the `(H, N, N)` multiplier), optional bias, softmax, matmul. This is the CPU path and the
-  training path everywhere.
+  the `(H, N, N)` multiplier), optional bias, softmax, matmul. This is the CPU path, and the
+  path of any block whose probabilities a following block shares. Without a multiplicative
+  prior and without maps requested, the bias rides into `F.scaled_dot_product_attention` as
+  `attn_mask` instead.
+
+Override the choice with `SPVIT_ATTENTION=auto|fused|eager` or `Attention(backend=...)`.
 
 `SharedAttention` has no Q/K projections and computes no Q Kᵀ: it applies the attention
 probabilities it is handed to its own V and output projection.
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .flex import fused_attention, requested_backend, resolve_backend
 from .priors import SpatialPrior
 
 Grid = tuple[int, int]
@@ -35,14 +44,19 @@ class Attention(nn.Module):
         head_types: prior type per head (length H); all `none` means plain attention.
         grid_size: the block's patch-grid side in the architecture (sizes `rpb` tables).
         qkv_bias: bias on the Q/K/V projection.
+        backend: `auto`, `fused` or `eager` (see `spvit.flex`); None: `$SPVIT_ATTENTION`, else
+            `auto`. Not part of the state dict.
 
     Parameters: `qkv.weight (3C, C)`, `qkv.bias (3C,)` if qkv_bias, `proj.weight (C, C)`,
     `proj.bias (C,)`, plus `prior.*` (see `SpatialPrior`) when any head has a prior.
     """
 
     def __init__(self, dim: int, num_heads: int, *, head_types: tuple[str, ...] | None = None,
-                 grid_size: int = 1, qkv_bias: bool = True) -> None:
+                 grid_size: int = 1, qkv_bias: bool = True,
+                 backend: str | None = None) -> None:
         super().__init__()
+        if backend is not None:
+            requested_backend(backend)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         head_types = tuple(head_types) if head_types is not None else ("none",) * num_heads
@@ -52,6 +66,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.head_types = head_types
+        self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.prior: SpatialPrior | None = None
@@ -66,14 +81,21 @@ class Attention(nn.Module):
         """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.prior is not None and not need_weights \
+                and resolve_backend(self.backend, x.device, self.head_dim) == "fused":
+            q, k, v = qkv.unbind(0)  # (B, H, N, d)
+            mult, bias = self.prior.offset_values(grid)  # (H, K) over unique offsets, or None
+            out = fused_attention(q, k, v, mult=mult, bias=bias, grid=grid,
+                                  num_prefix=num_prefix, scale=self.scale)
+            return self.proj(out.transpose(1, 2).reshape(B, N, C)), None
         mult = bias = None
         if self.prior is not None:
             mult, bias = self.prior(grid, num_prefix)  # (H, N, N) or None
         attn = None
-        fused = mult is None and not need_weights
+        use_sdpa = mult is None and not need_weights
         # One copy into (3, B, H, N, d) beats the strided views that each matmul would copy.
-        q, k, v = (qkv if fused else qkv.contiguous()).unbind(0)  # (B, H, N, d)
-        if fused:
+        q, k, v = (qkv if use_sdpa else qkv.contiguous()).unbind(0)  # (B, H, N, d)
+        if use_sdpa:
             mask = bias.to(q.dtype) if bias is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -87,7 +109,8 @@ class Attention(nn.Module):
         return self.proj(out), attn
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_types={self.head_types}"
+        backend = f", backend={self.backend}" if self.backend is not None else ""
+        return f"num_heads={self.num_heads}, head_types={self.head_types}{backend}"
 
 
 class SharedAttention(nn.Module):

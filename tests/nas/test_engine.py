@@ -9,8 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nas.ds_config import build_ds_config, micro_batch_size, write_ds_config
-from nas.engine import TrainingDiverged, evaluate, topk_correct, train_one_epoch
+from nas.ds_config import build_ds_config, deepspeed_device_args, micro_batch_size, write_ds_config
+from nas.engine import (
+    TrainingDiverged,
+    evaluate,
+    inprocess_device,
+    model_input_dtype,
+    process_group_backend,
+    topk_correct,
+    train_one_epoch,
+)
 from search_spaces.training import TrainingConfig
 from spvit.errors import ConfigError
 
@@ -187,6 +195,55 @@ def test_ds_config_without_warmup_is_flat_and_bad_batches_are_refused():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="at least one optimizer step"):
         build_ds_config(TrainingConfig(), world_size=1, steps_per_epoch=0)
+
+
+def test_ds_config_precision_block_follows_the_recipe_only():
+    for bf16 in (True, False):
+        cfg = build_ds_config(TrainingConfig(bf16=bf16), world_size=1, steps_per_epoch=5)
+        assert cfg["bf16"] == {"enabled": bf16} and cfg["fp16"] == {"enabled": False}
+        # No device, GPU index or memory size in the recipe: it runs as-is on CPU or GPU.
+        assert "cuda" not in json.dumps(cfg) and "offload" not in json.dumps(cfg)
+
+
+# --------------------------------------------------------------------------- placement
+def test_process_group_backend_is_nccl_on_gpus_and_gloo_on_cpus():
+    assert process_group_backend(True) == "nccl"
+    assert process_group_backend(False) == "gloo"
+
+
+def test_inprocess_device_is_the_first_visible_gpu_or_cpu(monkeypatch):
+    assert inprocess_device(False) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="torch sees no CUDA device") as e:
+        inprocess_device(True)
+    assert "--gpus-per-worker 0" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(ConfigError, match="nccl backend"):
+        inprocess_device(True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    assert inprocess_device(True) == torch.device("cuda", 0)
+
+
+def test_model_input_dtype_and_bf16_support(monkeypatch):
+    assert model_input_dtype(False, "cpu") is torch.float32
+    assert model_input_dtype(True, "cpu") is torch.bfloat16
+    assert model_input_dtype(False, "cuda:0") is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert model_input_dtype(True, "cuda:0") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(ConfigError, match="Tesla V100 has none. Set training.bf16: false"):
+        model_input_dtype(True, "cuda:0")
+
+
+def test_deepspeed_device_args_pin_the_engine_to_the_worker_gpu(monkeypatch):
+    assert deepspeed_device_args("cpu") is None
+    assert deepspeed_device_args(torch.device("cuda", 1)).device_rank == 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert deepspeed_device_args("cuda").device_rank == 3
+    # DeepSpeed checks `args.local_rank` against $LOCAL_RANK; the namespace must not carry one.
+    assert not hasattr(deepspeed_device_args("cuda:0"), "local_rank")
 
 
 def test_module_has_no_deepspeed_or_ray_import():
