@@ -614,16 +614,21 @@ class SearchSpace:
                 f"init {impulse[0]} needs head: avg (attention maps over patch tokens only), but"
                 " the space fixes head: cls. Set arch.head: avg or drop the impulse inits.",
             )
-        if impulse and "none" in self.values_of("pos_embed"):
+        from spvit.arch import IMPULSE_POS_EMBEDS
+
+        bad_pe = [p for p in self.values_of("pos_embed") if p not in IMPULSE_POS_EMBEDS]
+        if impulse and bad_pe:
             raise _FieldError(
                 ("dimensions" if "pos_embed" in self.choices else "arch", "pos_embed"),
-                f"init {impulse[0]} solves Q/K against the positional encoding, but the space"
-                " offers pos_embed: none. Drop none from pos_embed or the impulse inits.",
+                f"init {impulse[0]} solves Q/K against a 2-D sin-cos encoding, but the space"
+                f" offers pos_embed: {bad_pe[0]}. Use pos_embed: learned_sincos (one encoding for"
+                " every init arm) or drop the impulse inits.",
             )
-        if impulse or "sincos" in self.values_of("pos_embed"):
+        sincos = [p for p in self.values_of("pos_embed") if p in IMPULSE_POS_EMBEDS]
+        if impulse or sincos:
             for w in self.values_of("embed_dim"):
                 if w % 4:
-                    what = f"init {impulse[0]}" if impulse else "pos_embed: sincos"
+                    what = f"init {impulse[0]}" if impulse else f"pos_embed: {sincos[0]}"
                     raise _FieldError(
                         ("dimensions" if "embed_dim" in self.choices else "arch", "embed_dim"),
                         f"{what} needs embed_dim divisible by 4 (a 2-D sin-cos encoding), but"
