@@ -209,25 +209,43 @@ def impulse_target(grid: tuple[int, int], offset: tuple[int, int]) -> torch.Tens
 
 def offset_mass(logits: torch.Tensor, grid: tuple[int, int], offset: tuple[int, int]) -> float:
     """Mean softmax probability on `offset` over the tokens whose offset lies inside the grid."""
+    return _mass_fn(logits, grid, offset)(1.0)
+
+
+def _mass_fn(logits: torch.Tensor, grid: tuple[int, int],
+             offset: tuple[int, int]) -> Callable[[float], float]:
+    """`g -> offset_mass(g * logits, grid, offset)`, with the target's rows gathered once."""
     target = impulse_target(grid, offset).to(logits.device)
     rows = target.sum(1) > 0
     if not rows.any():
-        return 1.0
-    probs = logits[rows].softmax(-1)
-    return float((probs * target[rows].to(probs.dtype)).sum(-1).mean())
+        return lambda g: 1.0
+    sub = logits[rows]
+    cols = target[rows].argmax(1, keepdim=True)  # the one key each such row should attend to
+
+    def mass(g: float) -> float:
+        return float((g * sub).softmax(-1).gather(1, cols).mean())
+    return mass
+
+
+def _kept_svd(xn: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(U, S, V)` of `xn` restricted to the directions with s > rtol * s_max."""
+    u, s, vh = torch.linalg.svd(xn.double(), full_matrices=False)
+    keep = s > rtol * s[0]
+    return u[:, keep], s[keep], vh[keep].t()
 
 
 def solve_impulse_qk(xn: torch.Tensor, grid: tuple[int, int], offset: tuple[int, int], *,
-                     head_dim: int, rtol: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                     head_dim: int, rtol: float = 0.1,
+                     svd: tuple[torch.Tensor, ...] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-gain Q/K factors of one head: `xn A (xn B)ᵀ` ≈ the row-centred impulse matrix.
 
     `xn (N, C)` is the pseudo-input as attention sees it (after `norm1`). Returns `(A, B)`, each
     `(C, head_dim)` float64, so that W_q = Aᵀ, W_k = Bᵀ (before the gain and the attention scale).
-    See the module docstring for the construction.
+    See the module docstring for the construction. `svd`: `_kept_svd(xn, rtol)` when the
+    caller already has it (one per block, shared by its heads).
     """
-    u, s, vh = torch.linalg.svd(xn.double(), full_matrices=False)
-    keep = s > rtol * s[0]
-    u, s, v = u[:, keep], s[keep], vh[keep].t()  # (N, r), (r,), (C, r)
+    u, s, v = _kept_svd(xn, rtol) if svd is None else svd  # (N, r), (r,), (C, r)
     target = impulse_target(grid, offset).to(u.device)
     target = target - target.mean(dim=1, keepdim=True)
     tu, ts, tvh = torch.linalg.svd(u.t() @ target @ u)
@@ -244,13 +262,14 @@ def calibrate_gain(logits: torch.Tensor, grid: tuple[int, int], offset: tuple[in
                    mass: float, max_gain: float = math.inf) -> float:
     """The gain g <= `max_gain` for which `offset_mass(g * logits)` equals `mass` (bisection);
     `max_gain` when even that gain stays below `mass`."""
-    if math.isfinite(max_gain) and offset_mass(max_gain * logits, grid, offset) <= mass:
+    at = _mass_fn(logits, grid, offset)
+    if math.isfinite(max_gain) and at(max_gain) <= mass:
         return max_gain
-    if offset_mass(logits, grid, offset) >= mass:
+    if at(1.0) >= mass:
         lo, hi = 0.0, 1.0
     else:
         lo, hi = 1.0, 2.0
-        while offset_mass(hi * logits, grid, offset) < mass:
+        while at(hi) < mass:
             lo, hi = hi, hi * 2.0
             if hi >= max_gain:
                 hi = max_gain
@@ -258,9 +277,9 @@ def calibrate_gain(logits: torch.Tensor, grid: tuple[int, int], offset: tuple[in
             if hi > 1e6:  # the map cannot reach `mass`: keep the sharpest bounded one
                 return hi
     hi = min(hi, max_gain)
-    for _ in range(40):
+    for _ in range(30):
         mid = 0.5 * (lo + hi)
-        if offset_mass(mid * logits, grid, offset) < mass:
+        if at(mid) < mass:
             lo = mid
         else:
             hi = mid
@@ -355,8 +374,9 @@ def init_impulse(model: nn.Module, *, kernel: int, mass: float = IMPULSE_MASS, r
             C, d = attn.qkv.in_features, attn.head_dim
             w = attn.qkv.weight  # (3C, C): rows [Q; K; V]
             masses = []
+            svd = _kept_svd(xn, rtol)
             for h, off in enumerate(impulse_offsets(kernel, attn.num_heads)):
-                a, b = solve_impulse_qk(xn, grid, off, head_dim=d, rtol=rtol)
+                a, b = solve_impulse_qk(xn, grid, off, head_dim=d, rtol=rtol, svd=svd)
                 na, nb = float(a.norm()), float(b.norm())
                 if na == 0.0 or nb == 0.0:  # nothing of the offset is expressible
                     a, b, gain = torch.zeros_like(a), torch.zeros_like(b), 0.0
@@ -367,7 +387,7 @@ def init_impulse(model: nn.Module, *, kernel: int, mass: float = IMPULSE_MASS, r
                     max_gain = attn.scale * max_norm ** 2 / (na * nb)
                     gain = calibrate_gain((xn @ a) @ (xn @ b).t(), grid, off, mass,
                                           max_gain=max_gain)
-                masses.append(offset_mass(gain * (xn @ a) @ (xn @ b).t(), grid, off))
+                masses.append(_mass_fn((xn @ a) @ (xn @ b).t(), grid, off)(gain))
                 factor = (gain / attn.scale) ** 0.5
                 w[h * d:(h + 1) * d] = (a * factor).t().to(w.dtype)
                 w[C + h * d:C + (h + 1) * d] = (b * factor).t().to(w.dtype)
@@ -388,4 +408,4 @@ def init_impulse(model: nn.Module, *, kernel: int, mass: float = IMPULSE_MASS, r
             f" stay below the target attention mass {mass} with Q/K norms capped at {max_norm}"
             f" (lowest {m:.2f}: block {i} head {h}, head width"
             f" {model.blocks[i].attn.head_dim}); see spvit.init.attention_mass(model).",
-            stacklevel=2)
+            stacklevel=3)
