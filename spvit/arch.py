@@ -18,6 +18,14 @@ multiplies the width by `pool_width_factor` (PiT-style: 1 keeps the width, 2 dou
 runs attention. With `head: cls` the CLS token joins at block `cls_block` (0 = from the start, as
 in DeiT; SP-ViT-S uses 14 of 16: SP-SA blocks see patch tokens only); it is carried through later
 pools.
+
+Positional encoding (`pos_embed`): `learned` (a parameter, N(0, 0.02)), `learned_sincos` (the
+same parameter, initialised to the linear-frequency 2-D sin-cos table `spvit.layers.sincos_2d`),
+`sincos` (that table, fixed), `none`. The encoding is the spec's under every `init`; the impulse
+inits need `learned_sincos` or `sincos` (a validation rule). Residual scaling `skip_lam`: both
+residual branches of every block are divided by it (1 = plain; the SP-ViT release uses 2 for
+S/M and 3 for L). `conv_pos_place`: where the conv positional layer runs in each block,
+`before_attn` (CPVT) or `end` (after the MLP, as in the SP-ViT release).
 """
 
 from __future__ import annotations

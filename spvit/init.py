@@ -1,43 +1,55 @@
 """Initialisation schemes of SP-ViT (`ArchSpec.init`).
 
-* `trunc_normal`: timm's ViT init (Linear weights N(0, 0.02) truncated, biases 0, `pos_embed`
-  N(0, 0.02), class token N(0, 1e-6), other layers PyTorch's defaults); priors start as the
-  identity (SP = 1, bias 0).
+No scheme touches the positional encoding: it is the spec's (`init_pos_embed`: `learned`
+N(0, 0.02), `learned_sincos` the `sincos_2d` table, learnable, `sincos` the fixed table), the
+same for every scheme, so comparisons between schemes are not confounded with the encoding.
+
+* `trunc_normal`: timm's ViT init (Linear weights N(0, 0.02) truncated, biases 0, class token
+  N(0, 1e-6), other layers PyTorch's defaults); priors start as the identity (SP = 1, bias 0).
 * `mimetic` (Trockman & Kolter 2023), on top of `trunc_normal`: per head W_q W_kᵀ ≈ 0.7 Z + 0.7 I
   and per block W_v W_o ≈ 0.4 Z - 0.4 I, Z ~ N(0, 1/C).
 * `impulse3`, `impulse5` (structured init, Zheng et al. 2024), on top of `trunc_normal`: each
   head's attention map, computed on the positional encoding as pseudo-input, approximates an
-  impulse convolution over a k x k kernel; head h takes offset `impulse_offsets(k, H)[h]`.
+  impulse convolution over a k x k kernel; head h takes offset `impulse_offsets(k, H)[h]` (the
+  5x5 kernel's 25 positions centre first, then by distance; impulse3 the first 9, so with <= 9
+  heads both give the same offsets). They need a sin-cos encoding (`ArchSpec` refuses others).
+* `impulse3_mimetic`, `impulse5_mimetic`: the same Q/K on top of mimetic V/proj (0.4 Z - 0.4 I),
+  as the closed-form structured-init release does; V/proj are set first, so the Q/K solve sees
+  the stream they produce.
 
 The impulse mechanism, per block that computes its own attention (shared blocks have no Q/K):
 
-1. Positional encoding. A learned `pos_embed` is initialised to the 2-D sin-cos encoding
-   `spvit.layers.sincos_2d` (linearly spaced frequencies up to the grid's Nyquist frequency, so
-   the LayerNorm'd encoding is well conditioned); a `sincos` encoding is that same table. It is
-   not scaled: the input keeps its default content-to-position ratio.
-2. Pseudo-input. The network is run on the positional encoding alone (stem output zero) and each
-   block's Q/K are solved, in order, on what its attention sees there: `norm1` of its input, after
-   its pool and conv positional layer and the already-initialised blocks before it. Pooling and
+1. Pseudo-input. The network is run, in eval mode (no DropPath or dropout; every module's mode
+   is restored afterwards), on the positional encoding alone (stem output zero) and each block's
+   Q/K are solved, in order, on what its attention sees there: `norm1` of its input, after its
+   pool and conv positional layer and the already-initialised blocks before it. Pooling and
    sharing therefore compose with the init.
-3. Closed form. With X = LN(input) = U S Vᵀ, only the directions with s > `rtol` * s_max (0.1) are
+2. Closed form. With X = LN(input) = U S Vᵀ, only the directions with s > `rtol` * s_max (0.1) are
    kept. That cut removes the near-zero direction LayerNorm leaves and every weak one: Q/K
    amplify a direction by 1 / s², so an inverted weak direction turns content (which
    has energy everywhere) into large random logits. The target logits are the impulse matrix
    H (1 at (i, i + offset), zero padding) with each row centred (softmax ignores row constants and
    centring lowers the rank the head must express); its projection Uᵀ H U is cut to its best rank
    `head_dim` approximation X Yᵀ, giving W_q = (V S⁻¹ X)ᵀ, W_k = (V S⁻¹ Y)ᵀ, and Q/K biases 0.
-4. Sharpness. One logit gain g per head (sqrt(g) on W_q and on W_k) is set by bisection so that
-   the mean attention on the head's offset over the tokens whose offset is inside the grid is
-   `mass` (0.9) on the pseudo-input. The Q/K norms this gives are of the order of mimetic
-   init's (~3-4 per head at width 48), not hundreds.
+   The two factors are balanced to equal norm (same product).
+3. Sharpness, bounded. One logit gain g per head (sqrt(g) on W_q and on W_k) is set by bisection
+   so that the mean attention on the head's offset, over the tokens whose offset is inside the
+   grid, is `mass` (0.9) on the pseudo-input, but never beyond the gain at which the head's W_q
+   or W_k rows reach Frobenius norm `QK_NORM_BOUND` (8). Heads that reach the target need ~3-4;
+   a head narrower than the encoding's rank (~15 on 8 x 8) cannot express a sharp shift and
+   used to get gains > 1e6 (W_q norms ~420 at width 32 / 4 heads on 8 x 8); it now stops at the
+   bound with the sharpest map the bound allows (mass ~0.45-0.85 there, its map still peaking
+   at the offset on most tokens). The mass each head reached is kept in `model.impulse_mass`
+   (`attention_mass(model)`, flat metrics `attention_mass_metrics(model)`), and one warning per
+   initialisation lists the heads below the target.
 
 Measured on sklearn digits (16 px, patch 2, 8 x 8 grid, 3 blocks, width 48, 4 heads, AdamW 2e-3,
 8 epochs, 2 seeds), validation accuracy: trunc_normal 0.52 / 0.46, mimetic 0.91 / 0.89,
-impulse3 0.93 / 0.86. Without the cut-off (rtol 1e-3) and with the geometric sin-cos schedule,
-the same maps on the pseudo-input need Q/K norms of 50-130, peak at the offset on real images for
-~2% of tokens (vs 94% here) and the model reaches 0.34-0.59. A head of width below the rank of
-the encoding (~15 on 8 x 8) cannot express a sharp shift: at head width 8 the maps peak at the
-offset for ~45% of interior tokens (100% from width 12 up).
+impulse3 0.93 / 0.86 (measured when impulse still replaced the encoding by the sin-cos table
+while the other two kept N(0, 0.02); the bound does not bind at that width). Without the cut-off
+(rtol 1e-3) and with the geometric sin-cos schedule, the same maps on the pseudo-input need Q/K
+norms of 50-130, peak at the offset on real images for ~2% of tokens (vs 94% here) and the model
+reaches 0.34-0.59.
 """
 
 from __future__ import annotations
@@ -107,7 +119,8 @@ def init_pos_embed(model: nn.Module) -> None:
 
 
 def init_trunc_normal(model: nn.Module) -> None:
-    """timm ViT init: Linear N(0, .02) truncated / bias 0, pos_embed N(0, .02), cls N(0, 1e-6)."""
+    """timm ViT init: Linear N(0, .02) truncated / bias 0, the spec's `pos_embed`
+    (`init_pos_embed`), cls N(0, 1e-6)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
