@@ -19,7 +19,8 @@ parameter counts stay within a few percent. The accuracy is the last epoch's val
 CIFAR-10 (the cifar space's recipe, same epochs; not inside the 60-minute budget).
 
     .venv/bin/python bench/claims.py --quick            # smoke run, ~1-2 min
-    .venv/bin/python bench/claims.py --arms init --seeds 3 --epochs 6
+    .venv/bin/python bench/claims.py --arms init --seeds 3 --epochs 6 \
+        --variants trunc_normal/h2,mimetic/h2,impulse3/h2,impulse3_mimetic/h2
     .venv/bin/python bench/claims.py                    # all arms, <= 60 min on 2 cores
 
 Results go to `--out` (default `bench_claims/`): `results.json` (one entry per run, written
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="smoke run: tiny models, 1 seed, 1 epoch, 2 variants per arm")
     p.add_argument("--arms", default="priors,init,pool",
                    help="comma-separated subset of priors,init,pool")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variants to keep, e.g. impulse3/h2,mimetic/h2")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
@@ -210,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         if dataset != "digits":
             training = training.replace(dataset=dataset)
         for run in plan(space, arms if dataset == "digits" else ["priors"], quick=args.quick):
+            if args.variants and run["variant"] not in args.variants.split(","):
+                continue
             for seed in range(seeds):
                 jobs.append({"arm": run["arm"], "variant": run["variant"], "seed": seed,
                              "epochs": epochs, "dataset": dataset.split(":")[0],
