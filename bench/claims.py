@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated variants to keep, e.g. impulse3/h2,mimetic/h2")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
     p.add_argument("--out", default="bench_claims")
     p.add_argument("--cifar", default=None, help="CIFAR-10 python folder: priors arm there too")
