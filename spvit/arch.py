@@ -18,6 +18,14 @@ multiplies the width by `pool_width_factor` (PiT-style: 1 keeps the width, 2 dou
 runs attention. With `head: cls` the CLS token joins at block `cls_block` (0 = from the start, as
 in DeiT; SP-ViT-S uses 14 of 16: SP-SA blocks see patch tokens only); it is carried through later
 pools.
+
+Positional encoding (`pos_embed`): `learned` (a parameter, N(0, 0.02)), `learned_sincos` (the
+same parameter, initialised to the linear-frequency 2-D sin-cos table `spvit.layers.sincos_2d`),
+`sincos` (that table, fixed), `none`. The encoding is the spec's under every `init`; the impulse
+inits need `learned_sincos` or `sincos` (a validation rule). Residual scaling `skip_lam`: both
+residual branches of every block are divided by it (1 = plain; the SP-ViT release uses 2 for
+S/M and 3 for L). `conv_pos_place`: where the conv positional layer runs in each block,
+`before_attn` (CPVT) or `end` (after the MLP, as in the SP-ViT release).
 """
 
 from __future__ import annotations
@@ -34,11 +42,15 @@ import yaml
 from .errors import ConfigError, did_you_mean
 from .io import atomic_write_text, read_user_text
 
-PRIOR_TYPES: tuple[str, ...] = ("none", "mlp", "gaussian", "axial", "rpb")
-INIT_SCHEMES: tuple[str, ...] = ("trunc_normal", "mimetic", "impulse3", "impulse5")
+PRIOR_TYPES: tuple[str, ...] = ("none", "mlp", "gaussian", "axial", "rpb", "decay")
+INIT_SCHEMES: tuple[str, ...] = ("trunc_normal", "mimetic", "impulse3", "impulse5",
+                                 "impulse3_mimetic", "impulse5_mimetic")
 STEMS: tuple[str, ...] = ("linear", "conv")
 HEADS: tuple[str, ...] = ("cls", "avg")
-POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "none")
+POS_EMBEDS: tuple[str, ...] = ("learned", "learned_sincos", "sincos", "none")
+# The encodings the impulse inits can solve against (a structured 2-D sin-cos table).
+IMPULSE_POS_EMBEDS: tuple[str, ...] = ("learned_sincos", "sincos")
+CONV_POS_PLACES: tuple[str, ...] = ("before_attn", "end")
 
 _BLOCK_KEYS = ("heads", "prior", "share", "pool")
 
@@ -175,6 +187,8 @@ class ArchSpec:
     conv_pos: bool = False
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
+    skip_lam: float = 1.0
+    conv_pos_place: str = "before_attn"
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -190,8 +204,10 @@ class ArchSpec:
         object.__setattr__(self, "blocks", blocks)
         if isinstance(self.mlp_ratio, int) and not isinstance(self.mlp_ratio, bool):
             object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
-        if isinstance(self.drop_path_rate, int) and not isinstance(self.drop_path_rate, bool):
-            object.__setattr__(self, "drop_path_rate", float(self.drop_path_rate))
+        for name in ("drop_path_rate", "skip_lam"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         self._validate()
 
     def _validate(self) -> None:
@@ -212,6 +228,10 @@ class ArchSpec:
         _check_choice("init", self.init, INIT_SCHEMES)
         _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
         _check_bool("conv_pos", self.conv_pos)
+        _check_choice("conv_pos_place", self.conv_pos_place, CONV_POS_PLACES)
+        if not isinstance(self.skip_lam, float) or not self.skip_lam > 0:
+            raise ConfigError(f"skip_lam must be a number > 0, but got {self.skip_lam!r}."
+                              " Use skip_lam: 1.0 (no residual scaling) or e.g. 2.0.")
         _check_bool("qkv_bias", self.qkv_bias)
 
         if self.img_size % self.patch_size:
@@ -240,13 +260,16 @@ class ArchSpec:
                 " head: avg (global average pooling), but got head: cls."
                 " Set head: avg or choose init: trunc_normal/mimetic."
             )
-        if self.init.startswith("impulse") and self.pos_embed == "none":
+        if self.init.startswith("impulse") and self.pos_embed not in IMPULSE_POS_EMBEDS:
             raise ConfigError(
-                f"init {self.init} solves each head's Q/K against the positional encoding, so it"
-                " needs one, but got pos_embed: none. Set pos_embed: learned or sincos."
+                f"init {self.init} solves each head's Q/K against a 2-D sin-cos positional"
+                f" encoding, so it needs pos_embed in {list(IMPULSE_POS_EMBEDS)}, but got"
+                f" pos_embed: {self.pos_embed}. Set pos_embed: learned_sincos (and use it for"
+                " every init you compare)."
             )
-        if (self.pos_embed == "sincos" or self.init.startswith("impulse")) and self.embed_dim % 4:
-            what = "pos_embed: sincos" if self.pos_embed == "sincos" else f"init {self.init}"
+        sincos = self.pos_embed in IMPULSE_POS_EMBEDS
+        if sincos and self.embed_dim % 4:
+            what = f"pos_embed: {self.pos_embed}"
             raise ConfigError(
                 f"{what} uses a 2-D sin-cos encoding that splits embed_dim into 4 equal parts,"
                 f" but embed_dim {self.embed_dim} is not divisible by 4."

@@ -113,7 +113,7 @@ def estimate(spec: ArchSpec) -> Cost:
     cls_from_stem = has_cls_token and spec.cls_block == 0
     if has_cls_token:
         params["embeddings"] += D if cls_from_stem else widths[spec.cls_block]
-    if spec.pos_embed == "learned":
+    if spec.pos_embed in ("learned", "learned_sincos"):
         params["embeddings"] += (s0 * s0 + int(cls_from_stem)) * D
 
     in_dim = D
@@ -144,7 +144,8 @@ def estimate(spec: ArchSpec) -> Cost:
             n_mlp = kinds.count("mlp")
             table = (2 * S - 1) ** 2  # unique offsets of the block's grid = rpb table entries
             params["prior"] += (4 * n_mlp * head_dim + n_mlp + 3 * kinds.count("gaussian")
-                                + 3 * kinds.count("axial") + kinds.count("rpb") * table)
+                                + 3 * kinds.count("axial") + kinds.count("rpb") * table
+                                + kinds.count("decay"))
             macs["prior"] += table * 2 * n_mlp * head_dim
         hidden = int(C * spec.mlp_ratio)
         params["mlp"] += 2 * C * hidden + hidden + C

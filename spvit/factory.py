@@ -35,13 +35,13 @@ from .model import SPViT
 
 
 def _spvit_family(*, depth: int, sp_blocks: int, embed_dim: int, heads: int,
-                  drop_path_rate: float) -> ArchSpec:
+                  drop_path_rate: float, skip_lam: float) -> ArchSpec:
     blocks = tuple(BlockSpec(heads=heads, prior="mlp" if i < sp_blocks else "none")
                    for i in range(depth))
     return ArchSpec(blocks=blocks, img_size=224, patch_size=16, num_classes=1000,
                     embed_dim=embed_dim, mlp_ratio=3.0, stem="conv", head="cls",
                     cls_block=sp_blocks, pos_embed="learned", conv_pos=True, qkv_bias=False,
-                    drop_path_rate=drop_path_rate)
+                    drop_path_rate=drop_path_rate, skip_lam=skip_lam, conv_pos_place="end")
 
 
 def _spvit_test() -> ArchSpec:
@@ -57,11 +57,11 @@ def _spvit_test() -> ArchSpec:
 
 _REGISTRY: dict[str, Callable[[], ArchSpec]] = {
     "spvit_s": lambda: _spvit_family(depth=16, sp_blocks=14, embed_dim=384, heads=6,
-                                     drop_path_rate=0.1),
+                                     drop_path_rate=0.1, skip_lam=2.0),
     "spvit_m": lambda: _spvit_family(depth=20, sp_blocks=10, embed_dim=512, heads=8,
-                                     drop_path_rate=0.2),
+                                     drop_path_rate=0.2, skip_lam=2.0),
     "spvit_l": lambda: _spvit_family(depth=24, sp_blocks=22, embed_dim=768, heads=12,
-                                     drop_path_rate=0.3),
+                                     drop_path_rate=0.3, skip_lam=3.0),
     "spvit_test": _spvit_test,
 }
 

@@ -13,8 +13,9 @@ f = pool_width_factor, S0 = img_size / patch_size; see the classes for exact sha
 * `cls_token (1, 1, W)` with head `cls`: W = D if cls_block == 0, else the width of block
   cls_block. With cls_block == 0 the class token is in the sequence from the stem on (DeiT); with
   cls_block = k > 0 it joins right before block k's attention (after its pool).
-* `pos_embed (1, S0*S0 + E, D)` with pos_embed `learned`, E = 1 when the class token is in the
-  sequence from the stem on (head `cls`, cls_block 0), else 0. `sincos` is a fixed buffer.
+* `pos_embed (1, S0*S0 + E, D)` with pos_embed `learned` or `learned_sincos` (the same parameter,
+  initialised N(0, 0.02) or to `sincos_2d`), E = 1 when the class token is in the sequence from
+  the stem on (head `cls`, cls_block 0), else 0. `sincos` is a fixed buffer.
 * `blocks.i`:
     - `pool` (`TokenPool`, blocks with pool): conv (C_in*f*9 + C_in*f), plus
       `cls_proj` (C_in*C_in*f + C_in*f) when f > 1 and the class token is in the sequence before
@@ -136,7 +137,11 @@ def reset_default_parameters(model: nn.Module, generator: torch.Generator) -> No
 
 
 class Block(nn.Module):
-    """One SP-ViT block: [pool] -> [class token joins] -> [conv pos] -> attention -> MLP.
+    """One SP-ViT block: [pool] -> [class token joins] -> [conv pos] -> attention -> MLP
+    [-> conv pos, with `conv_pos_place="end"`].
+
+    Residuals: x + DropPath(branch(LN x)) / skip_lam for both branches (LV-ViT / SP-ViT release
+    residual scaling; 1 is the plain residual).
 
     Args:
         spec: the block's `BlockSpec`.
@@ -147,14 +152,19 @@ class Block(nn.Module):
         keep_attn: return the attention probabilities (the next block shares them).
         norm_layer, act_layer: the two norms' class (called with the width) and the MLP's
             activation.
+        skip_lam: both residual branches are divided by it.
+        conv_pos_place: `before_attn` (CPVT's PEG) or `end` (after the MLP, SP-ViT release).
     """
 
     def __init__(self, spec: BlockSpec, *, in_dim: int, dim: int, grid_size: int,
                  width_factor: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
                  conv_pos: bool, cls_before: bool, has_cls: bool, keep_attn: bool,
                  norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=LN_EPS),
-                 act_layer: Callable[..., nn.Module] = nn.GELU) -> None:
+                 act_layer: Callable[..., nn.Module] = nn.GELU, skip_lam: float = 1.0,
+                 conv_pos_place: str = "before_attn") -> None:
         super().__init__()
+        self.skip_lam = skip_lam
+        self.conv_pos_end = conv_pos_place == "end"
         self.shared = spec.share
         self.has_cls = has_cls
         self.cls_before = cls_before
@@ -188,7 +198,7 @@ class Block(nn.Module):
         if cls_token is not None:
             x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         num_prefix = int(self.has_cls)
-        if self.conv_pos is not None:
+        if self.conv_pos is not None and not self.conv_pos_end:
             x = self.conv_pos(x, grid, num_prefix)
         if self.shared:
             if attn is None:
@@ -196,8 +206,10 @@ class Block(nn.Module):
             y = self.attn(self.norm1(x), attn)
         else:
             y, attn = self.attn(self.norm1(x), grid, num_prefix, need_weights=self.keep_attn)
-        x = x + self.drop_path1(y)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(y) / self.skip_lam
+        x = x + self.drop_path2(self.mlp(self.norm2(x))) / self.skip_lam
+        if self.conv_pos is not None and self.conv_pos_end:
+            x = self.conv_pos(x, grid, num_prefix)
         return x, grid, (attn if self.keep_attn else None)
 
 
@@ -267,7 +279,7 @@ class SPViT(nn.Module):
         self.pos_embed: nn.Parameter | None = None
         self.pos_prefix = 0
         n0 = spec.grid_size ** 2
-        if spec.pos_embed == "learned":
+        if spec.pos_embed in ("learned", "learned_sincos"):  # values: spvit.init.init_pos_embed
             self.pos_prefix = int(self.cls_from_stem)
             self.pos_embed = nn.Parameter(torch.zeros(1, n0 + self.pos_prefix, D))
         elif spec.pos_embed == "sincos":
@@ -285,7 +297,8 @@ class SPViT(nn.Module):
                 width_factor=spec.pool_width_factor, mlp_ratio=spec.mlp_ratio,
                 qkv_bias=spec.qkv_bias, drop_path=dpr[i], conv_pos=spec.conv_pos,
                 cls_before=cls_before, has_cls=has_cls[i], keep_attn=keep,
-                norm_layer=norm_layer, act_layer=act_layer))
+                norm_layer=norm_layer, act_layer=act_layer, skip_lam=spec.skip_lam,
+                conv_pos_place=spec.conv_pos_place))
             in_dim = widths[i]
         self.blocks = nn.ModuleList(blocks)
         # Which block the class token joins at, fixed here so the forward has no data-dependent
@@ -521,7 +534,7 @@ class SPViT(nn.Module):
         """Parameters to exclude from weight decay: embeddings and the parametric priors."""
         names = {"pos_embed", "cls_token"}
         for name, _ in self.named_parameters():
-            if name.endswith((".rpb_table", ".gaussian", ".axial", ".mlp_bias")):
+            if name.endswith((".rpb_table", ".gaussian", ".axial", ".mlp_bias", ".decay")):
                 names.add(name)
         return names
 

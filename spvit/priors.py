@@ -12,10 +12,13 @@ Families (one type per head, a block may mix them):
              SP_h(d) = w_h . relu(W1_h d + b1_h) + b_h, with W1_h (head_dim, 2), b1_h (head_dim,)
              (the rows of one Linear(2, heads * head_dim) that belong to head h), w_h (head_dim,),
              b_h scalar. Initialised with w_h = 0, b_h = 1, so SP = 1.
-* `gaussian` learned anisotropic distance decay, multiplicative:
+* `gaussian` a learned anisotropic Gaussian GAIN on the logits, multiplicative:
              SP_h(d) = 1 + a_h * exp(-(dx / sx_h)^2 / 2 - (dy / sy_h)^2 / 2), sx_h = exp(lx_h),
-             sy_h = exp(ly_h). Highlights the neighbourhood of the query (a local window whose
-             extent per axis is learned). Initialised a_h = 0 (SP = 1), sx_h = sy_h = 2.
+             sy_h = exp(ly_h). It scales the content logits near the query by up to 1 + a_h
+             (extent per axis learned). It is not a locality prior by itself: it sharpens
+             whatever the content says near the query, so where those logits are negative
+             (a > 0) it pushes attention AWAY from the neighbours. Initialised a_h = 0 (SP = 1),
+             sx_h = sy_h = 2. (The name is kept: spaces, results and state_dict keys use it.)
 * `axial`    horizontal / vertical relations, multiplicative:
              SP_h(d) = 1 + r_h * exp(-(dy / w_h)^2 / 2) + c_h * exp(-(dx / w_h)^2 / 2),
              w_h = exp(lw_h). The r term highlights the query's row (horizontal relations, dy ~ 0),
@@ -25,6 +28,10 @@ Families (one type per head, a block may mix them):
              learned table T_h of (2S - 1) x (2S - 1) entries for the block's grid side S of the
              architecture. Offsets beyond the table (a larger input grid at run time) use the
              nearest edge entry. Initialised T_h = 0.
+* `decay`    a learned distance decay, additive (the locality prior): B_h(d) = -l_h * |d|,
+             |d| = sqrt(dx^2 + dy^2), one learned slope l_h per head. Whatever the content logits,
+             l_h > 0 moves attention towards the query's neighbourhood (ALiBi in 2-D); l_h < 0
+             away from it. Initialised l_h = 0 (B = 0). Works on any grid (no table).
 
 Multiplicative priors scale the scaled logits before the softmax:
 softmax((Q Kᵀ / sqrt(d)) * SP + B) V. With a class token in the block the prior rows and columns
@@ -33,8 +40,8 @@ of the class token are the identity (multiplier 1, bias 0).
 Parameters of one `SpatialPrior` with Hm `mlp`, Hg `gaussian`, Ha `axial`, Hr `rpb` heads and
 head width d (only the tensors of types present exist):
 `mlp_fc1.weight (Hm*d, 2)`, `mlp_fc1.bias (Hm*d,)`, `mlp_weight (Hm, d)`, `mlp_bias (Hm,)`,
-`gaussian (Hg, 3)` = [a, lx, ly], `axial (Ha, 3)` = [r, c, lw], `rpb_table (Hr, 2S-1, 2S-1)`.
-Count: 4*Hm*d + Hm + 3*Hg + 3*Ha + Hr*(2S-1)^2.
+`gaussian (Hg, 3)` = [a, lx, ly], `axial (Ha, 3)` = [r, c, lw], `rpb_table (Hr, 2S-1, 2S-1)`,
+`decay (Hd,)` = [l]. Count: 4*Hm*d + Hm + 3*Hg + 3*Ha + Hr*(2S-1)^2 + Hd.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from torch import nn
 Grid = tuple[int, int]
 
 MULTIPLICATIVE: frozenset[str] = frozenset({"mlp", "gaussian", "axial"})
-ADDITIVE: frozenset[str] = frozenset({"rpb"})
+ADDITIVE: frozenset[str] = frozenset({"rpb", "decay"})
 
 
 @lru_cache(maxsize=64)
@@ -79,7 +86,8 @@ class SpatialPrior(nn.Module):
     """The spatial priors of one attention block, one type per head (see the module docstring).
 
     Args:
-        head_types: prior type of each head (`none`, `mlp`, `gaussian`, `axial`, `rpb`).
+        head_types: prior type of each head (`none`, `mlp`, `gaussian`, `axial`, `rpb`,
+            `decay`).
         head_dim: per-head width (hidden width of the `mlp` prior).
         grid_size: the block's patch-grid side S in the architecture (size of `rpb` tables).
     """
@@ -95,6 +103,7 @@ class SpatialPrior(nn.Module):
         self.gaussian_heads = tuple(idx.get("gaussian", ()))
         self.axial_heads = tuple(idx.get("axial", ()))
         self.rpb_heads = tuple(idx.get("rpb", ()))
+        self.decay_heads = tuple(idx.get("decay", ()))
         self.is_multiplicative = any(t in MULTIPLICATIVE for t in head_types)
         self.is_additive = any(t in ADDITIVE for t in head_types)
 
@@ -110,13 +119,16 @@ class SpatialPrior(nn.Module):
         if self.rpb_heads:
             side = 2 * grid_size - 1
             self.rpb_table = nn.Parameter(torch.empty(len(self.rpb_heads), side, side))
+        if self.decay_heads:
+            self.decay = nn.Parameter(torch.empty(len(self.decay_heads)))
 
         # Row order of the per-head multiplier / bias: [typed heads..., identity row]; `*_order`
         # maps head h to its row, so a table for all heads is one index_select.
         mult_rows = self.mlp_heads + self.gaussian_heads + self.axial_heads
         mult_order = [mult_rows.index(h) if h in mult_rows else len(mult_rows)
                       for h in range(self.num_heads)]
-        add_order = [self.rpb_heads.index(h) if h in self.rpb_heads else len(self.rpb_heads)
+        add_rows = self.rpb_heads + self.decay_heads
+        add_order = [add_rows.index(h) if h in add_rows else len(add_rows)
                      for h in range(self.num_heads)]
         self.register_buffer("mult_order", torch.tensor(mult_order, dtype=torch.long),
                              persistent=False)
@@ -125,7 +137,7 @@ class SpatialPrior(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Identity priors: SP = 1 for multiplicative heads, B = 0 for `rpb` heads."""
+        """Identity priors: SP = 1 for multiplicative heads, B = 0 for additive heads."""
         if self.mlp_heads:
             nn.init.trunc_normal_(self.mlp_fc1.weight, std=0.02)
             nn.init.zeros_(self.mlp_fc1.bias)
@@ -141,6 +153,8 @@ class SpatialPrior(nn.Module):
                 self.axial[:, 2] = 0.0
         if self.rpb_heads:
             nn.init.zeros_(self.rpb_table)
+        if self.decay_heads:
+            nn.init.zeros_(self.decay)
 
     # ------------------------------------------------------------------ tables over offsets
     def _mlp_values(self, off: torch.Tensor) -> torch.Tensor:
@@ -168,6 +182,10 @@ class SpatialPrior(nn.Module):
         t = self.rpb_table.index_select(1, ry).index_select(2, rx)  # (Hr, 2gh-1, 2gw-1)
         return t.reshape(t.shape[0], -1)
 
+    def _decay_values(self, off: torch.Tensor) -> torch.Tensor:
+        dist = off.pow(2).sum(-1).sqrt()  # (K,) Euclidean offset length, a constant
+        return -self.decay[:, None] * dist[None]  # (Hd, K)
+
     def offset_values(self, grid: Grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-head tables over the unique offsets of `grid`: `(mult (H, K), bias (H, K))`.
 
@@ -190,9 +208,13 @@ class SpatialPrior(nn.Module):
             rows.append(torch.ones(1, off.shape[0], dtype=dtype, device=off.device))
             mult = torch.cat(rows, 0).index_select(0, self.mult_order)
         if self.is_additive:
-            table = self._rpb_values(grid).to(dtype)
-            zero = torch.zeros(1, table.shape[1], dtype=dtype, device=table.device)
-            bias = torch.cat([table, zero], 0).index_select(0, self.add_order)
+            rows = []
+            if self.rpb_heads:
+                rows.append(self._rpb_values(grid).to(dtype))
+            if self.decay_heads:
+                rows.append(self._decay_values(off))
+            rows.append(torch.zeros(1, off.shape[0], dtype=dtype, device=off.device))
+            bias = torch.cat(rows, 0).index_select(0, self.add_order)
         return mult, bias
 
     def _param_dtype(self) -> torch.dtype:

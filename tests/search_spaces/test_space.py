@@ -94,7 +94,7 @@ def test_digits_space_is_the_small_embedded_default():
     assert space.training.dataset == "digits"
     assert (space.fixed["img_size"], space.fixed["patch_size"], space.fixed["in_chans"],
             space.fixed["num_classes"]) == (16, 2, 1, 10)
-    assert set(space.prior.types) == {"none", "mlp", "gaussian", "axial", "rpb"}
+    assert set(space.prior.types) == {"none", "mlp", "gaussian", "axial", "rpb", "decay"}
     assert set(space.choices["init"]) == {"trunc_normal", "mimetic", "impulse3", "impulse5"}
     assert 12 <= space.search.trials <= 32 and space.search.concurrent == 2
 
@@ -351,10 +351,10 @@ def test_global_choices_that_clash_are_refused_at_load():
     assert "pos_embed: sincos" in str(info.value) and "'embed_dim': 6" in str(info.value)
     impulse = TINY.replace("head: cls, cls_block: -1", "head: avg").replace(
         "depth: [2, 3]", "depth: [2, 3]\n  init: [trunc_normal, impulse5]\n"
-                         "  pos_embed: [learned, none]")
+                         "  pos_embed: [learned_sincos, none]")
     with pytest.raises(ConfigError, match="got pos_embed: none") as info:
         load_text(impulse)
     assert "'init': 'impulse5'" in str(info.value)
-    fine = load_text(impulse.replace("[learned, none]", "[learned, sincos]"))
+    fine = load_text(impulse.replace("[learned_sincos, none]", "[learned_sincos, sincos]"))
     assert {s.pos_embed for s in (fine.sample(random.Random(i)) for i in range(40))} == \
-        {"learned", "sincos"}
+        {"learned_sincos", "sincos"}

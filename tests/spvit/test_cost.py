@@ -129,7 +129,7 @@ def test_flop_samples_cover_every_feature(all_spaces):
     assert len(specs) >= 20
     assert any(b.pool for b in blocks) and any(b.share for b in blocks)
     assert {p for b in blocks for p in b.head_priors} == {"none", "mlp", "gaussian", "axial",
-                                                         "rpb"}
+                                                         "rpb", "decay"}
     assert any(s.head == "cls" and s.cls_block > 0 for s in specs)  # CLS joining late
     assert any(s.head == "avg" for s in specs)
     assert any(s.stem == "conv" for s in specs) and any(s.conv_pos for s in specs)

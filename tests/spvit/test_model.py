@@ -126,7 +126,8 @@ def test_same_seed_same_weights_and_init_schemes_on_meta():
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
     for init in ("mimetic", "impulse3"):
         with torch.device("meta"):
-            model = spvit.create_model(spec.replace(init=init, head="avg", cls_block=0))
+            model = spvit.create_model(spec.replace(init=init, head="avg", cls_block=0,
+                                                    pos_embed="learned_sincos"))
         assert model.blocks[0].attn.qkv.weight.is_meta
 
 

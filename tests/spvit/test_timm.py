@@ -39,7 +39,7 @@ def test_generic_entry_point_loads_safetensors(tmp_path):
         blocks=[{"heads": 2, "prior": ["mlp", "rpb"]}, {"heads": 2, "pool": True},
                 {"heads": 2, "share": True}],
         img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, head="avg",
-        init="impulse3")
+        init="impulse3", pos_embed="learned_sincos")
     source = spvit.create_model(spec, seed=0).eval()
     with torch.no_grad():
         source.blocks[0].attn.prior.rpb_table.normal_()
