@@ -25,7 +25,7 @@ from gpu_common import SkipPart, median_ms, peak_memory_mib, run_part
 
 import spvit
 from spvit import flex
-from spvit.attention import Attention
+from spvit.attention import Attention, set_attention_backend
 
 TARGET_RATIO = 0.8
 
@@ -94,7 +94,7 @@ def main() -> int:
         result["spvit_s_paths"] = _paths(model, device)
         rows.append(_bench("spvit_s", model, batch=batch, img=img, device=device,
                            warmup=warmup, repeats=repeats))
-        flex.set_attention_backend(model, "eager")
+        set_attention_backend(model, "eager")
         result["spvit_s_eager_paths"] = _paths(model, device)
         rows.append(_bench("spvit_s (all eager)", model, batch=batch, img=img, device=device,
                            warmup=warmup, repeats=repeats))

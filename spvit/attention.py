@@ -81,7 +81,9 @@ class Attention(nn.Module):
         """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.prior is not None and not need_weights \
+        # An FX trace (timm's feature extraction) records the eager path: the fused choice
+        # reads the device, which a traced proxy does not have.
+        if self.prior is not None and not need_weights and not isinstance(x, torch.fx.Proxy) \
                 and resolve_backend(self.backend, x.device, self.head_dim) == "fused":
             q, k, v = qkv.unbind(0)  # (B, H, N, d)
             mult, bias = self.prior.offset_values(grid)  # (H, K) over unique offsets, or None
@@ -138,3 +140,18 @@ class SharedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, shared=True"
+
+
+def set_attention_backend(model: nn.Module, backend: str | None) -> int:
+    """Set the path of every SP-SA layer of `model` (`None`: back to `$SPVIT_ATTENTION`/auto).
+
+    Returns the number of layers set.
+    """
+    if backend is not None:
+        requested_backend(backend)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+            count += 1
+    return count

@@ -31,7 +31,6 @@ import os
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from .errors import ConfigError
 
@@ -85,23 +84,6 @@ def resolve_backend(backend: str | None, device: torch.device | str, head_dim: i
                           f" on CUDA, but got {head_dim}. Use {ENV_VAR}=auto (eager for such"
                           " layers) or widen the heads.")
     return "fused"
-
-
-def set_attention_backend(model: nn.Module, backend: str | None) -> int:
-    """Set the path of every SP-SA layer of `model` (`None`: back to `$SPVIT_ATTENTION`/auto).
-
-    Returns the number of layers set.
-    """
-    from .attention import Attention  # attention imports this module
-
-    if backend is not None:
-        requested_backend(backend)
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.backend = backend
-            count += 1
-    return count
 
 
 def prior_score_mod(mult: torch.Tensor | None, bias: torch.Tensor | None, grid: Grid,

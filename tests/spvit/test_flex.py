@@ -13,7 +13,7 @@ import torch
 import spvit
 from spvit import attention as attention_module
 from spvit import flex
-from spvit.attention import Attention
+from spvit.attention import Attention, set_attention_backend
 from spvit.errors import ConfigError
 from tests.spvit.test_attention import _make, _reference_attention
 
@@ -92,9 +92,9 @@ def test_whole_model_fused_equals_eager():
     with torch.no_grad():
         for p in model.parameters():  # non-identity priors
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
-        assert flex.set_attention_backend(model, "eager") == 3  # the shared block has none
+        assert set_attention_backend(model, "eager") == 3  # the shared block has none
         eager = model(x)
-        flex.set_attention_backend(model, "fused")
+        set_attention_backend(model, "fused")
         fused = model(x)
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
 
@@ -182,11 +182,11 @@ def test_environment_selects_the_path_of_a_built_model(monkeypatch):
 def test_set_attention_backend_validates_and_resets():
     model = spvit.create_model("spvit_test", seed=0)
     with pytest.raises(ConfigError, match="backend must be one of"):
-        flex.set_attention_backend(model, "fast")
-    flex.set_attention_backend(model, "eager")
+        set_attention_backend(model, "fast")
+    set_attention_backend(model, "eager")
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     assert layers and all(m.backend == "eager" for m in layers)
-    flex.set_attention_backend(model, None)
+    set_attention_backend(model, None)
     assert all(m.backend is None for m in layers)
     assert not any("backend" in key for key in model.state_dict())
 
