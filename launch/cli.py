@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cost": ("launch.cmd_space", "print an architecture's parameters and GFLOPs"),
     "check-space": ("launch.cmd_space", "validate a search-space file and summarise it"),
     "cluster-check": ("launch.cluster_check", "check a Ray cluster and run folder before a search"),
+    "supernet": ("launch.cmd_supernet", "train a weight-sharing supernet or score an architecture"),
 }
 
 
