@@ -327,7 +327,8 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
 
     Infeasible proposals are told PRUNED (`space.ask_feasible`) and do not count; a repeated
     architecture reuses its score (evaluation is deterministic). Each trial keeps user attrs
-    `arch`, `gflops`, `params`, `score_s`. Resumable: an existing study of that name continues.
+    `arch`, `gflops`, `params`, `score_s` (seconds), `scored` (False: a repeat). Resumable:
+    an existing study of that name continues.
     """
     import optuna
 
@@ -350,7 +351,8 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
         spec, cost, trial = proposal.spec, proposal.cost, proposal.trial
         key = json.dumps(spec.to_flat(), sort_keys=True)
         start = time.perf_counter()
-        if key in cache:
+        scored = key not in cache
+        if not scored:
             acc = cache[key]
             seconds = 0.0
         else:
@@ -361,7 +363,8 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
         trial.set_user_attr("arch", spec.to_flat())
         trial.set_user_attr("gflops", float(cost.gflops))
         trial.set_user_attr("params", int(cost.params))
-        trial.set_user_attr("score_s", round(seconds, 4))
+        trial.set_user_attr("score_s", seconds)
+        trial.set_user_attr("scored", scored)
         study.tell(trial, [acc, float(cost.gflops), float(cost.params)])
         done += 1
         if progress is not None:
@@ -373,7 +376,7 @@ def summarise_proxy(study: Any) -> ProxySummary:
     import optuna
 
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    times = [t.user_attrs["score_s"] for t in trials if t.user_attrs.get("score_s", 0) > 0]
+    times = [t.user_attrs["score_s"] for t in trials if t.user_attrs.get("scored")]
     return ProxySummary(study_name=study.study_name, candidates=len(trials), scored=len(times),
                         seconds_per_candidate=float(np.mean(times)) if times else math.nan)
 
@@ -438,20 +441,22 @@ def select_for_retrain(trials: Sequence[Any], k: int) -> list[Any]:
 
 def enqueue_for_retrain(main_study: Any, picks: Sequence[Any], *, proxy_study: str) -> int:
     """Queue `picks` in the main study (WAITING; the search trains them stand-alone), each with
-    user attrs `proxy_val_acc`, `proxy_trial` and `proxy_study`. Returns how many were added
-    (an architecture already queued or trained there is skipped)."""
-    known = {json.dumps(t.user_attrs.get("arch"), sort_keys=True)
-             for t in main_study.get_trials(deepcopy=False)}
-    waiting = [t.params for t in main_study.get_trials(deepcopy=False)
-               if t.state.name == "WAITING"]
+    user attrs `proxy_val_acc`, `proxy_trial`, `proxy_study` and `proxy_arch`. Returns how many
+    were added (an architecture already queued or trained there is skipped)."""
+    known = set()
+    for t in main_study.get_trials(deepcopy=False):
+        for key in ("arch", "proxy_arch"):
+            if t.user_attrs.get(key) is not None:
+                known.add(json.dumps(t.user_attrs[key], sort_keys=True))
     added = 0
     for t in picks:
         key = json.dumps(t.user_attrs.get("arch"), sort_keys=True)
-        if key in known or t.params in waiting:
+        if key in known:
             continue
         main_study.enqueue_trial(dict(t.params), user_attrs={
-            PROXY_ATTR: float(t.values[0]), "proxy_trial": t.number, "proxy_study": proxy_study})
-        waiting.append(t.params)
+            PROXY_ATTR: float(t.values[0]), "proxy_trial": t.number, "proxy_study": proxy_study,
+            "proxy_arch": t.user_attrs.get("arch")})
+        known.add(key)
         added += 1
     return added
 
