@@ -24,13 +24,14 @@ epoch with its optimizer and schedule state, plus `state.json`) and `supernet.sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,6 @@ from .worker import (
     LATEST_FILE,
     STATE_FILE,
     WorkerSetup,
-    _seed_epoch,
     _weights_only_checkpoint_engine,
     consolidated_state_dict,
     ensure_local_process_group,
@@ -117,6 +117,17 @@ def check_resumable(state: SupernetState, space: SearchSpace, world_size: int) -
         raise ConfigError(f"the checkpoint holds ZeRO-{space.training.zero_stage} optimizer"
                           f" shards of {state.world_size} workers, but this run has"
                           f" {world_size}. Resume with {state.world_size} workers.")
+
+
+@contextlib.contextmanager
+def _epoch_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Drop-path draws of one epoch from torch's default generator seeded with `seed`, inside
+    `torch.random.fork_rng` (the process's RNG state is as before afterwards), so a resumed
+    run repeats what an uninterrupted one would have drawn."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _distill_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -213,36 +224,37 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
         wall_before = history[-1]["wall_s"] if history else 0.0
         run_start = time.perf_counter()
         for epoch in range(start_epoch + 1, training.epochs + 1):
-            _seed_epoch(training.seed, epoch, setup.rank)
             loaders.set_epoch(epoch)
             engine.train()
             started = time.perf_counter()
-            sums = [0.0, 0.0, 0.0]  # largest CE * n, distillation * n, n
-            for step, (images, labels) in enumerate(loaders.train, start=1):
-                images = images.to(device, dtype=input_dtype)
-                labels = labels.to(device)
-                teacher = None
-                for k, spec in enumerate(sampler.step(epoch, step)):
-                    engine.module.set_active(spec)
-                    logits = engine(images)
-                    if teacher is None:
-                        loss = F.cross_entropy(logits.float(), labels,
-                                               label_smoothing=training.label_smoothing)
-                        teacher = logits.detach().float().softmax(-1)
-                        ce = loss.detach()
-                    else:
-                        loss = _distill_loss(logits, teacher)
-                    step_loss = _sum([loss.item()], device)[0]
-                    if not math.isfinite(step_loss):
-                        raise TrainingDiverged(
-                            f"supernet loss became {step_loss} at epoch {epoch} step {step}"
-                            f" (subnet {k}); lower training.lr or enable training.grad_clip")
-                    if k > 0:
-                        sums[1] += loss.item() * labels.shape[0] / (sampler.per_step - 1)
-                    engine.backward(loss)
-                    engine.step()
-                sums[0] += ce.item() * labels.shape[0]
-                sums[2] += labels.shape[0]
+            seed = (training.seed * 1_000_003 + epoch * 7_919 + setup.rank * 104_729)
+            with _epoch_rng(seed % (2**63 - 1), device):
+                sums = [0.0, 0.0, 0.0]  # largest CE * n, distillation * n, n
+                for step, (images, labels) in enumerate(loaders.train, start=1):
+                    images = images.to(device, dtype=input_dtype)
+                    labels = labels.to(device)
+                    teacher = None
+                    for k, spec in enumerate(sampler.step(epoch, step)):
+                        engine.module.set_active(spec)
+                        logits = engine(images)
+                        if teacher is None:
+                            loss = F.cross_entropy(logits.float(), labels,
+                                                   label_smoothing=training.label_smoothing)
+                            teacher = logits.detach().float().softmax(-1)
+                            ce = loss.detach()
+                        else:
+                            loss = _distill_loss(logits, teacher)
+                        step_loss = _sum([loss.item()], device)[0]
+                        if not math.isfinite(step_loss):
+                            raise TrainingDiverged(
+                                f"supernet loss became {step_loss} at epoch {epoch} step {step}"
+                                f" (subnet {k}); lower training.lr or enable training.grad_clip")
+                        if k > 0:
+                            sums[1] += loss.item() * labels.shape[0] / (sampler.per_step - 1)
+                        engine.backward(loss)
+                        engine.step()
+                    sums[0] += ce.item() * labels.shape[0]
+                    sums[2] += labels.shape[0]
             seconds = time.perf_counter() - started
             total = _sum(sums, device)
             val = {}
