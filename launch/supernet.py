@@ -17,14 +17,16 @@ The folder (`--out`): `space.yaml` (the resolved space), `supernet.json` (choice
 largest / smallest subnets, epochs trained), `ds_config.json`, `metrics.jsonl` (per epoch:
 `epoch`, `train_loss` (the largest subnet's), `distill_loss`, `val_acc_largest`,
 `val_acc_smallest`, `lr`, `images_per_s`, `wall_s`), `checkpoint/` (DeepSpeed tag of the last
-epoch with its optimizer and schedule state, plus `state.json`) and `supernet.safetensors`
-(fp32 weights, rewritten after every epoch so a partly trained supernet can already score).
+epoch with its optimizer and schedule state, plus `state.json` with each worker's shard) and
+`supernet.safetensors` (fp32 weights, rewritten after every epoch so a partly trained supernet
+can already score).
 `--resume` continues at the epoch after the checkpoint's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -82,6 +84,7 @@ class SupernetState:
     training: dict[str, Any]
     space: dict[str, Any]
     metrics: list[dict[str, Any]]
+    shards: list[dict[str, int]] = dataclasses.field(default_factory=list)
 
 
 def read_state(out: str | os.PathLike) -> SupernetState | None:
@@ -198,7 +201,12 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
         # One micro-step per subnet: DeepSpeed averages their gradients and steps once.
         ds_config["gradient_accumulation_steps"] = sampler.per_step
         ds_config["train_batch_size"] = micro * sampler.per_step * setup.world_size
-        dist.barrier()
+        # What each worker trains on, recorded in the checkpoint state for inspection.
+        shards: list[Any] = [None] * setup.world_size
+        dist.all_gather_object(shards, {
+            "rank": setup.rank, "train_images": len(loaders.train_sampler),
+            "steps_per_epoch": loaders.steps_per_epoch,
+            "val_images": len(loaders.val.dataset.indices)})
         if rank0:
             atomic_write_json(out / DS_CONFIG_FILE, ds_config)
         net = SPViTSupernet(supernet_choices(space), seed=training.seed)
@@ -281,7 +289,7 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
                 atomic_write_json(ckpt / STATE_FILE, {
                     "tag": tag, "epoch": epoch, "world_size": setup.world_size,
                     "training": training.to_dict(), "space": space_identity(space),
-                    "metrics": history})
+                    "metrics": history, "shards": shards})
                 atomic_write_text(ckpt / LATEST_FILE, tag)
                 for entry in ckpt.iterdir():
                     if entry.is_dir() and entry.name != tag:

@@ -165,3 +165,24 @@ def test_every_sampled_training_subnet_is_feasible(name):
     big = estimate(sampler.largest).gflops
     assert all(estimate(space.sample_feasible(rng).spec).gflops <= big * 1.05
                for _ in range(20))
+
+
+@pytest.mark.slow
+def test_two_workers_shard_the_data(tmp_path, ray_local, capsys):
+    data = json.loads(json.dumps(TINY))
+    data["training"]["epochs"] = 1
+    space = tmp_path / "one.yaml"
+    space.write_text(yaml.safe_dump(data))
+    out = tmp_path / "two"
+    assert main(["supernet", "train", "--space", str(space), "--out", str(out),
+                 "--workers", "2"]) == 0
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["epoch"] == 1
+    shards = sorted(state["shards"], key=lambda s: s["rank"])
+    assert [s["rank"] for s in shards] == [0, 1]
+    train = [s["train_images"] for s in shards]
+    # DistributedSampler: equal halves (padded by at most one image) of the 1437 training images
+    assert train[0] == train[1] and 2 * train[0] - 1437 in (0, 1)
+    assert sum(s["val_images"] for s in shards) == 360  # every validation image exactly once
+    assert shards[0]["steps_per_epoch"] == shards[1]["steps_per_epoch"] >= 1
+    assert (out / "supernet.safetensors").is_file()
