@@ -129,7 +129,10 @@ def _load_space(args: argparse.Namespace) -> Any:
 
     if args.quick:
         return SearchSpace.from_dict(json.loads(json.dumps(QUICK_SPACE)))
-    return SearchSpace.load(args.space)
+    space = SearchSpace.load(args.space)
+    if args.epochs is not None:  # a shorter stand-alone budget than the recipe's: say so
+        space = dataclasses.replace(space, training=space.training.replace(epochs=args.epochs))
+    return space
 
 
 def _train_supernet(space: Any, out: Path, epochs: int | None) -> tuple[Any, float]:
@@ -171,6 +174,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     supernet_dir = Path(args.supernet) if args.supernet else out / "supernet"
     folder, supernet_s = _train_supernet(space, supernet_dir,
                                          1 if args.quick else args.supernet_epochs)
+    # _train_supernet trains with the space's epochs unless --supernet-epochs is given
     folder.check_space(space)
     scorer = InheritedScorer(folder.net, validation_loader(space))
     rng = random.Random(args.seed)
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quick", action="store_true",
                        help="tiny end-to-end check; the numbers mean nothing")
         p.add_argument("--bootstrap", type=int, default=2000)
+        p.add_argument("--epochs", type=int, default=None,
+                       help="stand-alone epochs (default: the space's full budget)")
     rank = sub.choices["rank"]
     rank.add_argument("--archs", type=int, default=30)
     rank.add_argument("--supernet", default=None, help="an already trained supernet folder")
