@@ -135,7 +135,8 @@ def _load_space(args: argparse.Namespace) -> Any:
     return space
 
 
-def _train_supernet(space: Any, out: Path, epochs: int | None) -> tuple[Any, float]:
+def _train_supernet(space: Any, out: Path, epochs: int | None,
+                    label_epochs: int = 0) -> tuple[Any, float]:
     from launch.supernet import read_state, train_supernet
     from nas.oneshot import open_supernet
 
@@ -144,7 +145,7 @@ def _train_supernet(space: Any, out: Path, epochs: int | None) -> tuple[Any, flo
     start = time.perf_counter()
     state = read_state(out)
     if state is None or state.epoch < space.training.epochs:
-        train_supernet(space, out, resume=state is not None)
+        train_supernet(space, out, resume=state is not None, label_epochs=label_epochs)
     return open_supernet(out), time.perf_counter() - start
 
 
@@ -173,8 +174,8 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         return _front_rank(args, out)
     supernet_dir = Path(args.supernet) if args.supernet else out / "supernet"
     folder, supernet_s = _train_supernet(space, supernet_dir,
-                                         1 if args.quick else args.supernet_epochs)
-    # _train_supernet trains with the space's epochs unless --supernet-epochs is given
+                                         1 if args.quick else args.supernet_epochs,
+                                         args.label_epochs)
     folder.check_space(space)
     scorer = InheritedScorer(folder.net, validation_loader(space))
     rng = random.Random(args.seed)
@@ -196,6 +197,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     proxy = np.array([r["proxy_val_acc"] for r in rows])
     real = np.array([r["val_acc"] for r in rows])
     result = {"mode": "rank", "quick": args.quick, "space": space.name,
+              "label_epochs": args.label_epochs,
               "supernet": str(supernet_dir), "supernet_epochs": folder.epochs,
               "supernet_train_s": supernet_s,
               "standalone_epochs": space.training.epochs,
@@ -278,7 +280,8 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
         # one-shot: supernet + proxy study + stand-alone retraining of the front
         sub = dataclasses.replace(space, training=space.training.replace(seed=seed))
         folder, supernet_s = _train_supernet(sub, root / "supernet",
-                                             1 if args.quick else args.supernet_epochs)
+                                             1 if args.quick else args.supernet_epochs,
+                                             args.label_epochs)
         start = time.perf_counter()
         proxy = run_proxy_search(space, InheritedScorer(folder.net, validation_loader(space)),
                                  candidates=candidates, seed=seed)
@@ -328,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quick", action="store_true",
                        help="tiny end-to-end check; the numbers mean nothing")
         p.add_argument("--bootstrap", type=int, default=2000)
+        p.add_argument("--label-epochs", type=int, default=0,
+                       help="supernet epochs on labels before in-place distillation")
         p.add_argument("--epochs", type=int, default=None,
                        help="stand-alone epochs (default: the space's full budget)")
     rank = sub.choices["rank"]

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--random-subnets", type=int, default=2, metavar="R",
                        help="random feasible subnets per step besides the largest and the"
                             " smallest (default 2)")
+    train.add_argument("--label-epochs", type=int, default=0, metavar="E",
+                       help="epochs in which every subnet learns from the labels before"
+                            " in-place distillation starts (default 0)")
     train.add_argument("--resume", action="store_true",
                        help="continue the checkpoint in --out (required if it holds one)")
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
@@ -80,6 +83,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         last = train_supernet(space, args.out, workers=args.workers, resume=args.resume,
                               use_gpu=args.use_gpu, random_subnets=args.random_subnets,
+                              label_epochs=args.label_epochs,
                               cpus_per_worker=args.cpus_per_worker, ray_address=args.address,
                               on_epoch=on_epoch, on_start=on_start)
     finally:

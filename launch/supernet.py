@@ -10,8 +10,10 @@ the very tensors the supernet slices).
 Each optimizer step trains the subnets of `nas.oneshot.SandwichSampler.step(epoch, step)` on the
 same batch, every one of them feasible: the largest with cross-entropy on the labels, the
 smallest and the random ones against the largest's (detached) soft predictions (in-place
-distillation). DeepSpeed accumulates their gradients (`gradient_accumulation_steps` = subnets
-per step, so the loss is their mean) and steps the optimizer and the cosine schedule once.
+distillation), or on the labels too during the first `label_epochs` epochs (a teacher near
+chance teaches nothing but uniform predictions). DeepSpeed accumulates their gradients
+(`gradient_accumulation_steps` = subnets per step, so the loss is their mean) and steps the
+optimizer and the cosine schedule once.
 
 The folder (`--out`): `space.yaml` (the resolved space), `supernet.json` (choices, the sandwich's
 largest / smallest subnets, epochs trained), `ds_config.json`, `metrics.jsonl` (per epoch:
@@ -162,10 +164,13 @@ class _ActiveEngine:
 
 def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
                           setup: WorkerSetup = WorkerSetup(), resume: bool = False,
-                          random_subnets: int = 2,
+                          random_subnets: int = 2, label_epochs: int = 0,
                           report: Callable[[dict[str, Any]], None] | None = None
                           ) -> dict[str, Any] | None:
     """Train the supernet of `space` as worker `setup.rank` (the process group must exist).
+
+    During the first `label_epochs` epochs every subnet learns from the labels; afterwards the
+    smaller ones learn from the largest's predictions (in-place distillation).
 
     Returns the last epoch's metrics line (None if no epoch ran and none is recorded).
     """
@@ -242,14 +247,16 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
                     images = images.to(device, dtype=input_dtype)
                     labels = labels.to(device)
                     teacher = None
+                    distill = epoch > label_epochs
                     for k, spec in enumerate(sampler.step(epoch, step)):
                         engine.module.set_active(spec)
                         logits = engine(images)
-                        if teacher is None:
+                        if teacher is None or not distill:
                             loss = F.cross_entropy(logits.float(), labels,
                                                    label_smoothing=training.label_smoothing)
-                            teacher = logits.detach().float().softmax(-1)
-                            ce = loss.detach()
+                            if teacher is None:
+                                teacher = logits.detach().float().softmax(-1)
+                                ce = loss.detach()
                         else:
                             loss = _distill_loss(logits, teacher)
                         step_loss = _sum([loss.item()], device)[0]
@@ -277,6 +284,7 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
                 "val_acc_smallest": val["smallest"].acc1,
                 "lr": float(engine.get_lr()[0]),
                 "subnets_per_step": sampler.per_step,
+                "distilled": epoch > label_epochs,
                 "images_per_s": total[2] * sampler.per_step / seconds if seconds > 0 else 0.0,
                 "wall_s": wall_before + time.perf_counter() - run_start,
             }
@@ -319,12 +327,14 @@ def ray_supernet_loop(config: dict[str, Any]) -> None:
     space = SearchSpace.from_dict(config["space"], check_feasible=False)
     train_supernet_worker(space, config["out"], setup=setup, resume=bool(config["resume"]),
                           random_subnets=int(config["random_subnets"]),
+                          label_epochs=int(config.get("label_epochs", 0)),
                           report=ray.train.report)
 
 
 def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int = 1,
                    resume: bool = False, use_gpu: bool = False, random_subnets: int = 2,
-                   cpus_per_worker: float = 1.0, ray_address: str | None = None,
+                   label_epochs: int = 0, cpus_per_worker: float = 1.0,
+                   ray_address: str | None = None,
                    on_epoch: Callable[[dict[str, Any]], None] | None = None,
                    on_start: Callable[[int], None] | None = None) -> dict[str, Any] | None:
     """Train (or, with `resume`, continue) the supernet of `space` into `out`.
@@ -346,6 +356,9 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
     if space.training.zero_stage >= 3:
         raise ConfigError("training.zero_stage 3 partitions the parameters the supernet slices"
                           " per subnet; use zero_stage 0, 1 or 2 for supernet training.")
+    if isinstance(label_epochs, bool) or not isinstance(label_epochs, int) or label_epochs < 0:
+        raise ConfigError(f"--label-epochs must be an integer >= 0, but got {label_epochs!r}."
+                          " Use 0 to distil from the first epoch.")
     if random_subnets < 2:
         raise ConfigError(f"the sandwich rule trains at least 2 random subnets per step, but"
                           f" got {random_subnets}. Use --random-subnets 2 or more.")
@@ -371,9 +384,11 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
         setup = WorkerSetup(device="cuda:0" if use_gpu else "cpu",
                             threads=max(1, math.floor(cpus_per_worker)))
         return train_supernet_worker(space, out, setup=setup, resume=resume,
-                                     random_subnets=random_subnets, report=on_epoch)
+                                     random_subnets=random_subnets,
+                                     label_epochs=label_epochs, report=on_epoch)
     _train_ray(space, out, workers=workers, resume=resume, use_gpu=use_gpu,
-               random_subnets=random_subnets, cpus_per_worker=cpus_per_worker,
+               random_subnets=random_subnets, label_epochs=label_epochs,
+               cpus_per_worker=cpus_per_worker,
                ray_address=ray_address)
     lines = read_json_lines(out / METRICS_FILE)
     if on_epoch is not None:
@@ -383,7 +398,8 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
 
 
 def _train_ray(space: SearchSpace, out: Path, *, workers: int, resume: bool, use_gpu: bool,
-               random_subnets: int, cpus_per_worker: float, ray_address: str | None) -> None:
+               random_subnets: int, label_epochs: int, cpus_per_worker: float,
+               ray_address: str | None) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -396,7 +412,7 @@ def _train_ray(space: SearchSpace, out: Path, *, workers: int, resume: bool, use
     trainer = TorchTrainer(
         ray_supernet_loop,
         train_loop_config={"space": space.to_dict(), "out": str(out), "resume": resume,
-                           "random_subnets": random_subnets,
+                           "random_subnets": random_subnets, "label_epochs": label_epochs,
                            "threads": max(1, math.floor(cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
