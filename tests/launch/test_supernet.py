@@ -137,6 +137,10 @@ def test_train_refuses_zero3_and_too_few_random_subnets(tmp_path, capsys):
                  str(tmp_path / "o"), "--random-subnets", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least 2 random subnets" in err[0]
+    assert main(["supernet", "train", "--space", str(_space_file(tmp_path)), "--out",
+                 str(tmp_path / "o"), "--label-epochs", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--label-epochs must be an integer >= 0" in err[0]
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar", "imagenet"])
