@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-space": ("launch.cmd_space", "validate a search-space file and summarise it"),
     "cluster-check": ("launch.cluster_check", "check a Ray cluster and run folder before a search"),
     "dashboard": ("launch.cmd_dashboard", "browse a search's study in optuna-dashboard"),
+    "supernet": ("launch.cmd_supernet", "train a weight-sharing supernet or score an architecture"),
 }
 
 

@@ -1,0 +1,135 @@
+"""`spvit-nas supernet train|score`: train a weight-sharing supernet over a search space, and
+score one architecture with its inherited weights.
+
+* `supernet train --space PATH --out DIR [--epochs N] [--workers W] [--resume]`: the sandwich
+  rule with in-place distillation under DeepSpeed (`launch.supernet`); a progress bar per epoch
+  shows the largest and smallest subnets' validation accuracy, also in `DIR/metrics.jsonl`.
+* `supernet score --supernet DIR --arch ARCH.yaml [--json]`: the inherited-weight validation
+  accuracy of one architecture (evaluation only). An architecture outside the supernet's space,
+  or a folder that is not a trained supernet, exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="supernet_command", metavar="ACTION",
+                                parser_class=type(parser))
+    sub.required = True
+    train = sub.add_parser("train", help="train a supernet over a search space")
+    train.add_argument("--space", required=True, type=Path, metavar="PATH",
+                       help="search-space YAML (its training: block is the recipe)")
+    train.add_argument("--out", required=True, type=Path, metavar="DIR",
+                       help="the supernet folder")
+    train.add_argument("--epochs", type=int, default=None, metavar="N",
+                       help="training epochs (default: the space's training.epochs)")
+    train.add_argument("--workers", type=int, default=1, metavar="W",
+                       help="DeepSpeed data-parallel workers (1: in this process; more: Ray"
+                            " Train)")
+    train.add_argument("--random-subnets", type=int, default=2, metavar="R",
+                       help="random feasible subnets per step besides the largest and the"
+                            " smallest (default 2)")
+    train.add_argument("--label-epochs", type=int, default=0, metavar="E",
+                       help="epochs in which every subnet learns from the labels before"
+                            " in-place distillation starts (default 0)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the checkpoint in --out (required if it holds one)")
+    train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    train.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                       help="CPUs (torch threads) per worker (default: 1)")
+    train.add_argument("--address", default=None, metavar="ADDR",
+                       help="Ray cluster for several workers (default: a local instance)")
+    score = sub.add_parser("score", help="inherited-weight accuracy of one architecture")
+    score.add_argument("--supernet", required=True, type=Path, metavar="DIR",
+                       help="a folder written by `spvit-nas supernet train`")
+    score.add_argument("--arch", required=True, metavar="ARCH.yaml",
+                       help="the architecture (nested or flat YAML)")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from search_spaces.space import SearchSpace
+
+    from .supernet import train_supernet
+
+    space = SearchSpace.load(args.space)
+    if args.epochs is not None:
+        space = dataclasses.replace(space, training=space.training.replace(epochs=args.epochs))
+    bars: list[Any] = []
+
+    def on_start(first_epoch: int) -> None:
+        bars.append(tqdm(total=space.training.epochs,
+                         initial=min(first_epoch - 1, space.training.epochs), unit="epoch",
+                         desc="supernet", dynamic_ncols=True, file=sys.stderr))
+
+    def on_epoch(line: dict[str, Any]) -> None:
+        bar = bars[0]
+        bar.update(max(0, line["epoch"] - bar.n))
+        bar.set_postfix(largest=f"{line['val_acc_largest']:.3f}",
+                        smallest=f"{line['val_acc_smallest']:.3f}",
+                        loss=f"{line['train_loss']:.3f}")
+
+    try:
+        last = train_supernet(space, args.out, workers=args.workers, resume=args.resume,
+                              use_gpu=args.use_gpu, random_subnets=args.random_subnets,
+                              label_epochs=args.label_epochs,
+                              cpus_per_worker=args.cpus_per_worker, ray_address=args.address,
+                              on_epoch=on_epoch, on_start=on_start)
+    finally:
+        for bar in bars:
+            bar.close()
+    if last is None:
+        print(f"{args.out}: nothing to train (0 epochs)")
+        return 0
+    print(f"trained supernet {args.out}: epoch {last['epoch']}/{space.training.epochs},"
+          f" largest val_acc {last['val_acc_largest']:.4f}, smallest val_acc"
+          f" {last['val_acc_smallest']:.4f}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from nas.oneshot import InheritedScorer, open_supernet, validation_loader
+    from spvit import resolve_arch
+    from spvit.cost import estimate
+    from spvit.errors import ConfigError
+
+    folder = open_supernet(args.supernet, device=args.device)
+    spec = resolve_arch(args.arch)
+    why = folder.why_not(spec)
+    if why is not None:
+        raise ConfigError(f"{args.arch} is outside the space of supernet {args.supernet}:"
+                          f" {why}. Score a member of space {folder.space.name!r}.")
+    result = InheritedScorer(folder.net, validation_loader(folder.space), device=args.device)(spec)
+    cost = estimate(spec)
+    out = {"val_acc": result["val_acc"], "val_acc5": result["val_acc5"],
+           "val_loss": result["val_loss"], "images": result["images"],
+           "seconds": round(result["seconds"], 4), "gflops": cost.gflops, "params": cost.params,
+           "feasible": not folder.space.constraints.violations(spec, cost),
+           "supernet_epochs": folder.epochs, "arch": spec.to_flat()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"val_acc {out['val_acc']:.4f} (inherited weights, supernet epoch"
+              f" {folder.epochs}, {out['images']} images, {out['seconds']:.2f} s)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _train(args) if args.supernet_command == "train" else _score(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from launch.cli import main
+
+    sys.exit(main(["supernet", *sys.argv[1:]]))

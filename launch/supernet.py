@@ -1,0 +1,426 @@
+"""Training a weight-sharing supernet with DeepSpeed: the sandwich rule with in-place distillation.
+
+`train_supernet(space, out, ...)` is what `spvit-nas supernet train` calls. One worker trains in
+this process on a one-process gloo (GPU: nccl) group, as a one-worker trial does
+(`launch.worker.ensure_local_process_group`); several run under a Ray Train `TorchTrainer`, each
+on its own data shard (`nas.data.build_loaders`), DeepSpeed reusing Ray Train's process group.
+ZeRO stage and bf16 come from the space's `training:` block (ZeRO-3 is refused: it partitions
+the very tensors the supernet slices).
+
+Each optimizer step trains the subnets of `nas.oneshot.SandwichSampler.step(epoch, step)` on the
+same batch, every one of them feasible: the largest with cross-entropy on the labels, the
+smallest and the random ones against the largest's (detached) soft predictions (in-place
+distillation), or on the labels too during the first `label_epochs` epochs (a teacher near
+chance teaches nothing but uniform predictions). DeepSpeed accumulates their gradients
+(`gradient_accumulation_steps` = subnets per step, so the loss is their mean) and steps the
+optimizer and the cosine schedule once.
+
+The folder (`--out`): `space.yaml` (the resolved space), `supernet.json` (choices, the sandwich's
+largest / smallest subnets, epochs trained), `ds_config.json`, `metrics.jsonl` (per epoch:
+`epoch`, `train_loss` (the largest subnet's), `distill_loss`, `val_acc_largest`,
+`val_acc_smallest`, `lr`, `images_per_s`, `wall_s`), `checkpoint/` (DeepSpeed tag of the last
+epoch with its optimizer and schedule state, plus `state.json` with each worker's shard) and
+`supernet.safetensors` (fp32 weights, rewritten after every epoch so a partly trained supernet
+can already score).
+`--resume` continues at the epoch after the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nas.oneshot import (
+    METRICS_FILE,
+    SPACE_FILE,
+    SUPERNET_FILE,
+    WEIGHTS_FILE,
+    SandwichSampler,
+    space_identity,
+    supernet_choices,
+    write_supernet_info,
+)
+from search_spaces.space import SearchSpace
+from spvit.errors import ConfigError
+from spvit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_lines
+
+from .worker import (
+    CHECKPOINT_DIR,
+    DS_CONFIG_FILE,
+    FAILURE_FILE,
+    LATEST_FILE,
+    STATE_FILE,
+    WorkerSetup,
+    _weights_only_checkpoint_engine,
+    consolidated_state_dict,
+    ensure_local_process_group,
+    failure_reason,
+    write_failure,
+)
+
+# Recipe fields that may change between a checkpoint and the run resuming it.
+_RESUMABLE_CHANGES = ("epochs", "workers_per_trial")
+
+
+@dataclass(frozen=True)
+class SupernetState:
+    """`checkpoint/state.json` of a supernet folder."""
+
+    tag: str
+    epoch: int
+    world_size: int
+    training: dict[str, Any]
+    space: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    shards: list[dict[str, int]] = dataclasses.field(default_factory=list)
+
+
+def read_state(out: str | os.PathLike) -> SupernetState | None:
+    """The last complete checkpoint of a supernet folder, or None."""
+    ckpt = Path(out) / CHECKPOINT_DIR
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = SupernetState(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"checkpoint state {path} is unreadable ({e}). Delete {ckpt} to"
+                          " train the supernet from scratch.") from None
+    if not (ckpt / state.tag).is_dir():
+        raise ConfigError(f"checkpoint state {path} names tag {state.tag!r}, which is missing."
+                          f" Delete {ckpt} to train the supernet from scratch.")
+    return state
+
+
+def check_resumable(state: SupernetState, space: SearchSpace, world_size: int) -> None:
+    """`ConfigError` if the checkpoint was trained on another space or recipe."""
+    if state.space != space_identity(space):
+        raise ConfigError("the supernet checkpoint was trained on another search space (its"
+                          " fixed fields or dimensions differ). Resume with the folder's"
+                          " space.yaml or train into a new --out.")
+    now = space.training.to_dict()
+    for key, then in state.training.items():
+        if key not in _RESUMABLE_CHANGES and now.get(key) != then:
+            raise ConfigError(f"the supernet checkpoint was trained with training.{key}="
+                              f"{then!r}, but this run has {now.get(key)!r}. Resume with the"
+                              " same recipe (only epochs may change) or use a new --out.")
+    if world_size != state.world_size and space.training.zero_stage > 0:
+        raise ConfigError(f"the checkpoint holds ZeRO-{space.training.zero_stage} optimizer"
+                          f" shards of {state.world_size} workers, but this run has"
+                          f" {world_size}. Resume with {state.world_size} workers.")
+
+
+@contextlib.contextmanager
+def _epoch_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Drop-path draws of one epoch from torch's default generator seeded with `seed`, inside
+    `torch.random.fork_rng` (the process's RNG state is as before afterwards), so a resumed
+    run repeats what an uninterrupted one would have drawn."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _distill_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the teacher's probabilities (in-place distillation)."""
+    return -(teacher * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def _sum(values: list[float], device: torch.device) -> list[float]:
+    if dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class _ActiveEngine:
+    """The engine with one subnet active, shaped for `nas.engine.evaluate`."""
+
+    def __init__(self, engine: Any, spec: Any) -> None:
+        self.engine, self.spec = engine, spec
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.engine.module.set_active(self.spec)
+        return self.engine(x)
+
+
+def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
+                          setup: WorkerSetup = WorkerSetup(), resume: bool = False,
+                          random_subnets: int = 2, label_epochs: int = 0,
+                          report: Callable[[dict[str, Any]], None] | None = None
+                          ) -> dict[str, Any] | None:
+    """Train the supernet of `space` as worker `setup.rank` (the process group must exist).
+
+    During the first `label_epochs` epochs every subnet learns from the labels; afterwards the
+    smaller ones learn from the largest's predictions (in-place distillation).
+
+    Returns the last epoch's metrics line (None if no epoch ran and none is recorded).
+    """
+    import deepspeed
+    from safetensors.torch import save as save_safetensors
+    from timm.optim import param_groups_weight_decay
+
+    from nas.data import build_datasets, build_loaders
+    from nas.ds_config import build_ds_config, micro_batch_size
+    from nas.engine import TrainingDiverged, evaluate
+    from spvit.supernet import SPViTSupernet
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    training = space.training
+    torch.set_num_threads(max(1, setup.threads))
+    out = Path(out)
+    rank0 = setup.rank == 0
+    device = torch.device(setup.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt = out / CHECKPOINT_DIR
+    try:
+        state = read_state(out) if resume else None
+        if state is not None:
+            check_resumable(state, space, setup.world_size)
+        sampler = SandwichSampler(space, seed=training.seed, random_subnets=random_subnets)
+        data = build_datasets(training, sampler.largest)
+        micro = micro_batch_size(training, setup.world_size)
+        loaders = build_loaders(data, micro_batch_size=micro, rank=setup.rank,
+                                world_size=setup.world_size, seed=training.seed)
+        ds_config = build_ds_config(training, world_size=setup.world_size,
+                                    steps_per_epoch=loaders.steps_per_epoch)
+        # One micro-step per subnet: DeepSpeed averages their gradients and steps once.
+        ds_config["gradient_accumulation_steps"] = sampler.per_step
+        ds_config["train_batch_size"] = micro * sampler.per_step * setup.world_size
+        # What each worker trains on, recorded in the checkpoint state for inspection.
+        shards: list[Any] = [None] * setup.world_size
+        dist.all_gather_object(shards, {
+            "rank": setup.rank, "train_images": len(loaders.train_sampler),
+            "steps_per_epoch": loaders.steps_per_epoch,
+            "val_images": len(loaders.val.dataset.indices)})
+        if rank0:
+            atomic_write_json(out / DS_CONFIG_FILE, ds_config)
+        net = SPViTSupernet(supernet_choices(space), seed=training.seed)
+        groups = param_groups_weight_decay(net, training.weight_decay,
+                                           no_weight_decay_list=net.no_weight_decay())
+        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups,
+                                               config=ds_config, dist_init_required=False)
+        input_dtype = torch.bfloat16 if training.bf16 else torch.float32
+        history: list[dict[str, Any]] = []
+        start_epoch = 0
+        if state is not None:
+            engine.checkpoint_engine = _weights_only_checkpoint_engine()
+            path, client = engine.load_checkpoint(str(ckpt), tag=state.tag)
+            if path is None or (client or {}).get("epoch") != state.epoch:
+                raise ConfigError(f"the supernet checkpoint {ckpt / state.tag} could not be"
+                                  f" loaded. Delete {ckpt} to train from scratch.")
+            start_epoch, history = state.epoch, list(state.metrics)
+            if rank0:
+                atomic_write_text(out / METRICS_FILE,
+                                  "".join(json.dumps(m) + "\n" for m in history))
+        elif rank0:
+            (out / METRICS_FILE).unlink(missing_ok=True)
+        wall_before = history[-1]["wall_s"] if history else 0.0
+        run_start = time.perf_counter()
+        for epoch in range(start_epoch + 1, training.epochs + 1):
+            loaders.set_epoch(epoch)
+            engine.train()
+            started = time.perf_counter()
+            seed = (training.seed * 1_000_003 + epoch * 7_919 + setup.rank * 104_729)
+            with _epoch_rng(seed % (2**63 - 1), device):
+                sums = [0.0, 0.0, 0.0]  # largest CE * n, distillation * n, n
+                for step, (images, labels) in enumerate(loaders.train, start=1):
+                    images = images.to(device, dtype=input_dtype)
+                    labels = labels.to(device)
+                    teacher = None
+                    distill = epoch > label_epochs
+                    for k, spec in enumerate(sampler.step(epoch, step)):
+                        engine.module.set_active(spec)
+                        logits = engine(images)
+                        if teacher is None or not distill:
+                            loss = F.cross_entropy(logits.float(), labels,
+                                                   label_smoothing=training.label_smoothing)
+                            if teacher is None:
+                                teacher = logits.detach().float().softmax(-1)
+                                ce = loss.detach()
+                        else:
+                            loss = _distill_loss(logits, teacher)
+                        step_loss = _sum([loss.item()], device)[0]
+                        if not math.isfinite(step_loss):
+                            raise TrainingDiverged(
+                                f"supernet loss became {step_loss} at epoch {epoch} step {step}"
+                                f" (subnet {k}); lower training.lr or enable training.grad_clip")
+                        if k > 0:
+                            sums[1] += loss.item() * labels.shape[0] / (sampler.per_step - 1)
+                        engine.backward(loss)
+                        engine.step()
+                    sums[0] += ce.item() * labels.shape[0]
+                    sums[2] += labels.shape[0]
+            seconds = time.perf_counter() - started
+            total = _sum(sums, device)
+            val = {}
+            for which, spec in (("largest", sampler.largest), ("smallest", sampler.smallest)):
+                val[which] = evaluate(_ActiveEngine(engine, spec), loaders.val, device=device,
+                                      input_dtype=input_dtype)
+            line = {
+                "epoch": epoch,
+                "train_loss": total[0] / max(total[2], 1),
+                "distill_loss": total[1] / max(total[2], 1),
+                "val_acc_largest": val["largest"].acc1,
+                "val_acc_smallest": val["smallest"].acc1,
+                "lr": float(engine.get_lr()[0]),
+                "subnets_per_step": sampler.per_step,
+                "distilled": epoch > label_epochs,
+                "images_per_s": total[2] * sampler.per_step / seconds if seconds > 0 else 0.0,
+                "wall_s": wall_before + time.perf_counter() - run_start,
+            }
+            history.append(line)
+            tag = f"epoch_{epoch:04d}"
+            engine.save_checkpoint(str(ckpt), tag=tag, client_state={"epoch": epoch},
+                                   save_latest=False)
+            weights = consolidated_state_dict(engine)
+            if rank0:
+                atomic_write_json(ckpt / STATE_FILE, {
+                    "tag": tag, "epoch": epoch, "world_size": setup.world_size,
+                    "training": training.to_dict(), "space": space_identity(space),
+                    "metrics": history, "shards": shards})
+                atomic_write_text(ckpt / LATEST_FILE, tag)
+                for entry in ckpt.iterdir():
+                    if entry.is_dir() and entry.name != tag:
+                        shutil.rmtree(entry, ignore_errors=True)
+                atomic_write_bytes(out / WEIGHTS_FILE, save_safetensors(weights))
+                write_supernet_info(out, space, sampler, epochs_trained=epoch)
+                with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
+            if report is not None:
+                report(line)
+        return history[-1] if history else None
+    except Exception as e:
+        if rank0:
+            write_failure(out, failure_reason(e))
+        raise
+
+
+def ray_supernet_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of the supernet's `TorchTrainer`."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    setup = WorkerSetup(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                        local_rank=ctx.get_local_rank(), device=str(ray.train.torch.get_device()),
+                        threads=int(config.get("threads", 1)))
+    space = SearchSpace.from_dict(config["space"], check_feasible=False)
+    train_supernet_worker(space, config["out"], setup=setup, resume=bool(config["resume"]),
+                          random_subnets=int(config["random_subnets"]),
+                          label_epochs=int(config.get("label_epochs", 0)),
+                          report=ray.train.report)
+
+
+def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int = 1,
+                   resume: bool = False, use_gpu: bool = False, random_subnets: int = 2,
+                   label_epochs: int = 0, cpus_per_worker: float = 1.0,
+                   ray_address: str | None = None,
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                   on_start: Callable[[int], None] | None = None) -> dict[str, Any] | None:
+    """Train (or, with `resume`, continue) the supernet of `space` into `out`.
+
+    `on_start(first_epoch)` is called once the request is checked, before training starts;
+    `on_epoch(line)` after every epoch with its `metrics.jsonl` line.
+
+    Raises `ConfigError` on bad input before anything is trained: a folder holding a
+    checkpoint without `resume`, a checkpoint of another space or recipe, ZeRO-3, a batch
+    that does not split over the workers.
+    """
+    from nas.data import check_compatible, describe_dataset
+    from nas.ds_config import micro_batch_size
+
+    out = Path(out).expanduser().resolve()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be an integer >= 1, but got {workers!r}."
+                          " Use e.g. --workers 2.")
+    if space.training.zero_stage >= 3:
+        raise ConfigError("training.zero_stage 3 partitions the parameters the supernet slices"
+                          " per subnet; use zero_stage 0, 1 or 2 for supernet training.")
+    if isinstance(label_epochs, bool) or not isinstance(label_epochs, int) or label_epochs < 0:
+        raise ConfigError(f"--label-epochs must be an integer >= 0, but got {label_epochs!r}."
+                          " Use 0 to distil from the first epoch.")
+    if random_subnets < 2:
+        raise ConfigError(f"the sandwich rule trains at least 2 random subnets per step, but"
+                          f" got {random_subnets}. Use --random-subnets 2 or more.")
+    micro_batch_size(space.training, workers)
+    state = read_state(out)
+    if state is not None and not resume:
+        raise ConfigError(f"--out {out} already holds a supernet checkpoint (epoch"
+                          f" {state.epoch}). Pass --resume to continue it, or choose another"
+                          " --out.")
+    if resume and state is not None:
+        check_resumable(state, space, workers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FAILURE_FILE).unlink(missing_ok=True)
+    sampler = SandwichSampler(space, seed=space.training.seed, random_subnets=random_subnets)
+    check_compatible(describe_dataset(space.training.dataset), sampler.largest)
+    space.save(out / SPACE_FILE)
+    if not (out / SUPERNET_FILE).is_file() or state is None:
+        write_supernet_info(out, space, sampler, epochs_trained=state.epoch if state else 0)
+    if on_start is not None:
+        on_start(state.epoch + 1 if state else 1)
+    if workers == 1:
+        ensure_local_process_group("nccl" if use_gpu else "gloo")
+        setup = WorkerSetup(device="cuda:0" if use_gpu else "cpu",
+                            threads=max(1, math.floor(cpus_per_worker)))
+        return train_supernet_worker(space, out, setup=setup, resume=resume,
+                                     random_subnets=random_subnets,
+                                     label_epochs=label_epochs, report=on_epoch)
+    _train_ray(space, out, workers=workers, resume=resume, use_gpu=use_gpu,
+               random_subnets=random_subnets, label_epochs=label_epochs,
+               cpus_per_worker=cpus_per_worker,
+               ray_address=ray_address)
+    lines = read_json_lines(out / METRICS_FILE)
+    if on_epoch is not None:
+        for line in lines[state.epoch if state else 0:]:
+            on_epoch(line)
+    return lines[-1] if lines else None
+
+
+def _train_ray(space: SearchSpace, out: Path, *, workers: int, resume: bool, use_gpu: bool,
+               random_subnets: int, label_epochs: int, cpus_per_worker: float,
+               ray_address: str | None) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .ray_env import init_ray
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(ray_address)
+    trainer = TorchTrainer(
+        ray_supernet_loop,
+        train_loop_config={"space": space.to_dict(), "out": str(out), "resume": resume,
+                           "random_subnets": random_subnets, "label_epochs": label_epochs,
+                           "threads": max(1, math.floor(cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=f"supernet-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             storage_path=str(out / "ray_train")))
+    try:
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()

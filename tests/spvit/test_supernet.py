@@ -1,0 +1,199 @@
+"""The supernet computes exactly what the stand-alone SPViT computes with the inherited weights."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from nas.oneshot import supernet_choices
+from search_spaces.space import SearchSpace
+from spvit import create_model
+from spvit.arch import ArchSpec, BlockSpec
+from spvit.errors import ConfigError
+from spvit.supernet import SPViTSupernet, SupernetChoices
+
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def _perturb(net: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere, so identity priors, zero tables and unit norms prove nothing:
+    weight matrices move by N(0, 0.02) (the init's scale, so deep stacks stay finite), vectors
+    and prior parameters by N(0, 0.2), BatchNorm statistics to random positive values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in net.named_parameters():
+            matrix = t.ndim >= 2 and not name.endswith(("rpb_table", "gaussian", "axial"))
+            t.add_(torch.randn(t.shape, generator=gen) * (0.02 if matrix else 0.2))
+        for name, b in net.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+
+
+def _features(specs: list[ArchSpec]) -> set[str]:
+    seen = set()
+    for s in specs:
+        for b in s.blocks:
+            seen.update({"pool"} if b.pool else set())
+            seen.update({"share"} if b.share else set())
+            if not isinstance(b.prior, str):
+                seen.add("per_head")
+            seen.update(b.head_priors)
+    return seen
+
+
+def _check_equal(net: SPViTSupernet, spec: ArchSpec, x: torch.Tensor) -> None:
+    model = net.subnet(spec).eval()
+    assert model.spec == spec
+    with torch.no_grad():
+        net.set_active(spec)
+        got = net(x)
+        want = model(x)
+    assert got.shape == want.shape == (x.shape[0], spec.num_classes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,count", [("digits", 24), ("cifar", 10)])
+def test_extracted_subnet_equals_active_forward(name: str, count: int) -> None:
+    space = SearchSpace.load(SPACES / f"{name}.yaml")
+    net = SPViTSupernet(supernet_choices(space), seed=0).eval()
+    _perturb(net, seed=1)
+    rng = random.Random(3)
+    specs = [space.sample(rng) for _ in range(count)]
+    gen = torch.Generator().manual_seed(0)
+    for spec in specs:
+        x = torch.randn(2, spec.in_chans, spec.img_size, spec.img_size, generator=gen)
+        _check_equal(net, spec, x)
+    needed = {"pool", "share", "mlp", "gaussian", "axial", "rpb"}
+    if space.prior.per_head:
+        needed.add("per_head")
+    assert needed <= _features(specs)
+
+
+def test_imagenet_space_smallest_subnets_and_small_input() -> None:
+    space = SearchSpace.load(SPACES / "imagenet.yaml")
+    net = SPViTSupernet(supernet_choices(space), seed=0).eval()
+    _perturb(net, seed=2)
+    rng = random.Random(5)
+    small = [s for s in (space.sample(rng) for _ in range(200))
+             if s.depth == 12 and s.embed_dim == 288][:3]
+    assert small
+    gen = torch.Generator().manual_seed(0)
+    for spec in small:
+        # 64 px: a 4x4 grid (positional embedding resampled, rpb offsets clamped) in both.
+        _check_equal(net, spec, torch.randn(1, 3, 64, 64, generator=gen))
+    _check_equal(net, small[0], torch.randn(1, 3, 224, 224, generator=gen))
+
+
+def _tiny_choices(**changes) -> SupernetChoices:
+    base = dict(img_size=16, in_chans=1, num_classes=5, stem="conv", head="cls", cls_block=0,
+                depths=(2, 3), patch_sizes=(2, 4), embed_dims=(8, 16), mlp_ratios=(1.0, 2.0),
+                pool_width_factors=(1, 2), heads=(1, 2, 4), prior_types=("none", "mlp", "rpb"),
+                pos_embeds=("learned", "sincos", "none"), conv_pos=(False, True),
+                qkv_bias=(False, True), pool_schedules=((), (1,), (1, 2)), share=(False, True))
+    base.update(changes)
+    return SupernetChoices(**base)
+
+
+@pytest.mark.parametrize("cls_block", [0, 1])
+def test_every_global_dimension_and_class_token(cls_block: int) -> None:
+    """Class token from the stem or joining late, conv stem, conv_pos, width factor 2 with a
+    class-token projection, sincos / no positional encoding, no qkv bias, two patch sizes."""
+    net = SPViTSupernet(_tiny_choices(cls_block=cls_block), seed=0).eval()
+    _perturb(net, seed=4)
+    gen = torch.Generator().manual_seed(1)
+    specs = [
+        ArchSpec(blocks=(BlockSpec(heads=2, prior=("mlp", "rpb")),
+                         BlockSpec(heads=4, prior="rpb", pool=True),
+                         BlockSpec(heads=4, share=True)),
+                 img_size=16, patch_size=2, in_chans=1, num_classes=5, embed_dim=16,
+                 mlp_ratio=2.0, stem="conv", head="cls", cls_block=cls_block,
+                 pool_width_factor=2, pos_embed="learned", conv_pos=True, qkv_bias=True),
+        ArchSpec(blocks=(BlockSpec(heads=1, prior="mlp"), BlockSpec(heads=2, pool=True)),
+                 img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=8,
+                 mlp_ratio=1.0, stem="conv", head="cls", cls_block=min(cls_block, 1),
+                 pool_width_factor=1, pos_embed="sincos", conv_pos=False, qkv_bias=False),
+        ArchSpec(blocks=(BlockSpec(heads=4, prior=("none", "mlp", "rpb", "mlp")),
+                         BlockSpec(heads=2, prior="rpb", pool=True),
+                         BlockSpec(heads=2, share=True)),
+                 img_size=16, patch_size=2, in_chans=1, num_classes=5, embed_dim=8,
+                 mlp_ratio=2.0, stem="conv", head="cls", cls_block=cls_block,
+                 pool_width_factor=2, pos_embed="none", conv_pos=True, qkv_bias=True),
+    ]
+    for spec in specs:
+        _check_equal(net, spec, torch.randn(3, 1, 16, 16, generator=gen))
+
+
+def test_subnets_share_the_leading_slices() -> None:
+    net = SPViTSupernet(_tiny_choices(stem="linear", head="avg", pos_embeds=("learned",)),
+                        seed=0)
+    common = dict(img_size=16, patch_size=2, in_chans=1, num_classes=5, stem="linear",
+                  head="avg", pool_width_factor=1)
+    big = ArchSpec(blocks=(BlockSpec(heads=4, prior="rpb"),) * 3, embed_dim=16, mlp_ratio=2.0,
+                   **common)
+    small = ArchSpec(blocks=(BlockSpec(heads=1, prior="rpb"),) * 2, embed_dim=8,
+                     mlp_ratio=1.0, **common)
+    a, b = net.inherited_state_dict(big), net.inherited_state_dict(small)
+    qkv_big = a["blocks.0.attn.qkv.weight"].reshape(3, 16, 16)
+    qkv_small = b["blocks.0.attn.qkv.weight"].reshape(3, 8, 8)
+    torch.testing.assert_close(qkv_small, qkv_big[:, :8, :8])
+    torch.testing.assert_close(b["blocks.1.mlp.fc1.weight"], a["blocks.1.mlp.fc1.weight"][:8, :8])
+    # rpb tables: one per head slot for the largest grid, centre-cropped for smaller grids
+    # (the same offset reads the same entry).
+    table = net.blocks[0].attn.prior.rpb_table
+    assert table.shape == (4, 15, 15)
+    assert b["blocks.0.attn.prior.rpb_table"].shape == (1, 15, 15)
+
+
+def test_one_training_step_moves_only_the_active_slices() -> None:
+    net = SPViTSupernet(_tiny_choices(stem="linear", head="avg", pos_embeds=("learned",)),
+                        seed=0)
+    spec = ArchSpec(blocks=(BlockSpec(heads=2, prior="mlp"),) * 2, img_size=16, patch_size=2,
+                    in_chans=1, num_classes=5, stem="linear", head="avg", embed_dim=8,
+                    mlp_ratio=1.0, pool_width_factor=1)
+    net.set_active(spec)
+    net(torch.randn(2, 1, 16, 16)).sum().backward()
+    grad = net.blocks[0].fc1.weight.grad
+    assert grad[:8, :8].abs().sum() > 0
+    assert grad[8:].abs().sum() == 0 and grad[:, 8:].abs().sum() == 0
+    assert net.blocks[2].fc1.weight.grad is None  # depth 2: the third block is not used
+    prior = net.blocks[0].attn.prior
+    assert prior.mlp_weight.grad[2:].abs().sum() == 0  # head slots 2, 3 are not used
+
+
+def test_out_of_space_architecture_names_dimension_and_value() -> None:
+    net = SPViTSupernet(_tiny_choices(), seed=0)
+    spec = ArchSpec(blocks=(BlockSpec(heads=2), BlockSpec(heads=8)), img_size=16, patch_size=2,
+                    in_chans=1, num_classes=5, stem="conv", head="cls", embed_dim=16,
+                    mlp_ratio=1.0, pool_width_factor=1)
+    with pytest.raises(ConfigError, match=r"heads_1 8 is not among"):
+        net.set_active(spec)
+    with pytest.raises(ConfigError, match=r"embed_dim 24"):
+        net.subnet(spec.replace(embed_dim=24, blocks=(BlockSpec(heads=2),) * 2))
+
+
+def test_seeded_supernets_are_identical_and_leave_the_global_rng() -> None:
+    state = torch.random.get_rng_state()
+    a = SPViTSupernet(_tiny_choices(), seed=7)
+    b = SPViTSupernet(_tiny_choices(), seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), na
+
+
+def test_subnet_keeps_init_field_but_inherits_weights() -> None:
+    space = SearchSpace.load(SPACES / "digits.yaml")
+    net = SPViTSupernet(supernet_choices(space), seed=0)
+    spec = next(s for s in (space.sample(random.Random(i)) for i in range(100))
+                if s.init == "impulse3")
+    model = net.subnet(spec)
+    assert model.spec.init == "impulse3"
+    fresh = create_model(spec, seed=0)
+    assert set(fresh.state_dict()) == set(model.state_dict())
+    inherited = net.inherited_state_dict(spec)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, inherited[k])
