@@ -4,20 +4,29 @@ A dataset string (`digits`, `folder:PATH`, `cifar10:PATH`, `cifar100:PATH`; pars
 `search_spaces.parse_dataset`) names the data; `describe_dataset` reads only its metadata (classes,
 channels, native size) so a search can reject an architecture that does not fit the data before
 launching anything (`check_compatible`). `build_datasets` loads the pixels; `build_loaders` gives
-each worker its own shard of the training split (`DistributedSampler`) and of the validation split
-(`EvalShard`, padded to equal length so every worker runs the same number of forward passes, which
-ZeRO-3 needs).
+each worker its own shard of the training split (`DistributedSampler`) and of the validation and
+test splits (`EvalShard`, padded to equal length so every worker runs the same number of forward
+passes, which ZeRO-3 needs).
+
+Every dataset has three fixed splits. Training fits the weights; the validation split is the only
+one the search sees (the sampler's objective and every early-stopping decision); the test split is
+held out and evaluated once per trial that completes its budget, so the accuracies reported beside
+the front were selected on nobody's data.
 
 * `digits`: scikit-learn's 1,797 handwritten-digit scans (8x8, 17 grey levels, 10 classes, shipped
-  inside scikit-learn). A fixed, seeded, stratified 80/20 split (`DIGITS_SPLIT_SEED`, independent of
-  the training seed, so every candidate is ranked on the same validation images), bilinear
+  inside scikit-learn). A fixed, seeded, stratified 60/20/20 train/validation/test split
+  (`DIGITS_SPLIT_SEED`, independent of the training seed, so every candidate is ranked on the same
+  validation images and reported on the same test images), bilinear
   upsampling to the architecture's `img_size` once at load time, repeated to 3 channels if the
   architecture wants RGB.
 * `cifar10:PATH` / `cifar100:PATH`: the standard python-pickle release (`data_batch_1..5`,
   `test_batch`, `batches.meta` or `train`, `test`, `meta`), either in PATH or in PATH's
-  `cifar-10-batches-py` / `cifar-100-python`. The test split is the validation split. The files
-  are unpickled with a loader that only accepts numpy arrays and plain containers. Kept as uint8.
-* `folder:PATH`: `PATH/train/<class>/*` and `PATH/val/<class>/*` (torchvision `ImageFolder`),
+  `cifar-10-batches-py` / `cifar-100-python`. The validation split is carved from the training
+  batches (`CIFAR_VAL_FRACTION`, stratified, seeded by `SPLIT_SEED`); the test split is the
+  release's test batch. The files are unpickled with a loader that only accepts numpy arrays
+  and plain containers. Kept as uint8.
+* `folder:PATH`: `PATH/train/<class>/*`, `PATH/val/<class>/*` and, optionally,
+  `PATH/test/<class>/*` (torchvision `ImageFolder`; without `test/` no test accuracy is reported),
   decoded per sample with timm's transforms (random-resized crop, flip, colour jitter for training;
   resize + centre crop for validation).
 
@@ -48,8 +57,11 @@ from search_spaces.training import TrainingConfig, parse_dataset
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 
-DIGITS_SPLIT_SEED = 0
+SPLIT_SEED = 0
+DIGITS_SPLIT_SEED = SPLIT_SEED
 DIGITS_VAL_FRACTION = 0.2
+DIGITS_TEST_FRACTION = 0.2
+CIFAR_VAL_FRACTION = 0.1
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -90,13 +102,17 @@ class DatasetInfo:
 
 @dataclass
 class Datasets:
-    """The two splits of one dataset, ready for an architecture (resized, normalised)."""
+    """The splits of one dataset, ready for an architecture (resized, normalised).
+
+    `test` is None only for an image folder without a `test/` subfolder.
+    """
 
     train: Dataset
     val: Dataset
     info: DatasetInfo
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    test: Dataset | None = None
 
 
 # --------------------------------------------------------------------------- metadata
@@ -209,32 +225,61 @@ def _mix_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2**63 - 1)
 
 
+def stratified_split(labels: np.ndarray, fraction: float, *, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into (kept, held out), holding out `fraction` of every class.
+
+    Each class's indices are permuted by a generator seeded with `seed` and its first
+    `round(fraction * n)` are held out (at least one where the class has two or more samples), so
+    the split is fixed for a seed, stratified, and independent of any global random state. Both
+    index arrays come back sorted.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        held.append(idx[:k])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    kept_idx = np.setdiff1d(np.arange(len(labels)), held_idx)
+    return kept_idx, held_idx
+
+
 def load_digits_split(*, split_seed: int = DIGITS_SPLIT_SEED,
-                      val_fraction: float = DIGITS_VAL_FRACTION
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      val_fraction: float = DIGITS_VAL_FRACTION,
+                      test_fraction: float = DIGITS_TEST_FRACTION
+                      ) -> tuple[torch.Tensor, ...]:
     """The digits scans as (N, 1, 8, 8) floats in [0, 1], split stratified by class.
 
-    Returns `(train_images, train_labels, val_images, val_labels)`.
+    Returns `(train_images, train_labels, val_images, val_labels, test_images, test_labels)`;
+    the fractions are of the whole set (defaults 60/20/20).
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=val_fraction, stratify=digits.target,
-        random_state=split_seed)
-    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+    rest, test_idx = stratified_split(digits.target, test_fraction, seed=split_seed)
+    keep, val_pos = stratified_split(digits.target[rest], val_fraction / (1.0 - test_fraction),
+                                     seed=split_seed + 1)
+    train_idx, val_idx = rest[keep], rest[val_pos]
+    parts = []
+    for idx in (train_idx, val_idx, test_idx):
+        idx = torch.from_numpy(idx)
+        parts += [images[idx], labels[idx]]
+    return tuple(parts)
 
 
 def _digits_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
-    train_x, train_y, val_x, val_y = load_digits_split()
+    train_x, train_y, val_x, val_y, test_x, test_y = load_digits_split()
     size = (spec.img_size, spec.img_size)
     # Upsample once here rather than per sample: 1,797 small images fit in a few MB.
-    train_x = F.interpolate(train_x, size=size, mode="bilinear", align_corners=False)
-    val_x = F.interpolate(val_x, size=size, mode="bilinear", align_corners=False)
+    train_x, val_x, test_x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                              for x in (train_x, val_x, test_x))
     mean, std = (train_x.mean().item(),), (train_x.std().item(),)
     mean, std = mean * spec.in_chans, std * spec.in_chans
     shift = spec.img_size // 8 if training.augment else 0
@@ -242,6 +287,7 @@ def _digits_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo
     return Datasets(
         train=TensorImageDataset(train_x, train_y, max_shift=shift, seed=training.seed, **common),
         val=TensorImageDataset(val_x, val_y, **common),
+        test=TensorImageDataset(test_x, test_y, **common),
         info=info, mean=mean, std=std)
 
 
@@ -314,20 +360,26 @@ def _cifar_batch(path: Path, labels_key: str, classes: int) -> tuple[torch.Tenso
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
-def load_cifar(kind: str, root: str | os.PathLike
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A local CIFAR release as uint8 (N, 3, 32, 32) tensors: train and test (validation)."""
-    _, train_glob, val_name, _, _, labels_key, classes = _CIFAR_LAYOUT[kind]
+def load_cifar(kind: str, root: str | os.PathLike, *, split_seed: int = SPLIT_SEED,
+               val_fraction: float = CIFAR_VAL_FRACTION) -> tuple[torch.Tensor, ...]:
+    """A local CIFAR release as uint8 (N, 3, 32, 32) tensors, in three splits.
+
+    Returns `(train_x, train_y, val_x, val_y, test_x, test_y)`: validation is a stratified,
+    seeded `val_fraction` of the training batches, test is the release's test batch.
+    """
+    _, train_glob, test_name, _, _, labels_key, classes = _CIFAR_LAYOUT[kind]
     root = Path(root)
     parts = [_cifar_batch(p, labels_key, classes) for p in sorted(root.glob(train_glob))]
-    train_x = torch.cat([p[0] for p in parts])
-    train_y = torch.cat([p[1] for p in parts])
-    val_x, val_y = _cifar_batch(root / val_name, labels_key, classes)
-    return train_x, train_y, val_x, val_y
+    all_x = torch.cat([p[0] for p in parts])
+    all_y = torch.cat([p[1] for p in parts])
+    train_idx, val_idx = stratified_split(all_y.numpy(), val_fraction, seed=split_seed)
+    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    test_x, test_y = _cifar_batch(root / test_name, labels_key, classes)
+    return all_x[train_idx], all_y[train_idx], all_x[val_idx], all_y[val_idx], test_x, test_y
 
 
 def _cifar_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
-    train_x, train_y, val_x, val_y = load_cifar(info.kind, info.root)
+    train_x, train_y, val_x, val_y, test_x, test_y = load_cifar(info.kind, info.root)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if info.kind == "cifar10" else \
         (CIFAR100_MEAN, CIFAR100_STD)
     shift = spec.img_size // 8 if training.augment else 0
@@ -336,6 +388,7 @@ def _cifar_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo)
         train=TensorImageDataset(train_x, train_y, max_shift=shift, hflip=training.augment,
                                  seed=training.seed, **common),
         val=TensorImageDataset(val_x, val_y, **common),
+        test=TensorImageDataset(test_x, test_y, **common),
         info=info, mean=mean, std=std)
 
 
@@ -356,7 +409,8 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     found = {}
-    for split in ("train", "val"):
+    splits = ("train", "val", "test") if (root / "test").is_dir() else ("train", "val")
+    for split in splits:
         classes = sorted(d for d in (root / split).iterdir() if d.is_dir())
         empty = [d.name for d in classes
                  if not any(f.suffix.lower() in IMG_EXTENSIONS for f in d.iterdir())]
@@ -368,11 +422,12 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
                 f" Put each class's images in PATH/{split}/<class>/."
             )
         found[split] = tuple(d.name for d in classes)
-    if found["train"] != found["val"]:
-        diff = sorted(set(found["train"]) ^ set(found["val"]))
-        raise ConfigError(f"image folder {str(root)!r}: train/ and val/ must hold the same class"
-                          f" folders, but they differ in {diff}. Add or remove those class"
-                          " folders.")
+    for split in splits[1:]:
+        if found["train"] != found[split]:
+            diff = sorted(set(found["train"]) ^ set(found[split]))
+            raise ConfigError(f"image folder {str(root)!r}: train/ and {split}/ must hold the"
+                              f" same class folders, but they differ in {diff}. Add or remove"
+                              " those class folders.")
     return found["train"]
 
 
@@ -392,8 +447,10 @@ def _folder_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo
     root = Path(info.root)
     train = ImageFolder(str(root / "train"), transform=train_tf, loader=loader)
     val = ImageFolder(str(root / "val"), transform=val_tf, loader=loader)
-    return Datasets(train=_SeededFolder(train, training.seed), val=val, info=info, mean=mean,
-                    std=std)
+    test = (ImageFolder(str(root / "test"), transform=val_tf, loader=loader)
+            if (root / "test").is_dir() else None)
+    return Datasets(train=_SeededFolder(train, training.seed), val=val, test=test, info=info,
+                    mean=mean, std=std)
 
 
 def _pil_loader(mode: str) -> Callable[[str], Any]:
@@ -431,10 +488,15 @@ def build_datasets(training: TrainingConfig, spec: ArchSpec) -> Datasets:
     info = describe_dataset(training.dataset)
     check_compatible(info, spec)
     if info.kind == "digits":
-        return _digits_datasets(spec, training, info)
-    if info.kind == "folder":
-        return _folder_datasets(spec, training, info)
-    return _cifar_datasets(spec, training, info)
+        data = _digits_datasets(spec, training, info)
+    elif info.kind == "folder":
+        data = _folder_datasets(spec, training, info)
+    else:
+        data = _cifar_datasets(spec, training, info)
+    if len(data.val) == 0:
+        raise ConfigError(f"dataset {training.dataset} has an empty validation split (every class"
+                          " needs at least two training images to hold one out). Add images.")
+    return data
 
 
 class EvalShard(Dataset):
@@ -468,6 +530,7 @@ class Loaders:
     val: DataLoader
     train_sampler: DistributedSampler
     rank: int
+    test: DataLoader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.train_sampler.set_epoch(epoch)
@@ -499,7 +562,11 @@ def build_loaders(data: Datasets, *, micro_batch_size: int, rank: int = 0, world
                                  seed=seed, drop_last=False)
     train = DataLoader(data.train, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
                        num_workers=num_workers, persistent_workers=num_workers > 0)
-    val = DataLoader(EvalShard(data.val, rank, world_size),
-                     batch_size=eval_batch_size or 2 * micro_batch_size, shuffle=False,
-                     num_workers=num_workers, persistent_workers=num_workers > 0)
-    return Loaders(train=train, val=val, train_sampler=sampler, rank=rank)
+    def eval_loader(dataset: Dataset) -> DataLoader:
+        return DataLoader(EvalShard(dataset, rank, world_size),
+                          batch_size=eval_batch_size or 2 * micro_batch_size, shuffle=False,
+                          num_workers=num_workers, persistent_workers=num_workers > 0)
+
+    test = eval_loader(data.test) if data.test is not None else None
+    return Loaders(train=train, val=eval_loader(data.val), train_sampler=sampler, rank=rank,
+                   test=test)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from nas.data import (
     CIFAR10_MEAN,
@@ -22,6 +21,7 @@ from nas.data import (
     check_compatible,
     describe_dataset,
     load_digits_split,
+    stratified_split,
 )
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
@@ -36,21 +36,57 @@ def tiny_spec(**kw) -> ArchSpec:
 
 
 # --------------------------------------------------------------------------- digits
-def test_digits_split_is_fixed_stratified_and_matches_a_plain_split():
-    train_x, train_y, val_x, val_y = load_digits_split()
-    assert (len(train_y), len(val_y)) == (1437, 360)
+def _plain_stratified_split(labels, fraction, seed):
+    """Reference: per class, a seeded permutation; the first round(fraction * n) are held out."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        held.extend(idx[:max(1, min(len(idx) - 1, int(round(fraction * len(idx)))))].tolist())
+    return sorted(set(range(len(labels))) - set(held)), sorted(held)
+
+
+def test_digits_split_is_fixed_stratified_disjoint_and_matches_a_plain_split():
+    train_x, train_y, val_x, val_y, test_x, test_y = load_digits_split()
+    assert len(train_y) + len(val_y) + len(test_y) == 1797
+    assert abs(len(val_y) - 359) <= 5 and abs(len(test_y) - 359) <= 5
     again = load_digits_split()
-    assert torch.equal(again[2], val_x) and torch.equal(again[3], val_y)
-    # Stratified: each class's validation share is within one image of 20 %.
+    for a, b in zip(again, (train_x, train_y, val_x, val_y, test_x, test_y), strict=True):
+        assert torch.equal(a, b)
     d = load_digits()
+    # Stratified: each class's validation and test shares are within one image of 20 %.
     for c in range(10):
         n_c = int((d.target == c).sum())
         assert abs(int((val_y == c).sum()) - 0.2 * n_c) <= 1
-    # Same images as a plain sklearn split with the documented seed, scaled to [0, 1].
-    _, ref_val = train_test_split(np.arange(len(d.target)), test_size=0.2,
-                                  stratify=d.target, random_state=0)
-    assert np.allclose(val_x[:, 0].numpy(), d.images[ref_val] / 16.0)
-    assert np.array_equal(val_y.numpy(), d.target[ref_val])
+        assert abs(int((test_y == c).sum()) - 0.2 * n_c) <= 1
+    # Same images as the plain two-stage split with the documented seeds, scaled to [0, 1].
+    rest, ref_test = _plain_stratified_split(d.target, 0.2, 0)
+    rest = np.asarray(rest)
+    keep, ref_val = _plain_stratified_split(d.target[rest], 0.25, 1)
+    assert np.allclose(test_x[:, 0].numpy(), d.images[ref_test] / 16.0)
+    assert np.allclose(val_x[:, 0].numpy(), d.images[rest[ref_val]] / 16.0)
+    assert np.array_equal(train_y.numpy(), d.target[rest[keep]])
+    # Disjoint: no scan is in two splits (compared by index, then by content).
+    all_idx = set(ref_test) | set(rest[ref_val].tolist()) | set(rest[keep].tolist())
+    assert len(all_idx) == 1797
+    flat = {tuple(x.flatten().tolist()) for x in test_x}
+    assert not any(tuple(x.flatten().tolist()) in flat for x in val_x[:50])
+
+
+def test_stratified_split_holds_out_every_class_and_ignores_global_rng():
+    labels = np.array([0] * 7 + [1] * 3 + [2] * 2)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    a = stratified_split(labels, 0.3, seed=5)
+    np.random.seed(2)
+    torch.manual_seed(2)
+    b = stratified_split(labels, 0.3, seed=5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    kept, held = a
+    assert set(labels[held]) == {0, 1, 2} and set(labels[kept]) == {0, 1, 2}
+    assert not set(kept) & set(held) and len(kept) + len(held) == len(labels)
+    assert not np.array_equal(stratified_split(labels, 0.3, seed=6)[1], held)
 
 
 def _upsample2_reference(img: np.ndarray) -> np.ndarray:
@@ -68,7 +104,7 @@ def _upsample2_reference(img: np.ndarray) -> np.ndarray:
 def test_digits_are_upsampled_normalised_and_repeated_to_rgb():
     spec = tiny_spec()
     data = build_datasets(TrainingConfig(augment=False), spec)
-    _, _, val_x, val_y = load_digits_split()
+    _, _, val_x, val_y, _, _ = load_digits_split()
     x, y = data.val[3]
     assert x.shape == (1, 16, 16) and y == int(val_y[3])
     ref = (_upsample2_reference(val_x[3, 0].double().numpy()) - data.mean[0]) / data.std[0]
@@ -138,10 +174,12 @@ def test_train_shards_are_disjoint_equal_and_cover_the_split():
     for s in shards:
         s.set_epoch(1)
     idx = [list(iter(s.train_sampler)) for s in shards]
-    assert len(idx[0]) == len(idx[1]) == 719  # ceil(1437 / 2), one index repeated as padding
-    assert set(idx[0]) | set(idx[1]) == set(range(1437))
-    assert len(set(idx[0]) & set(idx[1])) <= 1
-    assert shards[0].steps_per_epoch == shards[1].steps_per_epoch == 719 // 16
+    n = len(data.train)
+    half = (n + 1) // 2  # an odd count repeats one index as padding
+    assert len(idx[0]) == len(idx[1]) == half
+    assert set(idx[0]) | set(idx[1]) == set(range(n))
+    assert len(set(idx[0]) & set(idx[1])) == n % 2
+    assert shards[0].steps_per_epoch == shards[1].steps_per_epoch == half // 16
     # Images in a batch are the ones the sampler named.
     xb, yb = next(iter(shards[1].train))
     assert xb.shape == (16, 1, 16, 16)
@@ -199,12 +237,21 @@ def test_cifar10_pickle_layout_loads_normalised_and_checks_the_architecture(tmp_
     assert info.class_names[3] == "c3"
     spec = tiny_spec(img_size=32, patch_size=4, in_chans=3)
     data = build_datasets(TrainingConfig(dataset=f"cifar10:{tmp_path}", augment=False), spec)
-    assert (len(data.train), len(data.val)) == (15, 3)
-    raw, labels = images["data_batch_2"]
-    x, y = data.train[3 + 1]  # second image of the second batch
-    ref = (raw[1].reshape(3, 32, 32) / 255.0 - np.array(CIFAR10_MEAN)[:, None, None]) \
-        / np.array(CIFAR10_STD)[:, None, None]
-    assert y == labels[1] and np.allclose(x.numpy(), ref, atol=1e-5)
+    # Validation is carved from the five training batches; test is the release's test batch.
+    raw = np.concatenate([images[f"data_batch_{i}"][0] for i in range(1, 6)])
+    labels = sum((images[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    kept, held = stratified_split(np.array(labels), 0.1, seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (len(kept), len(held), 3)
+    assert len(held) >= 1 and len(kept) + len(held) == 15
+    mean, std = np.array(CIFAR10_MEAN)[:, None, None], np.array(CIFAR10_STD)[:, None, None]
+    for split, idx in ((data.train, kept), (data.val, held)):
+        x, y = split[len(idx) - 1]
+        ref = (raw[idx[-1]].reshape(3, 32, 32) / 255.0 - mean) / std
+        assert y == labels[idx[-1]] and np.allclose(x.numpy(), ref, atol=1e-5)
+    test_raw, test_labels = images["test_batch"]
+    x, y = data.test[2]
+    ref = (test_raw[2].reshape(3, 32, 32) / 255.0 - mean) / std
+    assert y == test_labels[2] and np.allclose(x.numpy(), ref, atol=1e-5)
     # Upsampling to 64 px works; grey-scale or smaller inputs are refused.
     big = build_datasets(TrainingConfig(dataset=f"cifar10:{tmp_path}"),
                          tiny_spec(img_size=64, patch_size=8, in_chans=3))
@@ -219,16 +266,19 @@ def test_cifar100_layout_and_a_refused_pickle(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    for name, n in (("train", 4), ("test", 2)):
+    for name, n in (("train", 8), ("test", 2)):
         with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "fine_labels": list(range(90, 90 + n)), "coarse_labels": [0] * n}, f)
+                         "fine_labels": [90 + i % 4 for i in range(n)],
+                         "coarse_labels": [0] * n}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, f)
     spec = tiny_spec(img_size=32, patch_size=4, in_chans=3, num_classes=100)
     data = build_datasets(TrainingConfig(dataset=f"cifar100:{folder}"), spec)
-    assert (len(data.train), len(data.val)) == (4, 2)
-    assert data.train[3][1] == 93
+    # Two images of each of four classes: one of each is held out for validation.
+    assert (len(data.train), len(data.val), len(data.test)) == (4, 4, 2)
+    assert sorted(data.train[i][1] for i in range(4)) == [90, 91, 92, 93]
+    assert sorted(data.val[i][1] for i in range(4)) == [90, 91, 92, 93]
     with pytest.raises(ConfigError, match="num_classes: 100"):
         check_compatible(data.info, tiny_spec(img_size=32, patch_size=4, in_chans=3))
 
@@ -248,9 +298,9 @@ def test_missing_cifar_files_are_a_config_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- folders
-def _write_folder(root, classes=("cat", "dog"), per_class=3, size=20):
+def _write_folder(root, classes=("cat", "dog"), per_class=3, size=20, splits=("train", "val")):
     rng = np.random.default_rng(2)
-    for split in ("train", "val"):
+    for split in splits:
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(per_class):
@@ -276,6 +326,20 @@ def test_image_folder_loads_with_timm_transforms_in_rgb_and_grey(tmp_path):
                           tiny_spec(num_classes=2, in_chans=1))
     xg, _ = grey.val[0]
     assert xg.shape == (1, 16, 16)
+    assert data.test is None and loaders.test is None  # no test/ folder: no test accuracy
+
+
+def test_image_folder_test_split_is_loaded_and_checked(tmp_path):
+    _write_folder(tmp_path, per_class=2, splits=("train", "val", "test"))
+    spec = tiny_spec(num_classes=2, in_chans=3)
+    data = build_datasets(TrainingConfig(dataset=f"folder:{tmp_path}", augment=False), spec)
+    assert len(data.test) == 4 and data.test[3][1] == 1
+    loaders = build_loaders(data, micro_batch_size=2, world_size=2, rank=1)
+    shard = loaders.test.dataset  # rank 1 of 2: every second test image
+    assert [shard[i][1] for i in range(len(shard))] == [0, 1]
+    (tmp_path / "test" / "dog").rename(tmp_path / "test" / "bird")
+    with pytest.raises(ConfigError, match=r"train/ and test/ must hold the same class"):
+        describe_dataset(f"folder:{tmp_path}")
 
 
 def test_image_folder_with_different_classes_in_train_and_val_is_refused(tmp_path):
