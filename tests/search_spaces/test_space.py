@@ -95,7 +95,8 @@ def test_digits_space_is_the_small_embedded_default():
     assert (space.fixed["img_size"], space.fixed["patch_size"], space.fixed["in_chans"],
             space.fixed["num_classes"]) == (16, 2, 1, 10)
     assert set(space.prior.types) == {"none", "mlp", "gaussian", "axial", "rpb", "decay"}
-    assert set(space.choices["init"]) == {"trunc_normal", "mimetic", "impulse3", "impulse5"}
+    assert set(space.choices["init"]) == {"trunc_normal", "mimetic", "impulse3",
+                                             "impulse3_mimetic"}
     assert 12 <= space.search.trials <= 32 and space.search.concurrent == 2
 
 
