@@ -399,7 +399,12 @@ class SearchStudy:
                     wall_s: float | None = None) -> TrialState:
         """Tell a trial that ended without error: COMPLETE with (val_acc, gflops, params) if it
         trained the full budget, PRUNED with its fidelity if it stopped earlier, FAIL if its last
-        accuracy is not a finite number."""
+        accuracy is not a finite number.
+
+        The objective is the validation accuracy alone. A full-budget trial's held-out
+        `test_acc` (evaluated once, after its last epoch) is kept as a user attr for reports and
+        exports; it is never an objective and never reaches the sampler.
+        """
         metrics = metrics or {}
         fidelity = metrics.get("epoch")
         acc = metrics.get("val_acc")
@@ -413,6 +418,9 @@ class SearchStudy:
             return self.tell_fail(candidate, f"val_acc is {acc!r} after the full budget",
                                   fidelity=fidelity, wall_s=wall_s)
         self._finish_attrs(candidate, fidelity, wall_s)
+        test_acc = metrics.get("test_acc")
+        if _is_finite(test_acc):
+            self._trial(candidate.trial_id).set_user_attr("test_acc", float(test_acc))
         self.study.tell(candidate.number, [float(acc), candidate.gflops, float(candidate.params)])
         self._release(candidate.trial_id)
         self.consecutive_failures = 0

@@ -237,6 +237,32 @@ def test_full_budget_is_complete_with_cost_model_objectives(tmp_path, space):
     assert t.intermediate_values == {1: 0.4}
 
 
+def test_test_accuracy_is_kept_beside_and_never_reaches_the_sampler(tmp_path, space,
+                                                                     monkeypatch):
+    ss = _search_study(tmp_path, space)
+    told = []
+    real_tell = ss.study.tell
+
+    def spy(*args, **kwargs):
+        told.append((args, kwargs))
+        return real_tell(*args, **kwargs)
+
+    monkeypatch.setattr(ss.study, "tell", spy)
+    c = ss.ask()
+    ss.record_epoch(c, {"epoch": 1, "val_acc": 0.4})
+    ss.tell_result(c, {"epoch": 2, "val_acc": 0.5, "test_acc": 0.875})
+    t = ss._frozen(c.number)
+    assert t.values[0] == 0.5 and t.user_attrs["test_acc"] == 0.875
+    # What the study (and so every sampler) was told holds no test accuracy.
+    told_values = [v for args, kw in told for v in (kw.get("values") or
+                                                    (args[1] if len(args) > 1 else []) or [])]
+    assert 0.875 not in told_values and 0.875 not in t.intermediate_values.values()
+    # A pruned trial has no test accuracy, even if one was (wrongly) reported.
+    p = ss.ask()
+    ss.tell_result(p, {"epoch": 1, "val_acc": 0.3, "test_acc": 0.9})
+    assert "test_acc" not in ss._frozen(p.number).user_attrs
+
+
 def test_reproposed_architectures_are_never_trained_twice(tmp_path, space):
     ss = _search_study(tmp_path, space)
     first = ss.ask()
