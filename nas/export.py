@@ -35,7 +35,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from nas import pareto
+from nas import outputs, pareto
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_text
@@ -409,6 +409,7 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)
+    outputs.check_output(out_dir, command="export", overwrite=overwrite)
     info = pareto.read_run_info(run_dir)
     study = pareto.open_study(run_dir, storage=storage)
     trial = find_trial(study, trial_number)
@@ -438,6 +439,7 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
         if ArchSpec.load(tmp / ARCH_FILE) != spec:
             raise RuntimeError("the exported arch.yaml does not round-trip to the ArchSpec")
         onnx_error = export_onnx(model, spec, tmp / ONNX_FILE)
+        outputs.write_export_marker(tmp)
         atomic_write_text(tmp / CARD_FILE, model_card(
             run_dir=run_dir, info=info, study_name=study.study_name, trial=trial, spec=spec,
             out_dir=out_dir, weights_sha256=sha, onnx_error=onnx_error))

@@ -49,8 +49,8 @@ def _images(batch, spec, seed):
 @pytest.mark.parametrize("n", [1, 3])
 def test_folder_contents_and_arch_round_trip(exported, run_dir, n):
     out = exported[n]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "arch.yaml", "model.onnx",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".spvit-export", "README.md", "arch.yaml",
+                                                     "model.onnx", "model.safetensors"]
     spec = ArchSpec.load(out / "arch.yaml")
     assert spec == ARCHS[n]
     trial = pareto.open_study(run_dir).trials[n]
