@@ -3,13 +3,15 @@
 Each subcommand lives in its own module (`launch/cmd_*.py`) exposing `add_arguments(parser)` and
 `run(args) -> int`. Modules import their heavy dependencies inside `run`, so `--help` and the
 light commands never pay for Ray, DeepSpeed or torch start-up. Bad input (`ConfigError`) becomes
-one line on stderr and exit code 2, with no traceback.
+one line on stderr and exit code 2, with no traceback. A closed output pipe (`spvit-nas pareto RUN
+| head -2`) ends the command quietly with 141, the shell's code for SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from spvit.errors import ConfigError
@@ -23,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cost": ("launch.cmd_space", "print an architecture's parameters and GFLOPs"),
     "check-space": ("launch.cmd_space", "validate a search-space file and summarise it"),
     "cluster-check": ("launch.cluster_check", "check a Ray cluster and run folder before a search"),
+    "repair-journal": ("launch.cmd_journal", "truncate a damaged study journal to its last good"
+                                             " line (keeps a backup)"),
 }
 
 
@@ -57,6 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spvit-nas {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null so that the interpreter's final
+    flush does not raise (and print a traceback) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
