@@ -94,15 +94,16 @@ def _line_problem(raw: bytes) -> str | None:
     return None
 
 
+_RECORD_START = '{"op_code":'
+
+
 def _looks_like_record_start(tail: bytes) -> bool:
-    try:
-        text = tail.decode("utf-8")
-    except UnicodeDecodeError as e:
-        # A cut can split a multi-byte character only at the very end.
-        if e.start < len(tail) - 3:
-            return False
-        text = tail[:e.start].decode("utf-8")
-    return text.startswith("{") and "\n" not in text
+    """Optuna writes every record as ASCII JSON starting with `{"op_code":`; a writer killed
+    mid-append leaves a prefix of one. NUL padding or binary junk is not that."""
+    if not tail or any(b < 0x20 or b > 0x7E for b in tail):
+        return False
+    text = tail.decode("ascii")
+    return text.startswith(_RECORD_START) or _RECORD_START.startswith(text)
 
 
 def scan_journal(path: str | os.PathLike) -> JournalScan:

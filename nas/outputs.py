@@ -111,6 +111,10 @@ def _contained(out: Path) -> tuple[Path, str] | None:
     return None
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def _what_it_holds(kind: str) -> str:
     return {"run folder": "its study, trials and exports",
             "trial folder": "its checkpoint, metrics and weights",
@@ -165,7 +169,7 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
                        f" {out / 'arch.yaml'}).")
             else:
                 fix = "Choose a new or empty --out."
-            raise ConfigError(f"--out {out} already exists and is a {own}; `{command}` there"
+            raise ConfigError(f"--out {out} already exists and is {_a(own)}; `{command}` there"
                               f" would overwrite"
                               f" {_what_it_holds(own)}. {fix}")
         if own == "export":
@@ -175,10 +179,6 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
                                   " --overwrite replaces only a folder holding nothing but an"
                                   " export. Move those files away or choose another --out.")
             return out
-    elif command == "export" and overwrite and _exists(out) and any(out.iterdir()):
-        raise ConfigError(f"--overwrite replaces only a previous export (a folder with"
-                          f" {EXPORT_MARKER}), but {out} is not one. Choose another --out, or"
-                          " empty it yourself.")
 
     # 3. folders below it
     if out.is_dir() and own != "run folder":
@@ -188,6 +188,11 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
             raise ConfigError(f"--out {out} contains the {kind} {path}; `{command}` there"
                               f" could overwrite {_what_it_holds(kind)}. Choose a new or empty"
                               " --out.")
+    if own is None and command == "export" and overwrite and _exists(out) \
+            and any(out.iterdir()):
+        raise ConfigError(f"--overwrite replaces only a previous export (a folder with"
+                          f" {EXPORT_MARKER}), but {out} is not one. Choose another --out, or"
+                          " empty it yourself.")
     return out
 
 
