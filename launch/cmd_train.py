@@ -5,7 +5,10 @@ block is used; default: `TrainingConfig()`), with `--dataset`, `--epochs` and `-
 The resolved recipe is saved as `DIR/training.yaml`; training goes through
 `launch.trial.run_candidate`, so DIR is a trial folder (metrics.jsonl, checkpoint/, ds_config.json,
 model.safetensors and arch.yaml at the end). A folder that already holds a checkpoint is only
-continued with `--resume`, never overwritten.
+continued with `--resume`, never overwritten; `--resume` on a folder without one is refused, and
+so is an `--out` that is or lies inside a run folder, a search's trial or an export
+(`nas.outputs`). The data, the batch split and the CPUs/GPUs asked for are checked before a file
+is written or Ray starts.
 """
 
 from __future__ import annotations

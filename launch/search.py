@@ -4,10 +4,11 @@
 
 1. resolves the request against the space's `search:` block (a new run) or the run's `run.json`
    (`--resume`), refusing a run folder that already holds a study unless resuming;
-2. opens the study in its persistent storage (`nas.storage.make_storage`: RUN_DIR/study.journal
-   by default), prints the storage URL and study name, and writes `run.json` and the resolved
-   `space.yaml` atomically;
-3. starts or joins Ray through `launch.ray_env.init_ray` and runs one Tune experiment in
+2. checks the journal of a resumed run (`nas.journal.check_run_journal`), starts or joins Ray
+   for a new one, then opens the study in its persistent storage (`nas.storage.make_storage`:
+   RUN_DIR/study.journal by default), prints the storage URL and study name, and writes
+   `run.json` and the resolved `space.yaml` atomically;
+3. (joining Ray through `launch.ray_env.init_ray` if not done yet) runs one Tune experiment in
    RUN_DIR/tune: `tune.with_resources(candidate_trainable, trainable_resources(W, use_gpu))`
    driven by `launch.searcher.StudySearcher`, at most `--concurrent` trials at a time, with a
    progress table, retries through `FailureConfig`, and ASHA early stopping on `val_acc` per
@@ -23,6 +24,14 @@ checkpoint in their trial folder, and only the missing number of new trials is a
 Failures. A trial that crashes, diverges or runs out of memory is told FAIL with its reason and
 the search goes on; after `--max-consecutive-failures` failures in a row the driver stops Tune
 and exits 1, leaving the study intact (trials cut short stay RUNNING and continue on --resume).
+A search whose launched trials all failed, or that ends without a full-budget trial, exits 1 with
+the count and the first cause; so does one whose result could not be written to the study
+(`StudySearcher` retries first; the trial stays RUNNING and --resume records it).
+
+Checks. Everything that can be checked is checked before Ray starts or a file is written
+(`plan_search`: --out, flag combinations, the dataset, a local machine's CPUs/GPUs), and a new
+search meets the cluster (resources, shared folder, authentication mode) before it creates its
+study; a resumed one reads its journal through `nas.journal` before Optuna does.
 """
 
 from __future__ import annotations
