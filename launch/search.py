@@ -672,8 +672,13 @@ def _finish(plan: _Plan, study: Any, request: SearchRequest, outcome: SearchOutc
             from nas import export
         except ImportError:
             return
-        path, trial, why = export.export_pick(plan.run_dir, plan.run_dir / EXPORT_DIR,
-                                              method="knee", overwrite=True, storage=plan.url)
+        try:
+            path, trial, why = export.export_pick(plan.run_dir, plan.run_dir / EXPORT_DIR,
+                                                  method="knee", overwrite=True,
+                                                  storage=plan.url)
+        except ConfigError as e:  # e.g. RUN_DIR/export holds files of the user's own
+            say(f"export skipped: {e}")
+            return
         outcome.export_dir = Path(path)
         say(f"exported trial {trial.number} to {path} ({why})")
 

@@ -222,3 +222,15 @@ def test_shared_run_folder_on_a_multi_node_cluster(two_node_cluster, tmp_path):
     finally:
         cluster.remove_node(blind)
     assert cluster.alive_node_count() == 2
+
+
+@pytest.mark.slow
+def test_auth_mode_probe_reads_each_nodes_mode(ray_local, monkeypatch):
+    from launch import ray_env
+
+    ray_env.check_auth_mode(timeout_s=120)  # the local instance and its driver agree (token)
+    # a driver in the other mode: the node's worker still answers "token", and that is named
+    monkeypatch.setattr(ray_env, "auth_mode", lambda: "disabled")
+    with pytest.raises(ConfigError, match=r"driver runs with RAY_AUTH_MODE=disabled, but"
+                                          r" node\(s\) 127\.0\.0\.1 run with token"):
+        ray_env.check_auth_mode(timeout_s=120)
