@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     runner = getattr(module, args._runner, None) or module.run
     try:
-        return int(runner(args) or 0)
+        code = int(runner(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
+        return code
     except ConfigError as e:
         print(f"spvit-nas {args.command}: error: {e}", file=sys.stderr)
         return 2

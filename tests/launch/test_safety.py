@@ -452,3 +452,18 @@ def test_the_guard_only_reads(tmp_path):
     check_output(tmp_path / "a", command="search")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     shutil.rmtree(tmp_path / "a")
+
+
+def test_pareto_into_head_has_no_traceback(run_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for _ in range(3):
+        proc = subprocess.run(f"'{sys.executable}' -m launch.cli pareto '{run_dir}' | head -2;"
+                              " exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode in (0, cli.EXIT_BROKEN_PIPE), proc.stderr
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+        assert len(proc.stdout.splitlines()) == 2
