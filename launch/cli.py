@@ -3,13 +3,15 @@
 Each subcommand lives in its own module (`launch/cmd_*.py`) exposing `add_arguments(parser)` and
 `run(args) -> int`. Modules import their heavy dependencies inside `run`, so `--help` and the
 light commands never pay for Ray, DeepSpeed or torch start-up. Bad input (`ConfigError`) becomes
-one line on stderr and exit code 2, with no traceback.
+one line on stderr and exit code 2, with no traceback. A closed output pipe (`spvit-nas pareto RUN
+| head -2`) ends the command quietly with 141, the shell's code for SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from spvit.errors import ConfigError
@@ -25,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster-check": ("launch.cluster_check", "check a Ray cluster and run folder before a search"),
     "dashboard": ("launch.cmd_dashboard", "browse a search's study in optuna-dashboard"),
     "supernet": ("launch.cmd_supernet", "train a weight-sharing supernet or score an architecture"),
+    "repair-journal": ("launch.cmd_journal", "truncate a damaged study journal to its last good"
+                                             " line (keeps a backup)"),
 }
 
 
@@ -52,13 +56,31 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     runner = getattr(module, args._runner, None) or module.run
     try:
-        return int(runner(args) or 0)
+        code = int(runner(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
+        return code
     except ConfigError as e:
         print(f"spvit-nas {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"spvit-nas {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null so that the interpreter's final
+    flush does not raise (and print a traceback) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas import export
+    from nas import export, pareto
+    from nas.journal import check_run_journal
+    from nas.outputs import check_output
     from spvit.errors import ConfigError
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "export"
@@ -41,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
         if args.max_gflops is not None or args.max_params is not None:
             raise ConfigError("--max-gflops/--max-params apply to --pick, but got them with"
                               f" --trial {args.trial}. Drop the budgets or use --pick.")
+    check_output(out, command="export", overwrite=args.overwrite)  # before reading anything
+    info = pareto.read_run_info(args.run_dir)
+    check_run_journal(args.run_dir, args.storage or info.get("storage"),
+                      say=lambda line: print(line, file=sys.stderr))
+    if args.trial is not None:
         path = export.export_trial(args.run_dir, args.trial, out, overwrite=args.overwrite,
                                    storage=args.storage)
         print(f"exported trial {args.trial} to {path}")

@@ -37,8 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nas import pareto
+    from nas.journal import check_run_journal
+    from spvit.errors import ConfigError
 
+    if args.priors_trial is not None and not args.plot:
+        raise ConfigError(f"--priors-trial {args.priors_trial} chooses the trial whose priors"
+                          " --plot draws, but --plot is not given. Add --plot, or drop"
+                          " --priors-trial.")
     info = pareto.read_run_info(args.run_dir)
+    check_run_journal(args.run_dir, args.storage or info.get("storage"),
+                      say=lambda line: print(line, file=sys.stderr))
     study = pareto.open_study(args.run_dir, storage=args.storage)
     where = pareto.storage_label(args.run_dir, info, storage=args.storage)
     front = pareto.pareto_trials(study)

@@ -3,7 +3,8 @@
 Optuna proposes and ranks (maximise val_acc, minimise GFLOPs and parameters), Ray Tune trains the
 candidates, the run folder keeps everything needed to resume (`--resume`, even after kill -9).
 Defaults come from the space's `search:` and `training:` blocks. Exit codes: 0 done, 1 stopped
-after too many consecutive failed trials, 2 bad input, 130 interrupted. See `launch/search.py`.
+after failures (too many in a row, every launched trial failed, no full-budget trial, a result
+that could not be recorded), 2 bad input, 130 interrupted. See `launch/search.py`.
 """
 
 from __future__ import annotations

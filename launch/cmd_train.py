@@ -5,7 +5,10 @@ block is used; default: `TrainingConfig()`), with `--dataset`, `--epochs` and `-
 The resolved recipe is saved as `DIR/training.yaml`; training goes through
 `launch.trial.run_candidate`, so DIR is a trial folder (metrics.jsonl, checkpoint/, ds_config.json,
 model.safetensors and arch.yaml at the end). A folder that already holds a checkpoint is only
-continued with `--resume`, never overwritten.
+continued with `--resume`, never overwritten; `--resume` on a folder without one is refused, and
+so is an `--out` that is or lies inside a run folder, a search's trial or an export
+(`nas.outputs`). The data, the batch split and the CPUs/GPUs asked for are checked before a file
+is written or Ray starts.
 """
 
 from __future__ import annotations
@@ -71,17 +74,67 @@ def load_training(path: str | None) -> Any:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def check_before_training(spec: Any, training: Any, *, workers: int, use_gpu: bool,
+                          cpus_per_worker: float, address: str | None) -> None:
+    """Everything `train` can check before Ray starts or a file is written: the data (present,
+    class count, channels), the batch split, and the CPUs/GPUs asked for against this machine
+    (a local instance) or the cluster's totals as far as they are known without joining it."""
+    import math as _math
+
+    from nas.data import check_compatible, describe_dataset
+    from nas.ds_config import micro_batch_size
+    from spvit.errors import ConfigError
+
+    if isinstance(cpus_per_worker, bool) or not _math.isfinite(cpus_per_worker) \
+            or cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker must be > 0, but got {cpus_per_worker!r}. Pass"
+                          " e.g. --cpus-per-worker 1.")
+    micro_batch_size(training, workers)
+    check_compatible(describe_dataset(training.dataset), spec)
+    from .ray_env import resolve_address
+
+    if address is None and resolve_address(None) is None:
+        check_local_resources(workers=workers, cpus_per_worker=cpus_per_worker,
+                              use_gpu=use_gpu, flag="--workers")
+
+
+def check_local_resources(*, workers: int, cpus_per_worker: float, use_gpu: bool, flag: str,
+                          num_cpus: int | None = None) -> None:
+    """Refuse a request this machine cannot hold (a local Ray instance would wait forever)."""
+    import os as _os
+
+    from spvit.errors import ConfigError
+
+    have_cpus = num_cpus if num_cpus is not None else (_os.cpu_count() or 1)
+    need_cpus = workers * cpus_per_worker if workers > 1 else cpus_per_worker
+    if workers > 1 and need_cpus > have_cpus:
+        raise ConfigError(f"{flag} {workers} x {cpus_per_worker:g} CPU(s) needs {need_cpus:g}"
+                          f" CPUs, but this machine has {have_cpus}; Ray would wait for them"
+                          f" forever. Lower {flag} or --cpus-per-worker, or join a cluster with"
+                          " --address.")
+    if use_gpu:
+        import torch
+
+        have_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have_gpus < workers:
+            raise ConfigError(f"{workers} worker(s) with one GPU each need {workers} GPU(s), but"
+                              f" this machine has {have_gpus}. Drop the GPU request, lower the"
+                              " workers, or join a GPU cluster with --address.")
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
     from tqdm import tqdm
 
+    from nas.outputs import check_output
     from search_spaces.arch_refs import resolve_arch
     from spvit.errors import ConfigError
     from spvit.io import atomic_write_text
 
     from .trial import TrialFailed, run_candidate
-    from .worker import CHECKPOINT_DIR, read_checkpoint_state
+    from .worker import CHECKPOINT_DIR, check_resumable, read_checkpoint_state
 
+    out = check_output(args.out, command="train", resume=args.resume)
     training = load_training(args.training)
     changes: dict[str, Any] = {}
     if args.dataset is not None:
@@ -92,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         changes["workers_per_trial"] = args.workers
     training = training.replace(**changes)  # validated again, e.g. batch vs workers
     spec = resolve_arch(args.arch)
-    out = Path(args.out)
+    check_before_training(spec, training, workers=training.workers_per_trial,
+                          use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                          address=args.address)
 
     state = read_checkpoint_state(out)
     if not args.resume and ((out / CHECKPOINT_DIR).is_dir()
@@ -100,7 +155,13 @@ def run(args: argparse.Namespace) -> int:
         done = f" (epoch {state.epoch})" if state else ""
         raise ConfigError(f"--out {out} already holds a checkpoint{done}. Pass --resume to"
                           " continue it, or choose another --out.")
-    if args.resume and state is not None and state.epoch >= training.epochs:
+    if args.resume and state is None:
+        raise ConfigError(f"--resume: {out} holds no checkpoint to resume (no"
+                          f" {CHECKPOINT_DIR}/state.json). Drop --resume to train from scratch,"
+                          " or pass the folder an earlier `spvit-nas train` wrote.")
+    if args.resume:
+        check_resumable(state, spec, training, training.workers_per_trial)
+    if args.resume and state.epoch >= training.epochs:
         print(f"{out} is already trained for {state.epoch} epochs (of {training.epochs});"
               " writing its weights again.", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"spvit-nas train: training failed: {e.reason} (see {out / 'failure.json'})",
               file=sys.stderr)
         return 1
-    bar.close()
+    finally:
+        bar.close()  # before any message, so that it never lands inside the bar's line
     print(f"trained {out}: epoch {final['epoch']}/{training.epochs}, val_acc"
           f" {final['val_acc']:.4f}, val_acc5 {final['val_acc5']:.4f}, val_loss"
           f" {final['val_loss']:.4f}; weights in {out / 'model.safetensors'}")

@@ -150,9 +150,88 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
                                   " Check the address (`ray status` on the head prints it), that"
                                   " the head's port 6379 is reachable, and the auth token.") \
                     from None
+            try:
+                check_auth_mode()
+            except ConfigError:
+                ray.shutdown()
+                raise
     if storage_path is not None:
         check_shared_storage(storage_path)
     return ray.get_runtime_context()
+
+
+def auth_mode() -> str:
+    """This process's Ray authentication mode: `token` or `disabled`."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
+def _node_auth_mode() -> tuple[str, str]:
+    return socket.gethostname(), auth_mode()
+
+
+def auth_mismatch(driver: str, answers: list[tuple[str, str | None, str]]) -> str | None:
+    """The one-line complaint about nodes whose authentication mode differs from the driver's.
+
+    `answers`: (node address, its worker's mode or None if it did not answer, detail).
+    """
+    other = [(address, mode) for address, mode, _ in answers if mode is not None
+             and mode != driver]
+    silent = [(address, detail) for address, mode, detail in answers if mode is None]
+    if other:
+        where = ", ".join(address for address, _ in other)
+        mode = other[0][1]
+        if driver == "token":
+            fix = ("Restart those nodes with RAY_AUTH_MODE=token and the cluster's token"
+                   " (RAY_AUTH_TOKEN or ~/.ray/auth_token), or, on a trusted network only, run"
+                   " this driver with RAY_AUTH_MODE=disabled.")
+        else:
+            fix = ("Unset RAY_AUTH_MODE=disabled for this driver and give it the cluster's"
+                   " token (RAY_AUTH_TOKEN or ~/.ray/auth_token).")
+        return (f"Ray authentication modes differ: this driver runs with RAY_AUTH_MODE={driver},"
+                f" but node(s) {where} run with {mode}, so trials there would be cancelled"
+                f" before they start. {fix}")
+    if silent:
+        where = ", ".join(f"{address} ({detail})" for address, detail in silent)
+        return (f"node(s) {where} did not run a probe task, so trials there would never start;"
+                f" a common cause is an authentication mismatch (this driver runs with"
+                f" RAY_AUTH_MODE={driver}). Start every node with the same RAY_AUTH_MODE and"
+                " token as the driver, or check `ray status` for dead nodes.")
+    return None
+
+
+def check_auth_mode(*, timeout_s: float = 60.0) -> None:
+    """Refuse a cluster whose nodes run another authentication mode than this driver.
+
+    One task per alive node (no CPU reserved) reports its worker's mode. In a mismatch the
+    cluster accepts the driver but cancels its actors before they run ("The actor never ran"),
+    which would otherwise only show as every trial failing."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_node_auth_mode)
+    pending = {}
+    for node in alive_nodes():
+        strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+        pending[probe.options(scheduling_strategy=strategy).remote()] = node
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+    answers: list[tuple[str, str | None, str]] = []
+    for ref, node in pending.items():
+        address = node.get("NodeManagerAddress", "?")
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            answers.append((address, None, f"no answer within {timeout_s:.0f}s"))
+            continue
+        try:
+            _, mode = ray.get(ref)
+        except Exception as e:  # the task was refused or its worker never started
+            answers.append((address, None, _first_line(e)))
+            continue
+        answers.append((address, mode, ""))
+    problem = auth_mismatch(auth_mode(), answers)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _first_line(e: BaseException) -> str:

@@ -4,10 +4,11 @@
 
 1. resolves the request against the space's `search:` block (a new run) or the run's `run.json`
    (`--resume`), refusing a run folder that already holds a study unless resuming;
-2. opens the study in its persistent storage (`nas.storage.make_storage`: RUN_DIR/study.journal
-   by default), prints the storage URL and study name, and writes `run.json` and the resolved
-   `space.yaml` atomically;
-3. starts or joins Ray through `launch.ray_env.init_ray` and runs one Tune experiment in
+2. checks the journal of a resumed run (`nas.journal.check_run_journal`), starts or joins Ray
+   for a new one, then opens the study in its persistent storage (`nas.storage.make_storage`:
+   RUN_DIR/study.journal by default), prints the storage URL and study name, and writes
+   `run.json` and the resolved `space.yaml` atomically;
+3. (joining Ray through `launch.ray_env.init_ray` if not done yet) runs one Tune experiment in
    RUN_DIR/tune: `tune.with_resources(candidate_trainable, trainable_resources(W, use_gpu))`
    driven by `launch.searcher.StudySearcher`, at most `--concurrent` trials at a time, with a
    progress table, retries through `FailureConfig`, and ASHA early stopping on `val_acc` per
@@ -23,6 +24,14 @@ checkpoint in their trial folder, and only the missing number of new trials is a
 Failures. A trial that crashes, diverges or runs out of memory is told FAIL with its reason and
 the search goes on; after `--max-consecutive-failures` failures in a row the driver stops Tune
 and exits 1, leaving the study intact (trials cut short stay RUNNING and continue on --resume).
+A search whose launched trials all failed, or that ends without a full-budget trial, exits 1 with
+the count and the first cause; so does one whose result could not be written to the study
+(`StudySearcher` retries first; the trial stays RUNNING and --resume records it).
+
+Checks. Everything that can be checked is checked before Ray starts or a file is written
+(`plan_search`: --out, flag combinations, the dataset, a local machine's CPUs/GPUs), and a new
+search meets the cluster (resources, shared folder, authentication mode) before it creates its
+study; a resumed one reads its journal through `nas.journal` before Optuna does.
 """
 
 from __future__ import annotations
@@ -156,6 +165,7 @@ class _Plan:
     info: nas_study.RunInfo
     url: str | None  # the real storage URL (None: the run's journal)
     trial_retries: int = 0
+    concurrent: int | None = None  # trials at once, once the cluster is known
 
 
 def _load_space(path: Path, **kwargs: Any) -> Any:
@@ -181,11 +191,64 @@ def _is_url(text: str | None) -> bool:
 
 def plan_search(request: SearchRequest) -> _Plan:
     """Resolve `request` against the space / the run folder, without touching anything."""
+    from nas.outputs import check_output
+
+    run_dir = check_output(request.out, command="search", resume=request.resume)
+    _check_flags(request)
+    if request.resume:
+        plan = _plan_resume(request, run_dir)
+    else:
+        plan = _plan_new(request, run_dir)
+    _check_data(plan.space)
+    _check_local_resources(plan, request)
+    return plan
+
+
+def _check_flags(request: SearchRequest) -> None:
+    """Flags that would have no effect in this combination are refused, not ignored."""
+    if request.study_name is not None and not str(request.study_name).strip():
+        raise ConfigError("--study-name must be a non-empty name, but got ''. Drop --study-name"
+                          " (the run folder's name is used) or pass e.g. --study-name digits.")
+    if request.num_cpus is not None:
+        _positive_int("num_cpus", request.num_cpus)
+        from launch.ray_env import resolve_address
+
+        if resolve_address(request.address) is not None:
+            raise ConfigError(f"--num-cpus {request.num_cpus} sizes a local Ray instance, but"
+                              " the search joins a cluster (--address / RAY_ADDRESS), whose"
+                              " nodes bring their own CPUs. Drop --num-cpus.")
+
+
+def _check_data(space: Any) -> None:
+    """The space's dataset is there and fits its fixed architecture fields (classes, channels,
+    image size), before Ray starts or a trial is launched."""
+    from types import SimpleNamespace
+
+    from nas.data import check_compatible, describe_dataset
+
+    fixed = space.fixed
+    shape = SimpleNamespace(num_classes=fixed["num_classes"], in_chans=fixed["in_chans"],
+                            img_size=fixed["img_size"])
+    check_compatible(describe_dataset(space.training.dataset), shape)
+
+
+def _check_local_resources(plan: _Plan, request: SearchRequest) -> None:
+    """A local instance must hold one trial: its CPUs (`--num-cpus`, else the machine's) and
+    GPUs. A cluster is checked once joined (`_cluster_concurrency`)."""
+    from launch.cmd_train import check_local_resources
+    from launch.ray_env import resolve_address
+
+    if resolve_address(request.address) is not None:
+        return
+    info = plan.info
+    check_local_resources(workers=info.workers_per_trial, cpus_per_worker=1.0,
+                          use_gpu=info.gpus_per_worker > 0, flag="--workers-per-trial",
+                          num_cpus=request.num_cpus)
+
+
+def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
     from nas.storage import storage_url
 
-    run_dir = Path(request.out).expanduser().resolve()
-    if request.resume:
-        return _plan_resume(request, run_dir)
     held = _holds_study(run_dir)
     if held:
         raise ConfigError(f"{run_dir} already holds a search ({held}); a new search would mix"
@@ -193,6 +256,11 @@ def plan_search(request: SearchRequest) -> _Plan:
     if request.space is None:
         raise ConfigError("a new search needs a space: pass --space PATH, e.g."
                           " --space search_spaces/digits.yaml.")
+    if request.asha_reduction_factor is not None and not request.asha:
+        _check_reduction_factor(request.asha_reduction_factor)
+        raise ConfigError(f"--asha-reduction-factor {request.asha_reduction_factor:g} applies to"
+                          " ASHA early stopping, which is off. Add --asha, or drop"
+                          " --asha-reduction-factor.")
     space = _with_training(_load_space(Path(request.space)), epochs=request.epochs,
                            workers=request.workers_per_trial)
     defaults = space.search
@@ -236,6 +304,10 @@ def _plan_resume(request: SearchRequest, run_dir: Path) -> _Plan:
     from nas.storage import storage_url
 
     info = nas_study.RunInfo.load(run_dir)
+    if request.asha_reduction_factor is not None and not (info.asha or request.asha):
+        raise ConfigError(f"--asha-reduction-factor {request.asha_reduction_factor:g} applies to"
+                          " ASHA early stopping, which this run does not use. Drop"
+                          " --asha-reduction-factor.")
     info.check_resume({"sampler": request.sampler, "seed": request.seed,
                        "epochs": request.epochs, "workers_per_trial": request.workers_per_trial,
                        "asha": request.asha,
@@ -411,17 +483,52 @@ def _cluster_concurrency(plan: _Plan, say: Callable[[str], None]) -> int:
 
 def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) -> SearchOutcome:
     """Run (or resume) a search; see the module docstring. Raises `ConfigError` on bad input."""
-    from nas.storage import DriverLease, make_storage
+    import ray
 
     started = time.monotonic()
     plan = plan_search(request)
     plan.trial_retries = _positive_int("trial_retries", request.trial_retries, 0)
+    if request.resume:
+        from nas.journal import check_run_journal
+
+        check_run_journal(plan.run_dir, plan.url or plan.info.storage, say=say)
+    existed = plan.run_dir.exists()
+    started_ray = not ray.is_initialized()
+    try:
+        if not request.resume:
+            # A new search meets the cluster before it creates its study: a cluster that
+            # cannot run a trial must not leave a run folder that blocks the next search.
+            try:
+                plan.concurrent = _connect(plan, request, say)
+            except BaseException:
+                if not existed:
+                    with contextlib.suppress(OSError):
+                        plan.run_dir.rmdir()  # only if still empty
+                raise
+        return _search(plan, request, say, started)
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _connect(plan: _Plan, request: SearchRequest, say: Callable[[str], None]) -> int:
+    """Start or join Ray (checked: shared run folder, authentication mode) and return how many
+    trials run at once."""
+    from launch.ray_env import init_ray
+
+    init_ray(request.address, num_cpus=request.num_cpus, storage_path=plan.run_dir)
+    return _cluster_concurrency(plan, say)
+
+
+def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
+            started: float) -> SearchOutcome:
+    from nas.storage import DriverLease, make_storage, study_mutex
+
     info = plan.info
     storage = make_storage(plan.url, plan.run_dir)
     placeholder = nas_study.make_sampler("random", seed=0)
     study = nas_study.open_study(storage, study_name=info.study_name, sampler=placeholder,
                                  resume=request.resume)
-    from nas.storage import study_mutex
 
     # Each driver session of the study gets its own index, even when several start at once,
     # so that concurrent drivers do not propose the same candidates.
@@ -461,7 +568,10 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
         outcome.outcomes = dict(searcher.outcomes)
         if searcher.error is not None:
             raise searcher.error
-        if searcher.stopped:
+        if searcher.record_error is not None:
+            outcome.exit_code = EXIT_FAILURES
+            outcome.message = f"search stopped: {searcher.record_error}."
+        elif searcher.stopped:
             outcome.exit_code = EXIT_FAILURES
             outcome.message = (f"search stopped: {searcher.stop_reason}. The study is intact;"
                                f" see {plan.run_dir}/trials/*/failure.json, fix the cause and"
@@ -471,6 +581,8 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
             outcome.exit_code = EXIT_INTERRUPTED
             outcome.message = ("search interrupted before its budget was spent; continue it"
                                " with --resume (completed trials are kept).")
+    if outcome.exit_code == EXIT_OK:
+        _check_success(plan, study, searcher, outcome)
     _finish(plan, study, request, outcome, say)
     outcome.wall_s = time.monotonic() - started
     say(f"wall time {outcome.wall_s:.0f}s")
@@ -479,11 +591,33 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
     return outcome
 
 
+def _check_success(plan: _Plan, study: Any, searcher: Any, outcome: SearchOutcome) -> None:
+    """A search whose launched trials all failed, or that ends without one full-budget
+    trial, did not succeed: exit 1 with the count and the first cause."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("infeasible")]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    first = getattr(searcher, "first_failure", None)
+    if first is None and failed:
+        first_trial = min(failed, key=lambda t: t.number)
+        first = f"trial {first_trial.number}: {first_trial.user_attrs.get('fail_reason', '?')}"
+    cause = f"; first cause: {first}" if first else ""
+    where = (f" Fix the cause (see {plan.run_dir}/trials/*/failure.json) and continue with"
+             " --resume.")
+    told = sum(getattr(searcher, "outcomes", {}).values()) if searcher is not None else 0
+    session_fails = getattr(searcher, "outcomes", {}).get("FAIL", 0) if searcher else 0
+    if told and session_fails == told:
+        outcome.exit_code = EXIT_FAILURES
+        outcome.message = f"search failed: all {told} launched trial(s) failed{cause}.{where}"
+    elif not complete:
+        counts = dict(Counter(t.state.name for t in trials))
+        outcome.exit_code = EXIT_FAILURES
+        outcome.message = (f"search ended without a full-budget trial ({len(trials)} trial(s):"
+                           f" {counts}){cause}.{where}")
+
+
 def _run_tune(plan: _Plan, search_study: nas_study.SearchStudy, adopt: list, request:
               SearchRequest, num_samples: int, say: Callable[[str], None]) -> Any:
-    import ray
-
-    from launch.ray_env import init_ray
     from launch.searcher import StudySearcher, TrialErrors
 
     info = plan.info
@@ -494,16 +628,11 @@ def _run_tune(plan: _Plan, search_study: nas_study.SearchStudy, adopt: list, req
                      "use_gpu": info.gpus_per_worker > 0},
         adopt=adopt, max_consecutive_failures=info.max_consecutive_failures,
         error_lookup=trial_errors.error_of)
-    started_ray = not ray.is_initialized()
-    try:
-        init_ray(request.address, num_cpus=request.num_cpus, storage_path=plan.run_dir)
-        concurrent = _cluster_concurrency(plan, say)
-        tuner = _make_tuner(plan, searcher, trial_errors, num_samples, concurrent)
-        with _legacy_progress_output():
-            tuner.fit()
-    finally:
-        if started_ray and ray.is_initialized():
-            ray.shutdown()
+    if plan.concurrent is None:
+        plan.concurrent = _connect(plan, request, say)
+    tuner = _make_tuner(plan, searcher, trial_errors, num_samples, plan.concurrent)
+    with _legacy_progress_output():
+        tuner.fit()
     return searcher
 
 
@@ -532,8 +661,13 @@ def _finish(plan: _Plan, study: Any, request: SearchRequest, outcome: SearchOutc
     outcome.reports = list(report.write_reports(plan.run_dir, storage=plan.url))
     say(f"reports: {plan.run_dir / 'reports'}")
     if request.export and front:
-        path, trial, why = export.export_pick(plan.run_dir, plan.run_dir / EXPORT_DIR,
-                                              method="knee", overwrite=True, storage=plan.url)
+        try:
+            path, trial, why = export.export_pick(plan.run_dir, plan.run_dir / EXPORT_DIR,
+                                                  method="knee", overwrite=True,
+                                                  storage=plan.url)
+        except ConfigError as e:  # e.g. RUN_DIR/export holds files of the user's own
+            say(f"export skipped: {e}")
+            return
         outcome.export_dir = Path(path)
         say(f"exported trial {trial.number} to {path} ({why})")
 

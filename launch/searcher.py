@@ -44,19 +44,40 @@ from spvit.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 MAX_REASON_CHARS = 500
+# Tell retries: attempts and the first wait (doubled each time).
+RECORD_ATTEMPTS = 4
+RECORD_BACKOFF_S = 0.5
+# Sentences of Ray's error dumps that say what happened to a trial's process, when the
+# exception line alone does not (an actor error's first line is generic).
+_RAY_CAUSES = ("never ran", "cancelled before it started", "node", "out of memory", "OOM",
+               "killed", "unschedulable", "cannot be scheduled", "placement group",
+               "exited unexpectedly", "SIGKILL", "SIGSEGV")
 
 
 def summarize_error(text: str) -> str:
     """The telling line of a Python/Ray error dump: the last `...Error: ...` line, else the
-    last non-empty one."""
+    last non-empty one; for Ray's actor and task errors also the sentence that says what
+    happened (the actor never ran, its node died, it ran out of memory)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return ""
+    lines = [line for line in lines if not line.startswith("Failure # ")] or lines
+    found = lines[-1]
     for line in reversed(lines):
         head = line.split(":", 1)[0]
         if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
-            return line[:MAX_REASON_CHARS]
-    return lines[-1][:MAX_REASON_CHARS]
+            found = line
+            break
+    cause = next((line for line in lines if line != found
+                  and any(word.lower() in line.lower() for word in _RAY_CAUSES)
+                  and not line.startswith(("File ", "Traceback"))), None)
+    if cause is not None and cause not in found:
+        found = f"{found} ({cause})"
+    return found[:MAX_REASON_CHARS]
+
+
+class RecordFailed(RuntimeError):
+    """A trial's result could not be written to the study, even after retries."""
 
 
 class TrialErrors(Callback):
@@ -65,6 +86,11 @@ class TrialErrors(Callback):
 
     def __init__(self) -> None:
         self._trials: dict[str, Any] = {}
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        # Every trial, also those whose actor never starts (no on_trial_start for them).
+        for trial in trials:
+            self._trials[trial.trial_id] = trial
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trials[trial.trial_id] = trial
@@ -94,13 +120,18 @@ class StudySearcher(Searcher):
         max_consecutive_failures: stop proposing after this many failed trials in a row.
         error_lookup: returns Ray's error line for a Tune trial id (`TrialErrors.error_of`).
         clock: monotonic clock (seconds), injectable for tests.
+        sleep: waits between attempts to record a result (injectable for tests).
+        record_attempts: how often writing a trial's result to the study is tried (with
+            doubling waits from `RECORD_BACKOFF_S`) before the search stops.
     """
 
     def __init__(self, study: SearchStudy, *, trials: int, base_config: Mapping[str, Any],
                  adopt: Sequence[FrozenTrial] = (),
                  max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
                  error_lookup: Callable[[str], str | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 record_attempts: int = RECORD_ATTEMPTS) -> None:
         super().__init__(metric="val_acc", mode="max")
         if isinstance(max_consecutive_failures, bool) or not isinstance(
                 max_consecutive_failures, int) or max_consecutive_failures < 1:
@@ -113,6 +144,8 @@ class StudySearcher(Searcher):
         self.max_consecutive_failures = max_consecutive_failures
         self.error_lookup = error_lookup
         self.clock = clock
+        self.sleep = sleep
+        self.record_attempts = max(1, int(record_attempts))
         self._adopt = list(adopt)
         # Adopted trials are RUNNING in the study, so they are counted already.
         self._remaining = max(0, trials - study.counted_trials())
@@ -123,6 +156,9 @@ class StudySearcher(Searcher):
         self.stop_reason: str | None = None
         self.error: ConfigError | None = None
         self.last_failure: str | None = None
+        self.first_failure: str | None = None
+        self.record_error: str | None = None
+        self._record_attempted: dict[int, bool] = {}
 
     # ------------------------------------------------------------------ Tune protocol
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
@@ -180,7 +216,11 @@ class StudySearcher(Searcher):
         if entry is None:
             return
         self._last[trial_id] = dict(result)
-        self.study.record_epoch(entry[0], result)
+        try:
+            self._record(entry[0], "an epoch of", lambda: self.study.record_epoch(entry[0],
+                                                                                   result))
+        except RecordFailed:
+            return  # the search stops (stop_reason); the epoch is in metrics.jsonl
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -193,37 +233,76 @@ class StudySearcher(Searcher):
         wall_s = self.clock() - started
         fidelity = (metrics or {}).get("epoch")
         try:
-            if result:
-                # Tune skips on_trial_result for the result on which a scheduler stops a trial.
-                self.study.record_epoch(candidate, result)
-            if error:
-                reason = self._failure_reason(trial_id, candidate)
-                state = self.study.tell_fail(candidate, reason, fidelity=fidelity, wall_s=wall_s)
-                self.last_failure = f"trial {candidate.number}: {reason}"
-            elif not metrics:
-                reason = "stopped before it reported an epoch"
-                state = self.study.tell_fail(candidate, reason, wall_s=wall_s)
-                self.last_failure = f"trial {candidate.number}: {reason}"
-            elif (written := read_failure_reason(self.study.run_dir / candidate.trial_dir)):
-                # The trial wrote why it failed but returned normally (e.g. a diverged loss
-                # that must not use up Ray's retries): a failure all the same, never PRUNED.
-                state = self.study.tell_fail(candidate, written, fidelity=fidelity,
-                                             wall_s=wall_s)
-                self.last_failure = f"trial {candidate.number}: {written}"
-            else:
-                state = self.study.tell_result(candidate, metrics, wall_s=wall_s)
-                if state == TrialState.FAIL:
-                    self.last_failure = (f"trial {candidate.number}:"
-                                         f" val_acc {metrics.get('val_acc')!r}")
-        except Exception as e:  # the study must not take Tune down; the trial stays RUNNING
-            logger.warning("could not record trial %d in the study: %s", candidate.number, e)
-            return
+            state = self._record(candidate, "the result of",
+                                 lambda: self._tell(trial_id, candidate, result, metrics,
+                                                    error, fidelity, wall_s))
+        except RecordFailed:
+            return  # the trial stays RUNNING; --resume records it from its folder
         self.outcomes[state.name] += 1
+        if state == TrialState.FAIL and self.first_failure is None:
+            self.first_failure = self.last_failure
         if (state == TrialState.FAIL
                 and self.study.consecutive_failures >= self.max_consecutive_failures):
             self.stop_reason = (
                 f"{self.study.consecutive_failures} trials failed in a row (last:"
                 f" {self.last_failure})")
+
+    def _tell(self, trial_id: str, candidate: Candidate, result: dict | None,
+              metrics: dict | None, error: bool, fidelity: Any, wall_s: float) -> TrialState:
+        if self._record_attempted.get(candidate.number):
+            # A retry: an earlier attempt may have reached the study before it failed.
+            stored = self.study.study._storage.get_trial(candidate.trial_id).state
+            if stored.is_finished():
+                return stored
+        self._record_attempted[candidate.number] = True
+        if result:
+            # Tune skips on_trial_result for the result on which a scheduler stops a trial.
+            self.study.record_epoch(candidate, result)
+        if error:
+            reason = self._failure_reason(trial_id, candidate)
+            state = self.study.tell_fail(candidate, reason, fidelity=fidelity, wall_s=wall_s)
+            self.last_failure = f"trial {candidate.number}: {reason}"
+        elif not metrics:
+            reason = "stopped before it reported an epoch"
+            state = self.study.tell_fail(candidate, reason, wall_s=wall_s)
+            self.last_failure = f"trial {candidate.number}: {reason}"
+        elif (written := read_failure_reason(self.study.run_dir / candidate.trial_dir)):
+            # The trial wrote why it failed but returned normally (e.g. a diverged loss
+            # that must not use up Ray's retries): a failure all the same, never PRUNED.
+            state = self.study.tell_fail(candidate, written, fidelity=fidelity, wall_s=wall_s)
+            self.last_failure = f"trial {candidate.number}: {written}"
+        else:
+            state = self.study.tell_result(candidate, metrics, wall_s=wall_s)
+            if state == TrialState.FAIL:
+                self.last_failure = (f"trial {candidate.number}:"
+                                     f" val_acc {metrics.get('val_acc')!r}")
+        return state
+
+    def _record(self, candidate: Candidate, what: str, write: Callable[[], Any]) -> Any:
+        """`write()` to the study, retried with doubling waits; if it keeps failing, stop the
+        search (`record_error`, `stop_reason`) and raise `RecordFailed`."""
+        wait = RECORD_BACKOFF_S
+        for attempt in range(1, self.record_attempts + 1):
+            try:
+                return write()
+            except ConfigError:
+                raise  # bad input, not a storage hiccup
+            except Exception as e:
+                cause = f"{type(e).__name__}: {' '.join(str(e).split())}"[:MAX_REASON_CHARS]
+                if attempt < self.record_attempts:
+                    logger.warning("recording trial %d failed (%s); retrying in %.1fs",
+                                   candidate.number, cause, wait)
+                    self.sleep(wait)
+                    wait *= 2
+                    continue
+                folder = Path(self.study.run_dir) / candidate.trial_dir
+                self.record_error = (
+                    f"could not record {what} trial {candidate.number} in the study after"
+                    f" {attempt} attempts: {cause}. Its metrics stay in {folder}; fix the"
+                    " storage and continue with --resume, which records them")
+                self.stop_reason = self.record_error
+                raise RecordFailed(self.record_error) from e
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _failure_reason(self, trial_id: str, candidate: Candidate) -> str:
         reason = read_failure_reason(Path(self.study.run_dir) / candidate.trial_dir)
@@ -238,9 +317,11 @@ class StudySearcher(Searcher):
     # ------------------------------------------------------------------ Tune's state files
     def save(self, checkpoint_path: str) -> None:
         # Informational only: the Optuna study, not this file, is what a resume reads.
+        from spvit.io import atomic_write_text
+
         state = {"live": {tid: c.number for tid, (c, _) in self._live.items()},
                  "launched": self.launched, "remaining": self._remaining}
-        Path(checkpoint_path).write_text(json.dumps(state), encoding="utf-8")
+        atomic_write_text(Path(checkpoint_path), json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
         logger.info("searcher state %s is informational; resume reads the Optuna study",

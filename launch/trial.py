@@ -149,6 +149,22 @@ class _MetricsFollower(threading.Thread):
             raise self.error
 
 
+def check_cluster_resources(*, workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Refuse a Ray Train request the joined cluster can never hold (Ray would wait for it
+    forever, "No available node types can fulfill resource request")."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, **({"GPU": float(workers)} if use_gpu else {})}
+    for key, amount in need.items():
+        if have.get(key, 0.0) < amount:
+            gpu = ", drop the GPU request" if key == "GPU" else ""
+            raise ConfigError(f"{workers} worker(s) need {amount:g} {key} in total, but the Ray"
+                              f" cluster has {have.get(key, 0.0):g}. Lower the workers or"
+                              f" --cpus-per-worker{gpu}"
+                              ", or add nodes.")
+
+
 def _run_ray_train(spec: ArchSpec, training: TrainingConfig, trial_dir: Path, *, workers: int,
                    use_gpu: bool, resume: bool, started_at: float, cpus_per_worker: float,
                    max_failures: int, in_tune: bool,
@@ -164,6 +180,13 @@ def _run_ray_train(spec: ArchSpec, training: TrainingConfig, trial_dir: Path, *,
     if not ray.is_initialized():
         init_ray(ray_address)
         started_ray = True
+    try:
+        check_cluster_resources(workers=workers, cpus_per_worker=cpus_per_worker,
+                                use_gpu=use_gpu)
+    except ConfigError:
+        if started_ray:
+            ray.shutdown()
+        raise
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback

@@ -20,6 +20,7 @@ an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -28,7 +29,7 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ ARCH_FILE = "arch.yaml"
 DS_CONFIG_FILE = "ds_config.json"
 METRIC_KEYS = ("epoch", "val_acc", "val_acc5", "val_loss", "train_loss", "lr", "images_per_s",
                "wall_s", "startup_s")
+# Added to the line of the last epoch of the full budget (the held-out test split, evaluated once).
+TEST_METRIC_KEYS = ("test_acc", "test_acc5", "test_loss")
 
 # Training fields that may differ between a checkpoint and the run resuming it: a longer or
 # shorter budget stretches the cosine schedule from the restored step on.
@@ -214,14 +217,13 @@ def _weights_only_checkpoint_engine() -> Any:
     return WeightsOnlyCheckpointEngine()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_local_process_group(backend: str = "gloo") -> None:
-    """Make this process a one-worker torch.distributed group on 127.0.0.1 (once per process).
+    """Make this process a one-worker torch.distributed group (once per process).
+
+    The rendezvous store is an in-memory `HashStore`: a `TCPStore` would listen on every
+    interface (torch binds it to all of them, whatever address it is given) for the life of the
+    process, accepting unauthenticated connections. With one process there is nobody to meet.
+    gloo's own socket is bound to the loopback interface (`GLOO_SOCKET_IFNAME`, unless set).
 
     The group is kept for the life of the process: DeepSpeed caches its process groups, so a
     destroyed and re-created group would break the next engine built here.
@@ -231,12 +233,26 @@ def ensure_local_process_group(backend: str = "gloo") -> None:
             raise RuntimeError(f"this process is already part of a {dist.get_world_size()}-worker"
                                " group; in-process training needs a one-worker group")
         return
-    port = _free_port()
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
-                       ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                       ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                            world_size=1)
+    if backend == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _loopback_interface() -> str:
+    """The name of the loopback network interface (`lo` on Linux, `lo0` on macOS)."""
+    try:
+        import psutil
+
+        for name, addresses in psutil.net_if_addrs().items():
+            if any(a.family == socket.AF_INET and a.address.startswith("127.")
+                   for a in addresses):
+                return name
+    except ImportError:  # pragma: no cover - psutil comes with Ray
+        pass
+    return "lo"
 
 
 # --------------------------------------------------------------------------- weights
@@ -292,10 +308,176 @@ def _save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- the loop
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    s = (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
-    torch.manual_seed(s)
-    random.seed(s)
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one worker's epoch: its dropout, drop-path and augmentation draws."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def epoch_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on torch's and Python's RNGs seeded with `seed`, then give them back.
+
+    Dropout and drop-path draw from torch's default generator (nn.Dropout takes no generator),
+    so an epoch's draws are made reproducible by seeding it for the epoch only, inside
+    `torch.random.fork_rng`; the process's RNG state is as before afterwards.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+@dataclass
+class _Run:
+    """What the steps of `train_worker` share."""
+
+    spec: ArchSpec
+    training: TrainingConfig
+    trial_dir: Path
+    setup: WorkerSetup
+    device: torch.device
+    started_at: float
+    report: Callable[[dict[str, Any]], None] | None
+
+    @property
+    def rank0(self) -> bool:
+        return self.setup.rank == 0
+
+
+def _prepare_folder(run: _Run, resume: bool) -> CheckpointState | None:
+    """Clear a failed or restarted trial's folder (or keep its last checkpoint) on rank 0; every
+    rank returns the checkpoint to resume from."""
+    if run.rank0:
+        run.trial_dir.mkdir(parents=True, exist_ok=True)
+        (run.trial_dir / FAILURE_FILE).unlink(missing_ok=True)
+    state = read_checkpoint_state(run.trial_dir) if resume else None
+    if state is not None:
+        check_resumable(state, run.spec, run.training, run.setup.world_size)
+    dist.barrier()  # nobody reads the folder while rank 0 clears it below
+    if run.rank0:
+        if state is None:
+            clear_trial(run.trial_dir)
+        else:
+            _remove_other_tags(run.trial_dir / CHECKPOINT_DIR, keep=state.tag)
+        run.spec.save(run.trial_dir / ARCH_FILE)
+    return state
+
+
+def _build_data(run: _Run) -> tuple[Any, dict[str, Any], list[Any]]:
+    """This worker's loaders, the DeepSpeed config (written by rank 0) and every rank's shard."""
+    setup, training = run.setup, run.training
+    data = build_datasets(training, run.spec)
+    loaders = build_loaders(data, micro_batch_size=micro_batch_size(training, setup.world_size),
+                            rank=setup.rank, world_size=setup.world_size, seed=training.seed)
+    ds_config = build_ds_config(training, world_size=setup.world_size,
+                                steps_per_epoch=loaders.steps_per_epoch)
+    if run.rank0:
+        write_ds_config(ds_config, run.trial_dir / DS_CONFIG_FILE)
+    # What each worker trains on, recorded in the checkpoint state for inspection.
+    shards: list[Any] = [None] * setup.world_size
+    dist.all_gather_object(shards, {
+        "rank": setup.rank, "train_images": len(loaders.train_sampler),
+        "steps_per_epoch": loaders.steps_per_epoch,
+        "val_images": len(loaders.val.dataset.indices)})
+    return loaders, ds_config, shards
+
+
+def _build_engine(run: _Run, ds_config: dict[str, Any]) -> Any:
+    """The model (same weights on every worker, from the recipe's seed) in a DeepSpeed engine."""
+    import deepspeed
+
+    import spvit
+
+    model = spvit.create_model(run.spec, seed=run.training.seed)
+    # No weight decay on norms, biases, embeddings and the priors: decaying the `mlp` prior's
+    # output bias (initialised to 1) would pull SP towards 0, i.e. towards uniform attention,
+    # over a long schedule.
+    param_groups = param_groups_weight_decay(
+        model, run.training.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    engine, _, _, _ = deepspeed.initialize(args=deepspeed_device_args(run.device), model=model,
+                                           model_parameters=param_groups, config=ds_config,
+                                           dist_init_required=False)
+    return engine
+
+
+def _restore(run: _Run, engine: Any, state: CheckpointState | None
+             ) -> tuple[int, list[dict[str, Any]]]:
+    """Load the checkpoint `state` names; return (epochs done, their metrics)."""
+    if state is None:
+        return 0, []
+    ckpt = run.trial_dir / CHECKPOINT_DIR
+    engine.checkpoint_engine = _weights_only_checkpoint_engine()
+    load_path, client = engine.load_checkpoint(str(ckpt), tag=state.tag)
+    if load_path is None or (client or {}).get("epoch") != state.epoch:
+        raise ConfigError(f"the checkpoint {ckpt / state.tag} could not be loaded. Delete"
+                          f" {ckpt} to start the trial over.")
+    history = list(state.metrics)
+    if run.rank0:
+        _write_metrics(run.trial_dir, history)
+    return state.epoch, history
+
+
+def _train_epochs(run: _Run, engine: Any, loaders: Any, shards: list[Any], start_epoch: int,
+                  history: list[dict[str, Any]]) -> None:
+    """Train, evaluate, checkpoint, log and report each remaining epoch (appends to
+    `history`)."""
+    training, setup = run.training, run.setup
+    input_dtype = model_input_dtype(training.bf16, run.device)
+    wall_before = history[-1]["wall_s"] if history else 0.0
+    run_start = time.perf_counter()
+    startup: list[float] = []
+
+    def first_step(step: int, loss: float) -> None:
+        if not startup:
+            startup.append(time.time() - run.started_at)
+
+    for epoch in range(start_epoch + 1, training.epochs + 1):
+        with epoch_rng(epoch_seed(training.seed, epoch, setup.rank), run.device):
+            loaders.set_epoch(epoch)  # a folder dataset seeds its transforms here, in the fork
+            stats = train_one_epoch(engine, loaders.train, epoch=epoch, device=run.device,
+                                    input_dtype=input_dtype,
+                                    label_smoothing=training.label_smoothing,
+                                    on_step=None if startup else first_step)
+        val = evaluate(engine, loaders.val, device=run.device, input_dtype=input_dtype)
+        line = {
+            "epoch": epoch,
+            "val_acc": val.acc1,
+            "val_acc5": val.acc5,
+            "val_loss": val.loss,
+            "train_loss": stats.loss,
+            "lr": stats.lr,
+            "images_per_s": stats.images_per_s,
+            "wall_s": wall_before + time.perf_counter() - run_start,
+            "startup_s": startup[0],  # every epoch has >= 1 step (build_loaders)
+        }
+        if epoch == training.epochs and loaders.test is not None:
+            # The held-out split, once, after the full budget: reported beside the front, never
+            # an objective (the sampler and schedulers read `val_acc` only).
+            test = evaluate(engine, loaders.test, device=run.device, input_dtype=input_dtype)
+            line.update(test_acc=test.acc1, test_acc5=test.acc5, test_loss=test.loss)
+        history.append(line)
+        _save_checkpoint(engine, run.trial_dir, epoch, setup.world_size, training, run.spec,
+                         history, shards, setup.rank)
+        if run.rank0:
+            _append_metrics(run.trial_dir, line)
+        if run.report is not None:
+            run.report({**line, "fidelity": epoch})
+    if start_epoch >= training.epochs and history and run.report is not None:
+        # Nothing left to train: tell the caller where the trial stands.
+        run.report({**history[-1], "fidelity": history[-1]["epoch"]})
+
+
+def _write_final(run: _Run, engine: Any) -> None:
+    """The consolidated fp32 weights and arch.yaml (collective under ZeRO-3)."""
+    weights = consolidated_state_dict(engine)
+    if run.rank0:
+        _save_weights(run.trial_dir / WEIGHTS_FILE, weights)
+        run.spec.save(run.trial_dir / ARCH_FILE)
 
 
 def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike, *,
@@ -305,7 +487,9 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
     """Train `spec` for `training.epochs` epochs as worker `setup.rank` of `setup.world_size`.
 
     The process group must exist (Ray Train's, or `ensure_local_process_group`). Returns the
-    last epoch's metrics (None only if there were no epochs to run and no history).
+    last epoch's metrics (None only if there were no epochs to run and no history). The steps:
+    prepare the folder, build the data, build the engine, restore the checkpoint, train the
+    remaining epochs, write the final weights.
 
     Args:
         spec, training: what to train and how.
@@ -320,124 +504,31 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
     Raises:
         TrainingDiverged: the loss became NaN/inf (`failure.json` is written first).
     """
-    import deepspeed
-
-    import spvit
-
     # Per-step INFO lines are noise, and WarmupCosineLR warns on every construction that it is
     # asked for a learning rate "before it has started" (it initialises the optimizer so).
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-
-    started_at = time.time() if started_at is None else started_at
     torch.set_num_threads(max(1, setup.threads))
-    trial_dir = Path(trial_dir)
-    rank0 = setup.rank == 0
     device = torch.device(setup.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ckpt = trial_dir / CHECKPOINT_DIR
+    run = _Run(spec=spec, training=training, trial_dir=Path(trial_dir), setup=setup,
+               device=device, started_at=time.time() if started_at is None else started_at,
+               report=report)
     try:
-        if rank0:
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            (trial_dir / FAILURE_FILE).unlink(missing_ok=True)
-        state = read_checkpoint_state(trial_dir) if resume else None
-        if state is not None:
-            check_resumable(state, spec, training, setup.world_size)
-        dist.barrier()  # nobody reads the folder while rank 0 clears it below
-        if rank0:
-            if state is None:
-                clear_trial(trial_dir)
-            else:
-                _remove_other_tags(ckpt, keep=state.tag)
-            spec.save(trial_dir / ARCH_FILE)
-
-        data = build_datasets(training, spec)
-        loaders = build_loaders(data, micro_batch_size=micro_batch_size(training, setup.world_size),
-                                rank=setup.rank, world_size=setup.world_size, seed=training.seed)
-        ds_config = build_ds_config(training, world_size=setup.world_size,
-                                    steps_per_epoch=loaders.steps_per_epoch)
-        if rank0:
-            write_ds_config(ds_config, trial_dir / DS_CONFIG_FILE)
-        # What each worker trains on, recorded in the checkpoint state for inspection.
-        shards: list[Any] = [None] * setup.world_size
-        dist.all_gather_object(shards, {
-            "rank": setup.rank, "train_images": len(loaders.train_sampler),
-            "steps_per_epoch": loaders.steps_per_epoch,
-            "val_images": len(loaders.val.dataset.indices)})
-
-        model = spvit.create_model(spec, seed=training.seed)  # same weights on every worker
-        # No weight decay on norms, biases, embeddings and the priors: decaying the `mlp`
-        # prior's output bias (initialised to 1) would pull SP towards 0, i.e. towards uniform
-        # attention, over a long schedule.
-        param_groups = param_groups_weight_decay(
-            model, training.weight_decay, no_weight_decay_list=model.no_weight_decay())
-        engine, _, _, _ = deepspeed.initialize(args=deepspeed_device_args(device), model=model,
-                                               model_parameters=param_groups,
-                                               config=ds_config, dist_init_required=False)
-        input_dtype = model_input_dtype(training.bf16, device)
-
-        history: list[dict[str, Any]] = []
-        start_epoch = 0
-        if state is not None:
-            engine.checkpoint_engine = _weights_only_checkpoint_engine()
-            load_path, client = engine.load_checkpoint(str(ckpt), tag=state.tag)
-            if load_path is None or (client or {}).get("epoch") != state.epoch:
-                raise ConfigError(f"the checkpoint {ckpt / state.tag} could not be loaded. Delete"
-                                  f" {ckpt} to start the trial over.")
-            start_epoch, history = state.epoch, list(state.metrics)
-            if rank0:
-                _write_metrics(trial_dir, history)
-
-        wall_before = history[-1]["wall_s"] if history else 0.0
-        run_start = time.perf_counter()
-        startup: list[float] = []
-
-        def first_step(step: int, loss: float) -> None:
-            if not startup:
-                startup.append(time.time() - started_at)
-
-        for epoch in range(start_epoch + 1, training.epochs + 1):
-            _seed_epoch(training.seed, epoch, setup.rank)
-            loaders.set_epoch(epoch)
-            stats = train_one_epoch(engine, loaders.train, epoch=epoch, device=device,
-                                    input_dtype=input_dtype,
-                                    label_smoothing=training.label_smoothing,
-                                    on_step=None if startup else first_step)
-            val = evaluate(engine, loaders.val, device=device, input_dtype=input_dtype)
-            line = {
-                "epoch": epoch,
-                "val_acc": val.acc1,
-                "val_acc5": val.acc5,
-                "val_loss": val.loss,
-                "train_loss": stats.loss,
-                "lr": stats.lr,
-                "images_per_s": stats.images_per_s,
-                "wall_s": wall_before + time.perf_counter() - run_start,
-                "startup_s": startup[0],  # every epoch has >= 1 step (build_loaders)
-            }
-            history.append(line)
-            _save_checkpoint(engine, trial_dir, epoch, setup.world_size, training, spec, history,
-                             shards, setup.rank)
-            if rank0:
-                _append_metrics(trial_dir, line)
-            if report is not None:
-                report({**line, "fidelity": epoch})
-        if start_epoch >= training.epochs and history and report is not None:
-            # Nothing left to train: tell the caller where the trial stands.
-            report({**history[-1], "fidelity": history[-1]["epoch"]})
-
-        weights = consolidated_state_dict(engine)
-        if rank0:
-            _save_weights(trial_dir / WEIGHTS_FILE, weights)
-            spec.save(trial_dir / ARCH_FILE)
-        del engine, model, weights
+        state = _prepare_folder(run, resume)
+        loaders, ds_config, shards = _build_data(run)
+        engine = _build_engine(run, ds_config)
+        start_epoch, history = _restore(run, engine, state)
+        _train_epochs(run, engine, loaders, shards, start_epoch, history)
+        _write_final(run, engine)
+        del engine
         gc.collect()
         return history[-1] if history else None
     except Exception as e:
         # Not BaseException: Tune stops an early-stopped trial with SystemExit from its
         # report(), and Ctrl-C is an interruption; neither is a failure of the trial.
-        if rank0:
-            write_failure(trial_dir, failure_reason(e))
+        if run.rank0:
+            write_failure(run.trial_dir, failure_reason(e))
         raise
 
 

@@ -50,7 +50,7 @@ import numpy as np
 import yaml
 from optuna.trial import FrozenTrial
 
-from nas import pareto, run
+from nas import outputs, pareto, run
 from nas.run import (  # noqa: F401  (the trial-model readers live in nas.run)
     build_with_weights,
     check_exportable,
@@ -435,6 +435,7 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)
+    outputs.check_output(out_dir, command="export", overwrite=overwrite)
     info = pareto.read_run_info(run_dir)
     study = pareto.open_study(run_dir, storage=storage)
     trial = find_trial(study, trial_number)
@@ -471,6 +472,7 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
                                                         label_names=_label_names(training)))
         recipe = dict(training.to_dict(), dataset=_portable_dataset(training.dataset))
         atomic_write_text(tmp / TRAINING_FILE, yaml.safe_dump(recipe, sort_keys=False))
+        outputs.write_export_marker(tmp)
         atomic_write_text(tmp / CARD_FILE, model_card(
             run_dir=run_dir, info=info, study_name=study.study_name, trial=trial, spec=spec,
             out_dir=out_dir, weights_sha256=sha, onnx_error=onnx_error, training=training,

@@ -222,3 +222,27 @@ def test_shared_run_folder_on_a_multi_node_cluster(two_node_cluster, tmp_path):
     finally:
         cluster.remove_node(blind)
     assert cluster.alive_node_count() == 2
+
+
+
+_AUTH_DRIVER = """
+    import json
+    from launch import ray_env
+    from spvit.errors import ConfigError
+    ray_env.init_ray({address!r})  # joining runs check_auth_mode: the modes agree here
+    ray_env.auth_mode = lambda: "disabled"  # a driver in the other mode
+    try:
+        ray_env.check_auth_mode(timeout_s=120)
+        print(json.dumps({{"error": None}}))
+    except ConfigError as e:
+        print(json.dumps({{"error": str(e)}}))
+"""
+
+
+@pytest.mark.slow
+def test_auth_mode_probe_reads_each_nodes_mode(two_node_cluster):
+    proc = _python(_AUTH_DRIVER.format(address=two_node_cluster.address))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert error and "this driver runs with RAY_AUTH_MODE=disabled, but node(s)" in error
+    assert error.count("127.0.0.1") == 2 and "run with token" in error  # both nodes answered

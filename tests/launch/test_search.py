@@ -129,10 +129,13 @@ def test_diverging_trials_fail_and_the_search_stops_then_completes(tmp_path, ray
     for t in failed:
         assert "nan" in t.user_attrs["fail_reason"]
         assert "nan" in (run_dir / t.user_attrs["trial_dir"] / "failure.json").read_text()
-    # allowed more failures, the search runs to its budget: every trial recorded FAIL
+    # allowed more failures, the search runs to its budget: every trial recorded FAIL, and a
+    # search in which every launched trial failed is no success
     second = run_search(SearchRequest(out=run_dir, resume=True, max_consecutive_failures=5,
                                       export=False))
-    assert second.exit_code == EXIT_OK
+    assert second.exit_code == EXIT_FAILURES
+    assert second.message.startswith("search failed: all 1 launched trial(s) failed; first"
+                                     " cause: trial ") and "nan" in second.message
     counted = _counted(_trials(run_dir, "nan"))
     assert len(counted) == 3 and all(t.state == TrialState.FAIL for t in counted)
     assert pareto_trials(counted) == []

@@ -17,7 +17,7 @@ from launch.trial import (
     run_candidate,
     trainable_resources,
 )
-from launch.worker import METRIC_KEYS
+from launch.worker import METRIC_KEYS, TEST_METRIC_KEYS
 from nas.data import build_datasets
 from nas.engine import evaluate
 from search_spaces.training import TrainingConfig
@@ -41,13 +41,13 @@ def read_lines(trial_dir):
     return [json.loads(s) for s in (trial_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def evaluate_saved_weights(trial_dir, training):
-    """Full-validation metrics of trial_dir/model.safetensors, computed here in one process."""
+def evaluate_saved_weights(trial_dir, training, split="val"):
+    """Full-`split` metrics of trial_dir/model.safetensors, computed here in one process."""
     spec = ArchSpec.load(trial_dir / "arch.yaml")
     model = create_model(spec)
     model.load_state_dict(load_file(trial_dir / "model.safetensors"))
-    val = build_datasets(training, spec).val
-    return evaluate(model, DataLoader(val, batch_size=100), device=torch.device("cpu"))
+    data = getattr(build_datasets(training, spec), split)
+    return evaluate(model, DataLoader(data, batch_size=100), device=torch.device("cpu"))
 
 
 def lr_reference(training: TrainingConfig, steps_per_epoch: int, step: int) -> float:
@@ -67,23 +67,30 @@ def test_one_epoch_in_process_writes_the_trial_folder(tmp_path):
     seen = []
     out = run_candidate(SPEC, training, trial, on_epoch=seen.append)
     lines = read_lines(trial)
-    assert len(lines) == 1 and set(lines[0]) == set(METRIC_KEYS)
+    # One epoch is the full budget: its line also holds the held-out test split's metrics.
+    assert len(lines) == 1 and set(lines[0]) == set(METRIC_KEYS + TEST_METRIC_KEYS)
+    assert 0.0 <= lines[0]["test_acc"] <= 1.0
     assert seen == [{**lines[0], "fidelity": 1}] and out == seen[0]
     ds = json.loads((trial / "ds_config.json").read_text())
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (64, 64)
     state = json.loads((trial / "checkpoint" / "state.json").read_text())
-    assert state["shards"] == [{"rank": 0, "train_images": 1437, "steps_per_epoch": 22,
-                                "val_images": 360}]
+    assert state["shards"] == [{"rank": 0, "train_images": 1079, "steps_per_epoch": 16,
+                                "val_images": 359}]
     assert (trial / "checkpoint" / "latest").read_text() == "epoch_0001"
     assert ArchSpec.load(trial / "arch.yaml") == SPEC
     assert not (trial / "failure.json").exists()
-    # The schedule DeepSpeed ran is the documented one (22 steps: lr of the 22nd step).
-    assert lines[0]["lr"] == pytest.approx(lr_reference(training, 22, 21), rel=1e-9)
+    # The schedule DeepSpeed ran is the documented one (16 steps: lr of the 16th step).
+    assert lines[0]["lr"] == pytest.approx(lr_reference(training, 16, 15), rel=1e-9)
     assert lines[0]["startup_s"] > 0 and lines[0]["wall_s"] > 0 and lines[0]["images_per_s"] > 0
     # The consolidated weights reproduce the reported validation metrics.
     again = evaluate_saved_weights(trial, training)
-    assert again.acc1 == pytest.approx(lines[0]["val_acc"], abs=1.5 / 360)
+    assert again.acc1 == pytest.approx(lines[0]["val_acc"], abs=1.5 / 359)
     assert again.loss == pytest.approx(lines[0]["val_loss"], rel=1e-4)
+    # ... and the held-out test metrics, evaluated on the test split, not on validation.
+    test = evaluate_saved_weights(trial, training, split="test")
+    assert test.acc1 == pytest.approx(lines[0]["test_acc"], abs=1.5 / 359)
+    assert test.loss == pytest.approx(lines[0]["test_loss"], rel=1e-4)
+    assert test.loss != pytest.approx(again.loss, rel=1e-6)
 
 
 @pytest.mark.parametrize("bf16, zero_stage", [(True, 0), (False, 3)])
@@ -100,7 +107,7 @@ def test_weights_are_consolidated_fp32_masters_under_bf16_and_zero3(tmp_path, bf
         big = [w for w in weights.values() if w.numel() > 16]
         assert not all(torch.equal(w, w.bfloat16().float()) for w in big)
     again = evaluate_saved_weights(trial, training)
-    assert again.acc1 == pytest.approx(out["val_acc"], abs=(10 if bf16 else 1.5) / 360)
+    assert again.acc1 == pytest.approx(out["val_acc"], abs=(10 if bf16 else 1.5) / 359)
 
 
 class Killed(Exception):
@@ -138,13 +145,15 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(tmp_pa
     assert not (resumed / "failure.json").exists() and not partial.exists()
     lines = read_lines(resumed)
     assert [m["epoch"] for m in lines] == [1, 2, 3] and lines[0] == first[0]
+    # The test split is evaluated once, after the last epoch of the budget only.
+    assert [("test_acc" in m) for m in lines] == [False, False, True]
 
     a, b = _optimizer_state(straight, 3), _optimizer_state(resumed, 3)
-    assert a["lr_scheduler"] == b["lr_scheduler"] == {"last_batch_iteration": 3 * 22 - 1}
-    assert a["global_steps"] == b["global_steps"] == 66
+    assert a["lr_scheduler"] == b["lr_scheduler"] == {"last_batch_iteration": 3 * 16 - 1}
+    assert a["global_steps"] == b["global_steps"] == 48
     for key, sa in a["optimizer"]["state"].items():
         sb = b["optimizer"]["state"][key]
-        assert float(sa["step"]) == float(sb["step"]) == 66
+        assert float(sa["step"]) == float(sb["step"]) == 48
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-8)
     wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -152,7 +161,7 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(tmp_pa
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
     straight_lines = read_lines(straight)
-    assert straight_lines[-1]["val_acc"] == pytest.approx(lines[-1]["val_acc"], abs=1.5 / 360)
+    assert straight_lines[-1]["val_acc"] == pytest.approx(lines[-1]["val_acc"], abs=1.5 / 359)
     assert lines[-1]["val_acc"] > lines[0]["val_acc"]
 
     # Started again once finished: nothing to train, the last epoch is reported again.
@@ -273,7 +282,7 @@ def test_candidate_trainable_in_tune_with_one_and_two_workers(ray_local, tmp_pat
         trial = tmp_path / f"w{workers}"
         lines = read_lines(trial)
         assert len(lines) == 1 and result.metrics["fidelity"] == 1
-        for key in METRIC_KEYS:
+        for key in METRIC_KEYS + TEST_METRIC_KEYS:
             assert result.metrics[key] == pytest.approx(lines[0][key])
         ds = json.loads((trial / "ds_config.json").read_text())
         assert ds["train_batch_size"] == 64
@@ -281,7 +290,7 @@ def test_candidate_trainable_in_tune_with_one_and_two_workers(ray_local, tmp_pat
         # Validation metrics summed over the workers' shards equal a one-process evaluation
         # of the consolidated weights.
         again = evaluate_saved_weights(trial, training)
-        assert again.acc1 == pytest.approx(lines[0]["val_acc"], abs=1.5 / 360)
+        assert again.acc1 == pytest.approx(lines[0]["val_acc"], abs=1.5 / 359)
         assert again.loss == pytest.approx(lines[0]["val_loss"], rel=1e-4)
     shards = json.loads((tmp_path / "w2" / "checkpoint" / "state.json").read_text())["shards"]
     assert shards == [{"rank": r, "train_images": 719, "steps_per_epoch": 719 // 32,
@@ -325,4 +334,4 @@ def test_killed_ray_train_worker_is_restarted_from_the_checkpoint(ray_local, tmp
     assert state["epoch"] == 3 and state["world_size"] == 2
     assert not (trial / "failure.json").exists()
     again = evaluate_saved_weights(trial, training)
-    assert again.acc1 == pytest.approx(lines[-1]["val_acc"], abs=1.5 / 360)
+    assert again.acc1 == pytest.approx(lines[-1]["val_acc"], abs=1.5 / 359)

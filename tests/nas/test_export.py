@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import spvit
-from nas import export, pareto
+from nas import export, outputs, pareto
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from tests.nas.test_pareto import ARCHS, make_run
@@ -49,7 +49,9 @@ def _images(batch, spec, seed):
 @pytest.mark.parametrize("n", [1, 3])
 def test_folder_contents_and_arch_round_trip(exported, run_dir, n):
     out = exported[n]
-    assert sorted(p.name for p in out.iterdir()) == sorted(export.EXPORT_FILES) == [
+    assert sorted(p.name for p in out.iterdir()) == sorted((".spvit-export",) + export.EXPORT_FILES)
+    assert outputs.EXPORT_FILES == {outputs.EXPORT_MARKER, *export.EXPORT_FILES}
+    assert sorted(export.EXPORT_FILES) == [
         "README.md", "arch.yaml", "config.json", "model.onnx", "model.safetensors",
         "training.yaml"]
     spec = ArchSpec.load(out / "arch.yaml")
