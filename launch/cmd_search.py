@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SAMPLER_CHOICES = ("nsga2", "tpe", "gp", "random", "qmc")
+SAMPLER_CHOICES = ("nsga2", "tpe", "gp", "random", "qmc", "auto")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers-per-trial", type=int, default=None, metavar="W",
                         help="DeepSpeed workers per trial (default: training.workers_per_trial)")
     parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
-                        help="Optuna sampler (default: search.sampler, else nsga2)")
+                        help="Optuna sampler; auto: tpe below 250 trials, nsga2 from 250 on"
+                             " (default: search.sampler, else nsga2)")
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="study storage, e.g. postgresql://user@host/db (default: the"
                              " journal file RUN_DIR/study.journal)")

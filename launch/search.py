@@ -430,7 +430,8 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
         study._storage.set_study_system_attr(study._study_id, "spvit:sessions", session + 1)
     study.sampler = nas_study.make_sampler(
         info.sampler, seed=nas_study.session_seed(info.seed, session),
-        population_size=info.population_size)
+        population_size=info.population_size, n_trials=info.trials,
+        concurrent=info.concurrent)
     info.sessions.append(nas_study.now_iso())
     plan.space.save(plan.run_dir / nas_study.SPACE_FILE)
     info.save(plan.run_dir)

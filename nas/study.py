@@ -36,13 +36,14 @@ from typing import Any, ClassVar, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nas import samplers
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_json
 
 OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize", "minimize")
-SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc")
+SAMPLERS: tuple[str, ...] = samplers.SAMPLER_NAMES
 DEFAULT_SAMPLER = "nsga2"
 
 RUN_FILE = "run.json"
@@ -94,39 +95,13 @@ def default_population_size(trials: int) -> int:
 
 
 def make_sampler(name: str, *, seed: int, population_size: int | None = None,
+                 n_trials: int | None = None, concurrent: int = 1,
                  ) -> optuna.samplers.BaseSampler:
-    """The sampler `name` (one of `SAMPLERS`), seeded; `population_size` concerns NSGA-II only
-    (None: Optuna's 50).
-
-    Constraints reach the constraint-aware samplers (NSGA-II, TPE, GP) through
-    `Trial.set_constraint`, which `SearchStudy` calls on every asked trial: Optuna 5 deprecates
-    the samplers' `constraints_func` argument in its favour (FutureWarning, removal in 7.0),
-    and both feed the same constrained domination / acquisition.
-    """
-    if name not in SAMPLERS:
-        raise ConfigError(f"sampler must be one of {list(SAMPLERS)}, but got {name!r}."
-                          f" Pass --sampler {DEFAULT_SAMPLER} (the default) or another of them.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, but got {seed!r}. Pass e.g. --seed 0.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "nsga2":
-            size = population_size if population_size is not None else 50
-            if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-                raise ConfigError(f"population_size must be an integer >= 2, but got {size!r}."
-                                  " Use e.g. 8.")
-            return optuna.samplers.NSGAIISampler(population_size=size, seed=seed)
-        if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True,
-                                          independent_sampler=optuna.samplers.RandomSampler(
-                                              seed=seed),
-                                          warn_independent_sampling=False,
-                                          warn_asynchronous_seeding=False)
+    """The sampler `name` (one of `SAMPLERS`), seeded: `nas.samplers.make_sampler`, where each
+    name's strategy and its rules are documented. Constraints reach the samplers through
+    `Trial.set_constraint` and, when `SearchStudy` wraps them, through feasible proposals."""
+    return samplers.make_sampler(name, seed=seed, population_size=population_size,
+                                 n_trials=n_trials, concurrent=concurrent)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -295,11 +270,14 @@ class SearchStudy:
             claimed after ask/adopt and released after tell.
         estimate: the cost model (default `spvit.cost.estimate`).
         max_infeasible_tries: consecutive constraint rejections in one `ask` before giving up.
+        feasible_proposals: wrap the study's sampler in `nas.samplers.FeasibleSampler`, so that
+            it proposes feasible architectures only (rejections then stay a safety net).
     """
 
     def __init__(self, study: optuna.Study, space: Space, *, run_dir: str | os.PathLike,
                  budget: int, lease: Any = None, estimate: Estimator | None = None,
-                 max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES) -> None:
+                 max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES,
+                 feasible_proposals: bool = True) -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ConfigError(f"the training budget must be an integer >= 1 epoch, but got"
                               f" {budget!r}. Set training.epochs or --epochs.")
@@ -313,6 +291,10 @@ class SearchStudy:
         self.lease = lease
         self.estimate = estimate or _default_estimate
         self.max_infeasible_tries = max_infeasible_tries
+        if feasible_proposals:
+            study.sampler = samplers.FeasibleSampler.wrap(
+                study.sampler, space=space, estimate=self.estimate,
+                seed=len(study.get_trials(deepcopy=False)))
         self.infeasible_count = 0
         self.duplicate_count = 0
         self.consecutive_failures = 0

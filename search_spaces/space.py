@@ -42,7 +42,7 @@ from spvit.io import atomic_write_text, read_user_text
 
 from .training import TrainingConfig
 
-SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc")
+SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc", "auto")
 
 TOP_LEVEL_KEYS: tuple[str, ...] = (
     "name", "description", "arch", "dimensions", "constraints", "training", "search",
