@@ -125,8 +125,7 @@ class TPEStrategy(SamplerStrategy):
         startup = 10 if n_trials is None else max(4, min(10, int(n_trials) // 4))
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=concurrent > 1,
-            n_startup_trials=startup, warn_independent_sampling=False,
-            **_constraints_kwargs(constraints_func))
+            n_startup_trials=startup, **_constraints_kwargs(constraints_func))
 
 
 class GPStrategy(SamplerStrategy):
