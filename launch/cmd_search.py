@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna study name (default: the run folder's name)")
     parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
                         help="CPUs of a local Ray instance (default: all of the machine's)")
+    parser.add_argument("--warm-start", action="append", type=Path, default=[],
+                        metavar="RUN_DIR",
+                        help="seed the new study with the compatible completed trials of an"
+                             " earlier run (repeatable; they are never trained again)")
     parser.add_argument("--no-export", dest="export", action="store_false",
                         help="skip exporting the knee trial to RUN_DIR/export")
 
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         max_consecutive_failures=args.max_consecutive_failures,
         trial_retries=args.trial_retries, study_name=args.study_name, num_cpus=args.num_cpus,
-        export=args.export)
+        export=args.export, warm_start=tuple(args.warm_start))
     outcome = run_search(request, say=lambda line: print(line, flush=True))
     return outcome.exit_code
 

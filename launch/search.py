@@ -76,6 +76,8 @@ class SearchRequest:
         study_name: the study's name (default: the run folder's name).
         num_cpus: CPUs of a local Ray instance (default: the machine's).
         export: export the knee trial to RUN_DIR/export at the end.
+        warm_start: earlier run folders whose compatible completed trials seed a new study
+            (`nas.warm_start`); never trained again.
     """
 
     out: Path
@@ -97,6 +99,7 @@ class SearchRequest:
     study_name: str | None = None
     num_cpus: int | None = None
     export: bool = True
+    warm_start: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -437,6 +440,14 @@ def run_search(request: SearchRequest, *, say: Callable[[str], None] = print) ->
     info.save(plan.run_dir)
     _print_start(plan, say)
 
+    if request.warm_start:
+        from nas.warm_start import warm_start
+
+        if request.resume:
+            raise ConfigError("--warm-start seeds a new study only; a resumed search already"
+                              " holds its trials. Drop --warm-start or --resume.")
+        warm_start(study, plan.space, request.warm_start, training=info.training,
+                   budget=info.epochs, say=say)
     search_study = nas_study.SearchStudy(study, plan.space, run_dir=plan.run_dir,
                                          budget=info.epochs,
                                          max_infeasible_tries=plan.space.search.max_infeasible)

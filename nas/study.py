@@ -319,13 +319,15 @@ class SearchStudy:
     def counted_trials(self) -> int:
         """Trials that count towards the search's `--trials`: finished ones (COMPLETE, PRUNED,
         FAIL) and RUNNING ones, but neither constraint rejections, duplicates of earlier trials,
-        nor stale trials that were re-queued as a copy (the copy counts once it runs)."""
+        trials seeded from earlier runs (`nas.warm_start`), nor stale trials that were
+        re-queued as a copy (the copy counts once it runs)."""
         trials = self.study.get_trials(deepcopy=False)
         retried = {t.system_attrs.get("failed_trial") for t in trials}
         return sum(1 for t in trials
                    if t.state != TrialState.WAITING
                    and not t.user_attrs.get("infeasible")
                    and t.user_attrs.get("duplicate_of") is None
+                   and t.user_attrs.get("warm_start") is None  # seeded by nas.warm_start
                    and not (t.state == TrialState.FAIL and t.number in retried))
 
     # ------------------------------------------------------------------ proposing
