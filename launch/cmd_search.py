@@ -47,8 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asha", action="store_true", default=None,
                         help="ASHA early stopping on val_acc per epoch; stopped trials are"
                              " PRUNED and never on the Pareto front")
+    parser.add_argument("--scheduler", choices=("fifo", "asha", "moasha"), default=None,
+                        help="early stopping: fifo (none, default), asha (--asha), moasha"
+                             " (successive halving ranked by accuracy, GFLOPs and params)")
     parser.add_argument("--asha-reduction-factor", type=float, default=None, metavar="RF",
-                        help="with --asha: keep the top 1/RF at each rung (default 2)")
+                        help="with --asha or --scheduler moasha: keep the top 1/RF at each rung"
+                             " (default 2)")
     parser.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                         help="0: train on CPU (default); 1: one GPU per worker")
     parser.add_argument("--max-consecutive-failures", type=int, default=None, metavar="M",
@@ -76,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, space=args.space, trials=args.trials, concurrent=args.concurrent,
         epochs=args.epochs, workers_per_trial=args.workers_per_trial, sampler=args.sampler,
         storage=args.storage, address=args.address, seed=args.seed, resume=args.resume,
-        asha=args.asha, asha_reduction_factor=args.asha_reduction_factor,
+        asha=True if args.scheduler == "asha" else args.asha,
+        moasha=True if args.scheduler == "moasha" else None,
+        asha_reduction_factor=args.asha_reduction_factor,
         gpus_per_worker=args.gpus_per_worker,
         max_consecutive_failures=args.max_consecutive_failures,
         trial_retries=args.trial_retries, study_name=args.study_name, num_cpus=args.num_cpus,

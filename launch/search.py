@@ -69,7 +69,9 @@ class SearchRequest:
         seed: sampler seed.
         resume: continue the study of an existing run folder.
         asha: ASHA early stopping on val_acc per epoch.
-        asha_reduction_factor: ASHA's reduction factor (keep the top 1/rf at each rung).
+        asha_reduction_factor: ASHA's reduction factor (keep the top 1/rf at each rung); also
+            MOASHA's.
+        moasha: multi-objective successive halving (`launch.moasha`) instead of ASHA.
         gpus_per_worker: 0 (CPU) or 1 (one GPU per worker).
         max_consecutive_failures: stop after this many failed trials in a row.
         trial_retries: Tune restarts of a crashed trial before it counts as failed.
@@ -93,6 +95,7 @@ class SearchRequest:
     resume: bool = False
     asha: bool | None = None
     asha_reduction_factor: float | None = None
+    moasha: bool | None = None
     gpus_per_worker: float | None = None
     max_consecutive_failures: int | None = None
     trial_retries: int = 0
@@ -218,6 +221,7 @@ def plan_search(request: SearchRequest) -> _Plan:
         space=str(Path(request.space).expanduser().resolve()),
         training=space.training.to_dict(),
         asha=bool(request.asha),
+        moasha=bool(request.moasha),
         asha_reduction_factor=_check_reduction_factor(
             request.asha_reduction_factor if request.asha_reduction_factor is not None
             else DEFAULT_ASHA_REDUCTION_FACTOR),
@@ -231,6 +235,9 @@ def plan_search(request: SearchRequest) -> _Plan:
         created=nas_study.now_iso(),
     )
     nas_study.make_sampler(info.sampler, seed=info.seed, population_size=info.population_size)
+    if info.asha and info.moasha:
+        raise ConfigError("--asha and --scheduler moasha are two early-stopping rules; pick one"
+                          " (moasha ranks by accuracy, GFLOPs and params together).")
     return _Plan(run_dir=run_dir, space=space, info=info, url=request.storage)
 
 
@@ -240,7 +247,7 @@ def _plan_resume(request: SearchRequest, run_dir: Path) -> _Plan:
     info = nas_study.RunInfo.load(run_dir)
     info.check_resume({"sampler": request.sampler, "seed": request.seed,
                        "epochs": request.epochs, "workers_per_trial": request.workers_per_trial,
-                       "asha": request.asha,
+                       "asha": request.asha, "moasha": request.moasha,
                        "asha_reduction_factor": request.asha_reduction_factor})
     if request.study_name is not None and request.study_name != info.study_name:
         raise ConfigError(f"--study-name {request.study_name} differs from {info.study_name} in"
@@ -345,6 +352,11 @@ def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int,
         scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
                                   max_t=info.epochs, grace_period=1,
                                   reduction_factor=info.asha_reduction_factor)
+    elif info.moasha:
+        from launch.moasha import MOASHAScheduler
+
+        scheduler = MOASHAScheduler(time_attr="epoch", metric="val_acc", max_t=info.epochs,
+                                    grace_period=1, reduction_factor=info.asha_reduction_factor)
     reporter = CLIReporter(
         metric_columns={"epoch": "epoch", "val_acc": "val_acc", "val_loss": "val_loss",
                         "images_per_s": "img/s"},
@@ -378,6 +390,7 @@ def _print_start(plan: _Plan, say: Callable[[str], None]) -> None:
         f" {info.storage} --study-name {info.study_name}")
     say(f"run folder: {plan.run_dir}   (space {info.space})")
     asha = f", ASHA rf {info.asha_reduction_factor:g}" if info.asha else ""
+    asha = f", MOASHA rf {info.asha_reduction_factor:g}" if info.moasha else asha
     say(f"budget: {info.trials} trials x {info.epochs} epochs, {info.concurrent} at a time,"
         f" {info.workers_per_trial} worker(s) each, sampler {info.sampler} (seed {info.seed}"
         f"{', population ' + str(info.population_size) if info.population_size else ''})"
