@@ -154,3 +154,28 @@ def test_stopped_trials_end_pruned_with_their_fidelity_and_never_on_the_front(tm
         else:
             assert t.state == TrialState.COMPLETE
     assert front and all(ss._frozen(n).state == TrialState.COMPLETE for n in front)
+
+
+@pytest.mark.slow
+def test_a_search_with_moasha_prunes_by_rung_and_keeps_the_front_full_budget(tmp_path,
+                                                                           ray_local):
+    from launch.search import EXIT_OK, SearchRequest, run_search
+
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.replace("epochs: 4, batch_size: 128",
+                                  "epochs: 2, batch_size: 128, augment: false"),
+                    encoding="utf-8")
+    run_dir = tmp_path / "moasha"
+    outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
+                                       moasha=True, asha_reduction_factor=4, export=False),
+                         say=lambda line: None)
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    assert nas_study.RunInfo.load(run_dir).moasha is True
+    study = optuna.load_study(study_name="moasha", storage=make_storage(None, run_dir))
+    trials = [t for t in study.trials if t.user_attrs.get("duplicate_of") is None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "with rf 4 a rung keeps one of its first four trials"
+    assert all(t.user_attrs["fidelity"] == 1 and t.values is None for t in pruned)
+    front = pareto.pareto_trials(study)
+    assert front and all(pareto.is_full_fidelity(t) for t in front)
+    assert not {t.number for t in front} & {t.number for t in pruned}
