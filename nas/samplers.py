@@ -42,6 +42,9 @@ DEFAULT_SAMPLER = "nsga2"
 AUTO_TPE_MAX_TRIALS = 250
 # FeasibleSampler: draws of the wrapped sampler per trial before a uniform feasible member.
 DEFAULT_MAX_ATTEMPTS = 32
+# FeasibleSampler: relative samples of a wrapped GPSampler per trial (each one fits the GP models
+# and optimises the acquisition); other samplers draw a relative sample on every attempt.
+GP_RELATIVE_DRAWS = 2
 # System attr of a trial: {"attempts": draws of the wrapped sampler, "fallback": bool}.
 PROPOSAL_ATTR = "spvit:proposal"
 
@@ -239,10 +242,13 @@ class FeasibleSampler(BaseSampler):
         estimate: the cost model (`spvit.cost.estimate`).
         max_attempts: draws of `base` per trial before a uniform feasible member is used.
         seed: seed of the uniform fallback (its generator is advanced per fallback).
+        max_relative_draws: relative samples of `base` per trial (None: `GP_RELATIVE_DRAWS`
+            for a GPSampler, else `max_attempts`).
     """
 
     def __init__(self, base: BaseSampler, *, space: Any, estimate: Callable[[Any], Any],
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, seed: int = 0) -> None:
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, seed: int = 0,
+                 max_relative_draws: int | None = None) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) \
                 or max_attempts < 1:
             raise ConfigError(f"max_attempts must be an integer >= 1, but got {max_attempts!r}."
@@ -251,6 +257,10 @@ class FeasibleSampler(BaseSampler):
         self.space = space
         self.estimate = estimate
         self.max_attempts = max_attempts
+        if max_relative_draws is None:
+            gp = isinstance(base, optuna.samplers.GPSampler)
+            max_relative_draws = GP_RELATIVE_DRAWS if gp else max_attempts
+        self.max_relative_draws = max(1, int(max_relative_draws))
         self._rng = random.Random(seed)
         self._pending: dict[int, tuple[dict[str, BaseDistribution], dict[str, Any]]] = {}
         self.attempts_total = 0
@@ -283,34 +293,41 @@ class FeasibleSampler(BaseSampler):
         relative_space = self.base.infer_relative_search_space(study, trial)
         recorder: _Recorder | None = None
         relative: dict[str, Any] | None = None
-        repeats = False
-        for attempt in range(1, self.max_attempts + 1):
-            # A deterministic relative sampler (GP's acquisition optimum) proposes the same
-            # point again: keep it and redraw only the independent parameters.
-            if not repeats:
-                previous = relative
+        relative_draws = 0
+        attempt = 0
+        while attempt < self.max_attempts:
+            attempt += 1
+            # A relative sample can be costly (GP fits its models and optimises the
+            # acquisition): draw it at most `max_relative_draws` times, then redraw only the
+            # independent parameters.
+            if relative is None or relative_draws < self.max_relative_draws:
                 relative = self.base.sample_relative(study, trial, relative_space)
-                repeats = previous is not None and relative == previous
+                relative_draws += 1
+            independent: list[str] = []
 
             def choose(name: str, dist: CategoricalDistribution,
-                       relative: dict[str, Any] = relative) -> Any:
+                       relative: dict[str, Any] = relative,
+                       independent: list[str] = independent) -> Any:
                 if name in relative and relative_space.get(name) == dist \
                         and relative[name] in dist.choices:
                     return relative[name]
+                independent.append(name)
                 return self.base.sample_independent(study, trial, name, dist)
 
             recorder, spec = self._draw(choose)
             if self._feasible(recorder, spec):
                 return recorder.distributions, recorder.params, attempt, False
+            if not independent and relative_draws >= self.max_relative_draws:
+                break  # every parameter is relative and the relative sample is spent
         tries = getattr(getattr(self.space, "search", None), "max_infeasible", 200)
         for _ in range(tries):
             recorder, spec = self._draw(
                 lambda name, dist: dist.choices[self._rng.randrange(len(dist.choices))])
             if self._feasible(recorder, spec):
-                return recorder.distributions, recorder.params, self.max_attempts, True
+                return recorder.distributions, recorder.params, attempt, True
         # Nothing feasible found: hand over the last draw; SearchStudy rejects it as today.
         assert recorder is not None
-        return recorder.distributions, recorder.params, self.max_attempts, True
+        return recorder.distributions, recorder.params, attempt, True
 
     # ------------------------------------------------------------------ sampler protocol
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
