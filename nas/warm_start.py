@@ -168,7 +168,7 @@ def warm_start(study: optuna.Study, space: Any, runs: Iterable[str | os.PathLike
         new_trials: list[FrozenTrial] = []
         seeded_here: list[tuple[int, int]] = []
         for t in old.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            where = f"warm start: skipped {run_dir.name} trial {t.number}:"
+            where = f"warm start: skipped {run_dir} trial {t.number}:"
             if not is_full_fidelity(t):
                 report.skipped.append(f"{where} it did not train the full budget")
                 say(report.skipped[-1])
