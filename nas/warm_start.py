@@ -195,9 +195,9 @@ def warm_start(study: optuna.Study, space: Any, runs: Iterable[str | os.PathLike
                 "arch": spec.to_flat(), "gflops": float(cost.gflops),
                 "params": int(cost.params), "budget": budget, "fidelity": budget,
                 "trial_dir": str(trial_folder(run_dir, t).resolve()),
-                WARM_START_ATTR: {"run": str(run_dir), "number": t.number}}
-            if isinstance(t.user_attrs.get("wall_s"), (int, float)):
-                user_attrs["wall_s"] = t.user_attrs["wall_s"]
+                # no `wall_s`: the new run's time accounting covers what it trains itself
+                WARM_START_ATTR: {"run": str(run_dir), "number": t.number,
+                                  "wall_s": t.user_attrs.get("wall_s")}}
             new_trials.append(optuna.trial.create_trial(
                 state=TrialState.COMPLETE,
                 values=[float(t.values[0]), float(cost.gflops), float(cost.params)],
