@@ -211,6 +211,7 @@ def summarise(results: dict[str, list[dict]], out: Path) -> str:
                          f" {r.get('outside_share') or nan:.2f} |"
                          f" {startup if startup is not None else nan:.1f} |")
     _plot(curves, out)
+    _plot_wall(results, out)
     return "\n".join(lines)
 
 
@@ -231,6 +232,27 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], out: Path) -> None
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "hv_vs_trials.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_wall(results: dict[str, list[dict]], out: Path) -> None:
+    """HV against seconds since the run's first trial started, one step curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (sampler, runs) in enumerate(results.items()):
+        for j, r in enumerate(runs):
+            if r["hv"]:
+                ax.step(r["wall"], r["hv"], where="post", color=f"C{k}", alpha=0.7,
+                        label=sampler if j == 0 else None)
+    ax.set_xlabel("wall seconds since the first trial started")
+    ax.set_ylabel("hypervolume (normalised, ref (1,1,1))")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "hv_vs_wall.png", dpi=120)
     plt.close(fig)
 
 
