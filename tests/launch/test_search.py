@@ -54,7 +54,9 @@ def _trials(run_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def _counted(trials):
-    return [t for t in trials if not t.user_attrs.get("infeasible")]
+    # neither constraint rejections nor re-proposals of a trained architecture (never trained)
+    return [t for t in trials if not t.user_attrs.get("infeasible")
+            and t.user_attrs.get("duplicate_of") is None]
 
 
 def test_four_trials_two_at_a_time_with_a_constraint(tmp_path, ray_local, capsys):
