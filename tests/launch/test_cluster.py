@@ -123,7 +123,9 @@ def _study(run: Path, url: str | None = None) -> optuna.Study:
 
 
 def _trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.trials if not t.user_attrs.get("infeasible")]
+    # neither constraint rejections nor re-proposals of a trained architecture (never trained)
+    return [t for t in study.trials if not t.user_attrs.get("infeasible")
+            and t.user_attrs.get("duplicate_of") is None]
 
 
 def _tune_trial_dirs(run: Path) -> dict[str, list[str]]:
