@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers-per-trial", type=int, default=None, metavar="W",
                         help="DeepSpeed workers per trial (default: training.workers_per_trial)")
     parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
-                        help="Optuna sampler (default: search.sampler, else nsga2)")
+                        help="Optuna sampler; auto: tpe below 250 trials, nsga2 from 250 on"
+                             " (default: search.sampler, else nsga2)")
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="study storage, e.g. postgresql://user@host/db (default: the"
                              " journal file RUN_DIR/study.journal)")
@@ -47,8 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asha", action="store_true", default=None,
                         help="ASHA early stopping on val_acc per epoch; stopped trials are"
                              " PRUNED and never on the Pareto front")
+    parser.add_argument("--scheduler", choices=("fifo", "asha", "moasha"), default=None,
+                        help="early stopping: fifo (none, default), asha (--asha), moasha"
+                             " (successive halving ranked by accuracy, GFLOPs and params)")
     parser.add_argument("--asha-reduction-factor", type=float, default=None, metavar="RF",
-                        help="with --asha: keep the top 1/RF at each rung (default 2)")
+                        help="with --asha or --scheduler moasha: keep the top 1/RF at each rung"
+                             " (default 2)")
     parser.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                         help="0: train on CPU (default); 1: one GPU per worker")
     parser.add_argument("--max-consecutive-failures", type=int, default=None, metavar="M",
@@ -61,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna study name (default: the run folder's name)")
     parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
                         help="CPUs of a local Ray instance (default: all of the machine's)")
+    parser.add_argument("--warm-start", action="append", type=Path, default=[],
+                        metavar="RUN_DIR",
+                        help="seed the new study with the compatible completed trials of an"
+                             " earlier run (repeatable; they are never trained again)")
     parser.add_argument("--no-export", dest="export", action="store_false",
                         help="skip exporting the knee trial to RUN_DIR/export")
 
@@ -72,11 +81,13 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, space=args.space, trials=args.trials, concurrent=args.concurrent,
         epochs=args.epochs, workers_per_trial=args.workers_per_trial, sampler=args.sampler,
         storage=args.storage, address=args.address, seed=args.seed, resume=args.resume,
-        asha=args.asha, asha_reduction_factor=args.asha_reduction_factor,
+        asha=True if args.scheduler == "asha" else args.asha,
+        moasha=True if args.scheduler == "moasha" else None,
+        asha_reduction_factor=args.asha_reduction_factor,
         gpus_per_worker=args.gpus_per_worker,
         max_consecutive_failures=args.max_consecutive_failures,
         trial_retries=args.trial_retries, study_name=args.study_name, num_cpus=args.num_cpus,
-        export=args.export)
+        export=args.export, warm_start=tuple(args.warm_start))
     outcome = run_search(request, say=lambda line: print(line, flush=True))
     return outcome.exit_code
 

@@ -79,13 +79,17 @@ class SearchRequest:
         seed: sampler seed.
         resume: continue the study of an existing run folder.
         asha: ASHA early stopping on val_acc per epoch.
-        asha_reduction_factor: ASHA's reduction factor (keep the top 1/rf at each rung).
+        asha_reduction_factor: ASHA's reduction factor (keep the top 1/rf at each rung); also
+            MOASHA's.
+        moasha: multi-objective successive halving (`launch.moasha`) instead of ASHA.
         gpus_per_worker: 0 (CPU) or 1 (one GPU per worker).
         max_consecutive_failures: stop after this many failed trials in a row.
         trial_retries: Tune restarts of a crashed trial before it counts as failed.
         study_name: the study's name (default: the run folder's name).
         num_cpus: CPUs of a local Ray instance (default: the machine's).
         export: export the knee trial to RUN_DIR/export at the end.
+        warm_start: earlier run folders whose compatible completed trials seed a new study
+            (`nas.warm_start`); never trained again.
     """
 
     out: Path
@@ -101,12 +105,14 @@ class SearchRequest:
     resume: bool = False
     asha: bool | None = None
     asha_reduction_factor: float | None = None
+    moasha: bool | None = None
     gpus_per_worker: float | None = None
     max_consecutive_failures: int | None = None
     trial_retries: int = 0
     study_name: str | None = None
     num_cpus: int | None = None
     export: bool = True
+    warm_start: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -284,6 +290,7 @@ def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
         space=str(Path(request.space).expanduser().resolve()),
         training=space.training.to_dict(),
         asha=bool(request.asha),
+        moasha=bool(request.moasha),
         asha_reduction_factor=_check_reduction_factor(
             request.asha_reduction_factor if request.asha_reduction_factor is not None
             else DEFAULT_ASHA_REDUCTION_FACTOR),
@@ -297,6 +304,9 @@ def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
         created=nas_study.now_iso(),
     )
     nas_study.make_sampler(info.sampler, seed=info.seed, population_size=info.population_size)
+    if info.asha and info.moasha:
+        raise ConfigError("--asha and --scheduler moasha are two early-stopping rules; pick one"
+                          " (moasha ranks by accuracy, GFLOPs and params together).")
     return _Plan(run_dir=run_dir, space=space, info=info, url=request.storage)
 
 
@@ -310,7 +320,7 @@ def _plan_resume(request: SearchRequest, run_dir: Path) -> _Plan:
                           " --asha-reduction-factor.")
     info.check_resume({"sampler": request.sampler, "seed": request.seed,
                        "epochs": request.epochs, "workers_per_trial": request.workers_per_trial,
-                       "asha": request.asha,
+                       "asha": request.asha, "moasha": request.moasha,
                        "asha_reduction_factor": request.asha_reduction_factor})
     if request.study_name is not None and request.study_name != info.study_name:
         raise ConfigError(f"--study-name {request.study_name} differs from {info.study_name} in"
@@ -415,6 +425,11 @@ def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int,
         scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
                                   max_t=info.epochs, grace_period=1,
                                   reduction_factor=info.asha_reduction_factor)
+    elif info.moasha:
+        from launch.moasha import MOASHAScheduler
+
+        scheduler = MOASHAScheduler(time_attr="epoch", metric="val_acc", max_t=info.epochs,
+                                    grace_period=1, reduction_factor=info.asha_reduction_factor)
     reporter = CLIReporter(
         metric_columns={"epoch": "epoch", "val_acc": "val_acc", "val_loss": "val_loss",
                         "images_per_s": "img/s"},
@@ -448,6 +463,7 @@ def _print_start(plan: _Plan, say: Callable[[str], None]) -> None:
         f" {info.storage} --study-name {info.study_name}")
     say(f"run folder: {plan.run_dir}   (space {info.space})")
     asha = f", ASHA rf {info.asha_reduction_factor:g}" if info.asha else ""
+    asha = f", MOASHA rf {info.asha_reduction_factor:g}" if info.moasha else asha
     say(f"budget: {info.trials} trials x {info.epochs} epochs, {info.concurrent} at a time,"
         f" {info.workers_per_trial} worker(s) each, sampler {info.sampler} (seed {info.seed}"
         f"{', population ' + str(info.population_size) if info.population_size else ''})"
@@ -537,12 +553,21 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
         study.set_user_attr("spvit:sessions", session + 1)
     study.sampler = nas_study.make_sampler(
         info.sampler, seed=nas_study.session_seed(info.seed, session),
-        population_size=info.population_size)
+        population_size=info.population_size, n_trials=info.trials,
+        concurrent=info.concurrent)
     info.sessions.append(nas_study.now_iso())
     plan.space.save(plan.run_dir / nas_study.SPACE_FILE)
     info.save(plan.run_dir)
     _print_start(plan, say)
 
+    if request.warm_start:
+        from nas.warm_start import warm_start
+
+        if request.resume:
+            raise ConfigError("--warm-start seeds a new study only; a resumed search already"
+                              " holds its trials. Drop --warm-start or --resume.")
+        warm_start(study, plan.space, request.warm_start, training=info.training,
+                   budget=info.epochs, say=say)
     search_study = nas_study.SearchStudy(study, plan.space, run_dir=plan.run_dir,
                                          budget=info.epochs,
                                          max_infeasible_tries=plan.space.search.max_infeasible)

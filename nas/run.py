@@ -87,6 +87,7 @@ class RunInfo:
     training: dict[str, Any]
     asha: bool = False
     asha_reduction_factor: float = 2.0
+    moasha: bool = False
     gpus_per_worker: float = 0.0
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     population_size: int | None = None
@@ -96,7 +97,7 @@ class RunInfo:
 
     # settings a resumed search must keep: they define what a trial and the study mean
     FIXED: ClassVar[tuple[str, ...]] = ("sampler", "seed", "epochs", "workers_per_trial", "asha",
-                                        "asha_reduction_factor", "population_size")
+                                        "asha_reduction_factor", "population_size", "moasha")
     PATHS: ClassVar[tuple[str, ...]] = ("storage", "space")
 
     @property

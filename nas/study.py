@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nas import optuna_compat
+from nas import optuna_compat, samplers
 from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-exported)
     DIRECTIONS,
     OBJECTIVES,
@@ -45,9 +45,11 @@ from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-ex
     RunInfo,
     trial_dir_of,
 )
-from search_spaces.search_defaults import DEFAULT_MAX_INFEASIBLE, DEFAULT_SAMPLER, SAMPLERS
+from search_spaces.search_defaults import DEFAULT_MAX_INFEASIBLE, DEFAULT_SAMPLER  # noqa: F401
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+
+SAMPLERS: tuple[str, ...] = samplers.SAMPLER_NAMES
 
 DEFAULT_MAX_INFEASIBLE_TRIES = DEFAULT_MAX_INFEASIBLE
 # Re-proposals of an already trained architecture replaced per `ask` before one is trained again.
@@ -95,40 +97,13 @@ def default_population_size(trials: int) -> int:
 
 
 def make_sampler(name: str, *, seed: int, population_size: int | None = None,
+                 n_trials: int | None = None, concurrent: int = 1,
                  ) -> optuna.samplers.BaseSampler:
-    """The sampler `name` (one of `SAMPLERS`), seeded; `population_size` concerns NSGA-II only
-    (None: Optuna's 50).
-
-    Constraints reach the constraint-aware samplers (NSGA-II, TPE, GP) as the constraint values
-    `SearchStudy` stores on every asked trial (`nas.optuna_compat.set_constraints`, which
-    `FrozenTrial.constraints` reads): Optuna 5 deprecates the samplers' `constraints_func`
-    argument (FutureWarning, removal in 7.0), and both feed the same constrained domination /
-    acquisition.
-    """
-    if name not in SAMPLERS:
-        raise ConfigError(f"sampler must be one of {list(SAMPLERS)}, but got {name!r}."
-                          f" Pass --sampler {DEFAULT_SAMPLER} (the default) or another of them.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, but got {seed!r}. Pass e.g. --seed 0.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "nsga2":
-            size = population_size if population_size is not None else 50
-            if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-                raise ConfigError(f"population_size must be an integer >= 2, but got {size!r}."
-                                  " Use e.g. 8.")
-            return optuna.samplers.NSGAIISampler(population_size=size, seed=seed)
-        if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True,
-                                          independent_sampler=optuna.samplers.RandomSampler(
-                                              seed=seed),
-                                          warn_independent_sampling=False,
-                                          warn_asynchronous_seeding=False)
+    """The sampler `name` (one of `SAMPLERS`), seeded: `nas.samplers.make_sampler`, where each
+    name's strategy and its rules are documented. Constraints reach the samplers through
+    `Trial.set_constraint` and, when `SearchStudy` wraps them, through feasible proposals."""
+    return samplers.make_sampler(name, seed=seed, population_size=population_size,
+                                 n_trials=n_trials, concurrent=concurrent)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -212,11 +187,14 @@ class SearchStudy:
             claimed after ask/adopt and released after tell.
         estimate: the cost model (default `spvit.cost.estimate`).
         max_infeasible_tries: consecutive constraint rejections in one `ask` before giving up.
+        feasible_proposals: wrap the study's sampler in `nas.samplers.FeasibleSampler`, so that
+            it proposes feasible architectures only (rejections then stay a safety net).
     """
 
     def __init__(self, study: optuna.Study, space: Space, *, run_dir: str | os.PathLike,
                  budget: int, lease: Any = None, estimate: Estimator | None = None,
-                 max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES) -> None:
+                 max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES,
+                 feasible_proposals: bool = True) -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ConfigError(f"the training budget must be an integer >= 1 epoch, but got"
                               f" {budget!r}. Set training.epochs or --epochs.")
@@ -230,6 +208,10 @@ class SearchStudy:
         self.lease = lease
         self.estimate = estimate or _default_estimate
         self.max_infeasible_tries = max_infeasible_tries
+        if feasible_proposals:
+            study.sampler = samplers.FeasibleSampler.wrap(
+                study.sampler, space=space, estimate=self.estimate,
+                seed=len(study.get_trials(deepcopy=False)))
         self.infeasible_count = 0
         self.duplicate_count = 0
         self.consecutive_failures = 0
@@ -252,13 +234,15 @@ class SearchStudy:
     def counted_trials(self) -> int:
         """Trials that count towards the search's `--trials`: finished ones (COMPLETE, PRUNED,
         FAIL) and RUNNING ones, but neither constraint rejections, duplicates of earlier trials,
-        nor stale trials that were re-queued as a copy (the copy counts once it runs)."""
+        trials seeded from earlier runs (`nas.warm_start`), nor stale trials that were
+        re-queued as a copy (the copy counts once it runs)."""
         trials = self.study.get_trials(deepcopy=False)
         retried = {t.system_attrs.get("failed_trial") for t in trials}
         return sum(1 for t in trials
                    if t.state != TrialState.WAITING
                    and not t.user_attrs.get("infeasible")
                    and t.user_attrs.get("duplicate_of") is None
+                   and t.user_attrs.get("warm_start") is None  # seeded by nas.warm_start
                    and not (t.state == TrialState.FAIL and t.number in retried))
 
     # ------------------------------------------------------------------ proposing

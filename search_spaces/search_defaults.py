@@ -13,7 +13,8 @@ from typing import Any
 
 from .fields import check_keys, int_value, mapping, one_of
 
-SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc")
+# `nas.samplers.SAMPLER_NAMES` (a test keeps them equal; this package cannot import nas).
+SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc", "auto")
 DEFAULT_SAMPLER = "nsga2"
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 3
 DEFAULT_MAX_INFEASIBLE = 200

@@ -180,7 +180,8 @@ def test_run_info_load_errors_are_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------ ask
 def test_ask_rejects_infeasible_samples_before_launch(tmp_path, space):
-    ss = _search_study(tmp_path, space)
+    # the safety net behind feasible proposals (nas.samplers.FeasibleSampler), on its own
+    ss = _search_study(tmp_path, space, feasible_proposals=False)
     candidates = [ss.ask() for _ in range(4)]
     trials = ss.study.get_trials(deepcopy=False)
     rejected = [t for t in trials if t.user_attrs.get("infeasible")]

@@ -1,0 +1,181 @@
+"""launch.moasha: the multi-objective promotion rule and the scheduler's decisions (no Ray
+instance is started)."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from launch.moasha import MOASHAScheduler, non_dominated_fronts, promote, ranking
+from nas import pareto
+from nas import study as nas_study
+from nas.storage import make_storage
+from search_spaces.space import SearchSpace
+from spvit.errors import ConfigError
+
+
+def _dominates(a, b) -> bool:
+    """Plain reference: a is at least as good everywhere and better somewhere
+    (accuracy up, gflops and params down)."""
+    ge = a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]
+    gt = a[0] > b[0] or a[1] < b[1] or a[2] < b[2]
+    return ge and gt
+
+
+def _reference_fronts(points):
+    rank = {}
+    left = set(range(len(points)))
+    level = 0
+    while left:
+        front = {i for i in left if not any(_dominates(points[j], points[i]) for j in left)}
+        for i in front:
+            rank[i] = level
+        left -= front
+        level += 1
+    return rank
+
+
+def test_fronts_match_a_plain_reference_on_random_points():
+    rng = random.Random(0)
+    for _ in range(30):
+        pts = [(rng.choice([0.5, 0.7, 0.9]), rng.choice([1.0, 2.0]), rng.choice([10.0, 20.0]))
+               for _ in range(rng.randint(1, 9))]
+        ref = _reference_fronts(pts)
+        for level, front in enumerate(non_dominated_fronts(pts)):
+            assert all(ref[i] == level for i in front)
+        assert sorted(ranking(pts)) == list(range(len(pts)))
+
+
+def test_a_cheap_less_accurate_trial_is_promoted_where_accuracy_alone_would_stop_it():
+    rung = [(0.90, 0.010, 9e4), (0.85, 0.012, 1e5), (0.60, 0.011, 9.5e4), (0.70, 0.001, 1e4)]
+    # ASHA's rule: stop below the median accuracy of the trials recorded before (0.85)
+    assert 0.70 < sorted(p[0] for p in rung[:3])[1]
+    assert promote(rung, 3, 2.0)          # on the first front, so among the top 2
+    assert not promote(rung, 1, 2.0)      # dominated by trial 0
+    assert not promote(rung, 2, 2.0)
+
+
+def test_crowding_breaks_ties_within_a_front():
+    # all on one front; the middle point of the three-point curve is the most crowded
+    rung = [(0.9, 3.0, 3.0), (0.8, 2.0, 2.0), (0.7, 1.0, 1.0), (0.85, 2.5, 2.5)]
+    order = ranking(rung)
+    assert set(order[:2]) == {0, 2}  # extremes first (infinite crowding distance)
+    keep = math.ceil(4 / 3)
+    assert [promote(rung, i, 3.0) for i in range(4)] == [i in order[:keep] for i in range(4)]
+
+
+def test_promote_rejects_a_bad_index():
+    with pytest.raises(IndexError):
+        promote([(0.5, 1.0, 1.0)], 1, 2.0)
+
+
+def _scheduler(costs, **kwargs) -> MOASHAScheduler:
+    return MOASHAScheduler(max_t=8, cost_of=lambda config: costs[config["id"]], **kwargs)
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+        self.config = {"id": trial_id}
+
+
+def test_rungs_and_decisions_of_the_scheduler():
+    costs = {"a": (0.01, 9e4), "b": (0.012, 1e5), "c": (0.001, 1e4)}
+    s = _scheduler(costs)
+    assert s.milestones == [1, 2, 4]
+    for t in costs:
+        s.on_trial_add(None, _Trial(t))
+    assert s.on_trial_result(None, _Trial("a"), {"epoch": 1, "val_acc": 0.9}) == "CONTINUE"
+    assert s.on_trial_result(None, _Trial("b"), {"epoch": 1, "val_acc": 0.8}) == "STOP"
+    assert s.on_trial_result(None, _Trial("c"), {"epoch": 1, "val_acc": 0.5}) == "CONTINUE"
+    assert s.stopped == {"b": 1}
+    # between rungs and at the full budget nothing is decided
+    assert s.on_trial_result(None, _Trial("a"), {"epoch": 1, "val_acc": 0.1}) == "CONTINUE"
+    assert s.on_trial_result(None, _Trial("c"), {"epoch": 8, "val_acc": 0.1}) == "CONTINUE"
+
+
+def test_bad_settings_say_the_rule():
+    with pytest.raises(ConfigError, match="reduction_factor must be > 1"):
+        MOASHAScheduler(max_t=4, reduction_factor=1)
+    with pytest.raises(ConfigError, match="grace_period must be in"):
+        MOASHAScheduler(max_t=4, grace_period=5)
+
+
+SPACE = """
+name: tiny
+arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
+dimensions:
+  depth: [1, 2]
+  embed_dim: [16, 32]
+  heads: [1, 2]
+  prior: [none, mlp]
+training: {dataset: digits, epochs: 4, batch_size: 128}
+search: {trials: 6, concurrent: 1}
+"""
+
+
+def test_stopped_trials_end_pruned_with_their_fidelity_and_never_on_the_front(tmp_path: Path):
+    """The searcher's path for a stopped trial (tell_result with the rung's epoch), driven by
+    the scheduler's decisions on a study."""
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE, encoding="utf-8")
+    space = SearchSpace.load(path)
+    study = nas_study.open_study(make_storage(None, tmp_path), study_name="s",
+                                 sampler=optuna.samplers.RandomSampler(seed=0), resume=False)
+    ss = nas_study.SearchStudy(study, space, run_dir=tmp_path, budget=4)
+    candidates = [ss.ask() for _ in range(6)]
+    costs = {str(c.number): (c.gflops, float(c.params)) for c in candidates}
+    sched = MOASHAScheduler(max_t=4, cost_of=lambda config: costs[config["id"]])
+    rng = random.Random(1)
+    for c in candidates:
+        sched.on_trial_add(None, _Trial(str(c.number)))
+    for c in candidates:
+        last = None
+        for epoch in range(1, 5):
+            acc = round(0.3 + 0.1 * epoch * rng.random(), 4)
+            last = {"epoch": epoch, "val_acc": acc}
+            ss.record_epoch(c, last)
+            if sched.on_trial_result(None, _Trial(str(c.number)), last) == "STOP":
+                break
+        ss.tell_result(c, last)
+    assert sched.stopped  # some trials were stopped early
+    front = {t.number for t in pareto.pareto_trials(study)}
+    for c in candidates:
+        t = ss._frozen(c.number)
+        if str(c.number) in sched.stopped:
+            assert t.state == TrialState.PRUNED
+            assert t.user_attrs["fidelity"] == sched.stopped[str(c.number)] < 4
+            assert c.number not in front
+        else:
+            assert t.state == TrialState.COMPLETE
+    assert front and all(ss._frozen(n).state == TrialState.COMPLETE for n in front)
+
+
+@pytest.mark.slow
+def test_a_search_with_moasha_prunes_by_rung_and_keeps_the_front_full_budget(tmp_path,
+                                                                           ray_local):
+    from launch.search import EXIT_OK, SearchRequest, run_search
+
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.replace("epochs: 4, batch_size: 128",
+                                  "epochs: 2, batch_size: 128, augment: false"),
+                    encoding="utf-8")
+    run_dir = tmp_path / "moasha"
+    outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
+                                       moasha=True, asha_reduction_factor=4, export=False),
+                         say=lambda line: None)
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    assert nas_study.RunInfo.load(run_dir).moasha is True
+    study = optuna.load_study(study_name="moasha", storage=make_storage(None, run_dir))
+    trials = [t for t in study.trials if t.user_attrs.get("duplicate_of") is None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "with rf 4 a rung keeps one of its first four trials"
+    assert all(t.user_attrs["fidelity"] == 1 and t.values is None for t in pruned)
+    front = pareto.pareto_trials(study)
+    assert front and all(pareto.is_full_fidelity(t) for t in front)
+    assert not {t.number for t in front} & {t.number for t in pruned}
