@@ -70,6 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="RUN_DIR",
                         help="seed the new study with the compatible completed trials of an"
                              " earlier run (repeatable; they are never trained again)")
+    parser.add_argument("--strategy", choices=("full", "oneshot"), default="full",
+                        help="full: train every proposal to the budget; oneshot: rank candidates"
+                             " with a trained supernet's inherited weights, then train the top of"
+                             " that proxy front stand-alone (only those reach the front)")
+    parser.add_argument("--supernet", type=Path, default=None, metavar="DIR",
+                        help="with --strategy oneshot: a folder of `spvit-nas supernet train`")
+    parser.add_argument("--retrain", type=int, default=None, metavar="K",
+                        help="with --strategy oneshot: proxy-front candidates trained stand-alone"
+                             " (default: the space's search.trials)")
+    parser.add_argument("--candidates", type=int, default=None, metavar="N",
+                        help="with --strategy oneshot: subnets the supernet scores (default 2000)")
     parser.add_argument("--no-export", dest="export", action="store_false",
                         help="skip exporting the knee trial to RUN_DIR/export")
 
@@ -87,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         max_consecutive_failures=args.max_consecutive_failures,
         trial_retries=args.trial_retries, study_name=args.study_name, num_cpus=args.num_cpus,
-        export=args.export, warm_start=tuple(args.warm_start))
+        export=args.export, warm_start=tuple(args.warm_start), strategy=args.strategy,
+        supernet=args.supernet, retrain=args.retrain, candidates=args.candidates)
     outcome = run_search(request, say=lambda line: print(line, flush=True))
     return outcome.exit_code
 

@@ -90,6 +90,13 @@ class SearchRequest:
         export: export the knee trial to RUN_DIR/export at the end.
         warm_start: earlier run folders whose compatible completed trials seed a new study
             (`nas.warm_start`); never trained again.
+        strategy: `full` (every proposal trained to the budget) or `oneshot` (a supernet scores
+            `candidates` subnets with inherited weights; the top `retrain` of that proxy front
+            are trained stand-alone, and only they reach the study's front; `nas.oneshot`).
+        supernet: the folder of `spvit-nas supernet train` (with `oneshot`).
+        retrain: how many of the proxy front to train stand-alone (with `oneshot`; default:
+            the space's `search.trials`).
+        candidates: subnets the supernet scores (with `oneshot`).
     """
 
     out: Path
@@ -113,6 +120,10 @@ class SearchRequest:
     num_cpus: int | None = None
     export: bool = True
     warm_start: tuple[Path, ...] = ()
+    strategy: str = "full"
+    supernet: Path | None = None
+    retrain: int | None = None
+    candidates: int | None = None
 
 
 @dataclass
@@ -212,6 +223,27 @@ def plan_search(request: SearchRequest) -> _Plan:
 
 def _check_flags(request: SearchRequest) -> None:
     """Flags that would have no effect in this combination are refused, not ignored."""
+    if request.strategy not in ("full", "oneshot"):
+        raise ConfigError(f"--strategy must be full or oneshot, but got {request.strategy!r}."
+                          " Drop --strategy (full) or pass --strategy oneshot --supernet DIR.")
+    oneshot_only = [flag for flag, value in (("--supernet", request.supernet),
+                                             ("--retrain", request.retrain),
+                                             ("--candidates", request.candidates))
+                    if value is not None]
+    if request.strategy != "oneshot" and oneshot_only:
+        raise ConfigError(f"{oneshot_only[0]} applies to --strategy oneshot only. Add"
+                          f" --strategy oneshot, or drop {oneshot_only[0]}.")
+    if request.strategy == "oneshot":
+        if request.resume:
+            raise ConfigError("--strategy oneshot starts a new search (its candidates are queued"
+                              " in the study once); a resumed search trains what is queued."
+                              " Drop --strategy/--supernet with --resume.")
+        if request.supernet is None:
+            raise ConfigError("--strategy oneshot needs a trained supernet: pass --supernet DIR"
+                              " (made by `spvit-nas supernet train --space SPACE --out DIR`).")
+        for name in ("retrain", "candidates"):
+            if getattr(request, name) is not None:
+                _positive_int(name, getattr(request, name))
     if request.study_name is not None and not str(request.study_name).strip():
         raise ConfigError("--study-name must be a non-empty name, but got ''. Drop --study-name"
                           " (the run folder's name is used) or pass e.g. --study-name digits.")
@@ -272,6 +304,13 @@ def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
     defaults = space.search
     trials = _positive_int("trials", request.trials if request.trials is not None
                            else defaults.trials)
+    if request.strategy == "oneshot":
+        from nas.oneshot import open_supernet
+
+        # A missing folder or another space's supernet exits here, before anything is written.
+        open_supernet(request.supernet).check_space(space)
+        if request.retrain is not None:
+            trials = request.retrain
     sampler = request.sampler or defaults.sampler
     population = defaults.population_size
     if sampler == "nsga2" and population is None:
@@ -560,6 +599,12 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
     info.save(plan.run_dir)
     _print_start(plan, say)
 
+    if request.strategy == "oneshot":
+        from nas.oneshot import DEFAULT_CANDIDATES, prepare_oneshot
+
+        prepare_oneshot(study, plan.space, request.supernet, run_dir=plan.run_dir,
+                        retrain=info.trials, candidates=request.candidates or DEFAULT_CANDIDATES,
+                        seed=info.seed, say=say)
     if request.warm_start:
         from nas.warm_start import warm_start
 

@@ -169,6 +169,8 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
         "state": trial.state.name,
         "kind": trial_kind(trial),
         "val_acc": values[0],
+        # Held-out test accuracy (evaluated once after the full budget); never an objective.
+        "test_acc": attrs.get("test_acc"),
         "gflops": values[1],
         "params": int(values[2]) if values[2] is not None else None,
         "fidelity": attrs.get("fidelity"),
@@ -210,8 +212,10 @@ def _fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
-_TABLE_COLUMNS = ("trial", "acc%", "GFLOPs", "params", "depth", "width", "heads", "priors",
-                  "pools", "shares", "init")
+# `val%` is what the search selected on; `test%` is the held-out split nobody selected on.
+_TABLE_COLUMNS = ("trial", "val%", "test%", "GFLOPs", "params", "depth", "width", "heads",
+                  "priors", "pools", "shares", "init")
+_NUMERIC_COLUMNS = 6
 
 
 def table_rows(trials: Iterable[FrozenTrial]) -> list[list[str]]:
@@ -220,7 +224,9 @@ def table_rows(trials: Iterable[FrozenTrial]) -> list[list[str]]:
     for t in trials:
         r = trial_record(t)
         acc = None if r["val_acc"] is None else 100.0 * r["val_acc"]
-        rows.append([str(r["number"]), _fmt(acc, ".2f"), _fmt(r["gflops"], ".4g"),
+        test = None if r["test_acc"] is None else 100.0 * r["test_acc"]
+        rows.append([str(r["number"]), _fmt(acc, ".2f"), _fmt(test, ".2f"),
+                     _fmt(r["gflops"], ".4g"),
                      format_params(r["params"]), _fmt(r["depth"]), _fmt(r["width"]),
                      _fmt(r["heads"]), _fmt(r["priors"]), _fmt(r["pools"]), _fmt(r["shares"]),
                      _fmt(r["init"])])
@@ -234,7 +240,7 @@ def format_table(trials: Iterable[FrozenTrial]) -> str:
         return "(no complete full-fidelity trials)"
     cells = [list(_TABLE_COLUMNS)] + rows
     widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE_COLUMNS))]
-    numeric = {0, 1, 2, 3, 4}
+    numeric = set(range(_NUMERIC_COLUMNS))
     lines = []
     for k, row in enumerate(cells):
         parts = [c.rjust(w) if i in numeric else c.ljust(w)
@@ -251,7 +257,8 @@ def format_markdown(trials: Iterable[FrozenTrial]) -> str:
     if not rows:
         return "_No complete full-fidelity trials._"
     lines = ["| " + " | ".join(_TABLE_COLUMNS) + " |",
-             "|" + "|".join("---:" if i < 5 else "---" for i in range(len(_TABLE_COLUMNS))) + "|"]
+             "|" + "|".join("---:" if i < _NUMERIC_COLUMNS else "---"
+                            for i in range(len(_TABLE_COLUMNS))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -266,8 +273,8 @@ def to_json(trials: Iterable[FrozenTrial], **extra: Any) -> str:
     return json.dumps({**extra, "trials": records}, indent=2)
 
 
-CSV_COLUMNS = ("number", "val_acc", "gflops", "params", "fidelity", "budget", "wall_s", "depth",
-               "width", "heads", "priors", "pools", "shares", "init", "trial_dir")
+CSV_COLUMNS = ("number", "val_acc", "test_acc", "gflops", "params", "fidelity", "budget", "wall_s",
+               "depth", "width", "heads", "priors", "pools", "shares", "init", "trial_dir")
 
 
 def to_csv(trials: Iterable[FrozenTrial]) -> str:

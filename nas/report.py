@@ -215,8 +215,10 @@ def pareto_png(points: Sequence[tuple[FrozenTrial, str, tuple[float, float, floa
 def _hover(trial: FrozenTrial, kind: str, objectives: tuple[float, float, float]) -> str:
     r = pareto.trial_record(trial)
     acc, g, p = objectives
-    lines = [f"trial {trial.number} ({kind})", f"acc {100 * acc:.2f}%", f"GFLOPs {g:.4g}",
-             f"params {pareto.format_params(p)}"]
+    lines = [f"trial {trial.number} ({kind})", f"val acc {100 * acc:.2f}%"]
+    if r["test_acc"] is not None:
+        lines.append(f"test acc {100 * r['test_acc']:.2f}% (held out)")
+    lines += [f"GFLOPs {g:.4g}", f"params {pareto.format_params(p)}"]
     for key in ("depth", "width", "heads", "priors", "pools", "shares", "init"):
         if r[key] is not None:
             lines.append(f"{key} {r[key]}")
@@ -516,6 +518,10 @@ def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
         "",
         f"## Pareto set ({len(front)} trials)",
         pareto.format_markdown(front),
+        "",
+        "`val%`: validation accuracy, the objective the sampler optimised and the front was"
+        " selected on. `test%`: the held-out test split, evaluated once per full-budget trial"
+        " and used for nothing else, so it is the honest estimate of a chosen model's accuracy.",
         "",
         "Data: [pareto.csv](pareto.csv). Interactive: [pareto.html](pareto.html).",
         "",

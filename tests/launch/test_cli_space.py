@@ -57,7 +57,7 @@ def test_cost_of_a_flat_arch_file(capsys, tmp_path):
 def test_check_space_summarises_the_space(capsys):
     rc, out, err = run(capsys, "check-space", DIGITS, "--samples", "50")
     assert rc == 0 and err == ""
-    assert "valid" in out and "size: 5,811,480 architectures" in out
+    assert "valid" in out and "size: 11,704,176 architectures" in out
     for name in ("depth", "embed_dim", "heads_{i}", "prior_{i}", "pool_{i}", "share_{i}"):
         assert name in out
     assert "gflops  min" in out and "feasible under constraints" in out

@@ -168,6 +168,20 @@ def test_front_excludes_partial_pruned_failed_and_dominated(tmp_path):
     assert {t.number for t in study.best_trials} == {4, 8}
 
 
+def test_test_accuracy_is_shown_beside_validation_and_never_picks():
+    a = _frozen(0, "full", (0.9, 0.02, 2000.0), ARCHS[0])
+    b = _frozen(1, "full", (0.8, 0.01, 1000.0), ARCHS[1])
+    a.user_attrs["test_acc"], b.user_attrs["test_acc"] = 0.5, 0.95
+    row = pareto.format_table([a, b]).splitlines()[2].split()
+    assert row[1:3] == ["90.00", "50.00"]
+    csv_rows = pareto.to_csv([a, b]).splitlines()
+    assert csv_rows[0].split(",")[:3] == ["number", "val_acc", "test_acc"]
+    assert csv_rows[1].split(",")[1:3] == ["0.9", "0.5"]
+    assert json.loads(pareto.to_json([a]))["trials"][0]["test_acc"] == 0.5
+    # Picking reads validation accuracy only: b's better test accuracy does not make it best.
+    assert pareto.pick([a, b], method="best")[0] is a
+
+
 def _random_full_trials(rng: random.Random, n: int):
     out = []
     for _ in range(n):
@@ -264,10 +278,10 @@ def test_table_json_csv(tmp_path):
     front = pareto.pareto_trials(study)
     table = pareto.format_table(front)
     lines = table.splitlines()
-    assert lines[0].split()[:4] == ["trial", "acc%", "GFLOPs", "params"]
+    assert lines[0].split()[:5] == ["trial", "val%", "test%", "GFLOPs", "params"]
     assert len(lines) == 2 + len(front)
     row1 = lines[2].split()  # trial 1: the most accurate
-    assert row1[:6] == ["1", "90.00", "0.03", "9.0K", "3", "16->32"]
+    assert row1[:7] == ["1", "90.00", "-", "0.03", "9.0K", "3", "16->32"]  # no test accuracy
     assert "axial:4" in table and "gaussian:1" in table and "mimetic" in table
     row2 = next(line for line in lines if line.split()[0] == "2").split()
     assert row2[-2] == "1" and row2[-3] == "-"  # shares block 1, no pools
