@@ -69,10 +69,10 @@ def kind_of(path: Path) -> str | None:
         return None
     if is_run_folder(path):
         return "run folder"
+    if is_export(path):  # before trial folders: an export also holds its training.yaml
+        return "export"
     if is_trial_folder(path):
         return "trial folder"
-    if is_export(path):
-        return "export"
     return None
 
 

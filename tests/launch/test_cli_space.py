@@ -67,7 +67,7 @@ def test_check_space_json(capsys):
     rc, out, _ = run(capsys, "check-space", DIGITS, "--samples", "40", "--json")
     assert rc == 0
     data = json.loads(out)
-    assert data["size"] == 5_811_480 and data["samples"] == 40
+    assert data["size"] == 11_704_176 and data["samples"] == 40
     assert 0 < data["gflops"]["min"] <= data["gflops"]["median"] <= data["gflops"]["max"]
     assert {d["name"] for d in data["dimensions"]} >= {"depth", "heads_{i}"}
 
