@@ -12,6 +12,8 @@ The pieces, all without Ray or DeepSpeed (the training loop is `launch.supernet`
   with `score(spec)`: inherited-weight validation accuracy (evaluation only);
 * `run_proxy_search`: an Optuna multi-objective study of its own over the same space, objective
   the inherited-weight accuracy (plus GFLOPs and parameters), thousands of candidates cheaply;
+  `ask_feasible` proposes its trials under the search study's rule (a proposal that breaks a
+  constraint is told FAIL, never scored);
 * `select_for_retrain` (non-dominated rank, then crowding distance) and `enqueue_for_retrain`,
   which puts the picks into the main search study as WAITING trials with their proxy score as a
   user attr. The main search then trains them stand-alone through its normal trial path, so its

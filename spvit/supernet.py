@@ -23,8 +23,7 @@ largest size any subnet needs at that position and a subnet uses its leading sli
   for a smaller one); the subnet picks one per head;
 * token pooling: one pool layer at every block index some schedule pools at (per width factor);
 * attention sharing: a sharing block applies the previous block's attention probabilities to its
-  own V slice (the V rows of its Q/K/V layer) and its own output projection; no Q Kᵀ.
-
+  own V slice (the V rows of its Q/K/V layer) and its own output projection; no Q Kᵀ;
 * positional encoding: `learned` and `learned_sincos` read the same learnable embedding (per
   patch size, first embed_dim channels); `sincos` is computed for the active width;
 * residual scaling `skip_lam` and `conv_pos_place` change no weight: the block's forward divides
