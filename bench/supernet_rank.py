@@ -244,6 +244,7 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
     from nas import study as nas_study
     from nas.oneshot import (
         InheritedScorer,
+        ask_feasible,
         run_proxy_search,
         select_for_retrain,
         summarise_proxy,
@@ -271,7 +272,7 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
                                         population_size=max(4, trials // 4)))
         full_points, full_times, elapsed = [], [], 0.0
         for i in range(trials):
-            proposal = space.ask_feasible(study)
+            proposal = ask_feasible(study, space)
             acc, train_s = _standalone(space, proposal.spec, root / "full" / f"{i:03d}")
             elapsed += train_s
             study.tell(proposal.trial, [acc, proposal.cost.gflops, float(proposal.cost.params)])

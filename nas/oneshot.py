@@ -12,6 +12,8 @@ The pieces, all without Ray or DeepSpeed (the training loop is `launch.supernet`
   with `score(spec)`: inherited-weight validation accuracy (evaluation only);
 * `run_proxy_search`: an Optuna multi-objective study of its own over the same space, objective
   the inherited-weight accuracy (plus GFLOPs and parameters), thousands of candidates cheaply;
+  `ask_feasible` proposes its trials under the search study's rule (a proposal that breaks a
+  constraint is told FAIL, never scored);
 * `select_for_retrain` (non-dominated rank, then crowding distance) and `enqueue_for_retrain`,
   which puts the picks into the main search study as WAITING trials with their proxy score as a
   user attr. The main search then trains them stand-alone through its normal trial path, so its
@@ -21,6 +23,7 @@ The pieces, all without Ray or DeepSpeed (the training loop is `launch.supernet`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -48,6 +51,7 @@ PROXY_ATTR = "proxy_val_acc"
 DEFAULT_CANDIDATES = 2000
 DEFAULT_RANDOM_SUBNETS = 2
 EXTREME_PROBES = 400  # feasible samples drawn to find the largest / smallest subnet
+_ARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ArchSpec) if f.name != "blocks"}
 
 
 # ---------------------------------------------------------------------------- space -> supernet
@@ -56,10 +60,18 @@ def _free_schedules(depth: int, *, from_block: int, max_pools: int) -> list[tupl
     return [s for k in range(max_pools + 1) for s in itertools.combinations(blocks, k)]
 
 
+def _field_values(space: SearchSpace, name: str) -> tuple:
+    """The values of the global `ArchSpec` field `name` in `space`; a field the space does not
+    name keeps its `ArchSpec` default."""
+    if name in space.choices or name in space.fixed:
+        return tuple(space.values_of(name))
+    return (_ARCH_DEFAULTS[name],)
+
+
 def supernet_choices(space: SearchSpace) -> SupernetChoices:
     """What a supernet over `space` must hold, from the space's dimensions."""
     fixed = space.fixed
-    v = space.values_of
+    v = functools.partial(_field_values, space)
     if space.pool.free:
         schedules: set[tuple[int, ...]] = set()
         for depth in v("depth"):
@@ -76,7 +88,8 @@ def supernet_choices(space: SearchSpace) -> SupernetChoices:
         pool_width_factors=tuple(v("pool_width_factor")), heads=tuple(space.heads),
         prior_types=tuple(space.prior.types), pos_embeds=tuple(v("pos_embed")),
         conv_pos=tuple(v("conv_pos")), qkv_bias=tuple(v("qkv_bias")),
-        pool_schedules=pool_schedules, share=tuple(space.share))
+        pool_schedules=pool_schedules, share=tuple(space.share),
+        skip_lams=v("skip_lam"), conv_pos_places=v("conv_pos_place"))
 
 
 def space_identity(space: SearchSpace) -> dict[str, Any]:
@@ -308,6 +321,53 @@ def validation_loader(space: SearchSpace, *, batch_size: int = 256) -> Any:
 
 # ---------------------------------------------------------------------------- proxy search
 @dataclass(frozen=True)
+class Proposal:
+    """A feasible architecture proposed by a RUNNING trial of an Optuna study, with its cost."""
+
+    trial: Any
+    spec: ArchSpec
+    cost: Any
+
+
+def ask_feasible(study: Any, space: SearchSpace, *, max_tries: int | None = None) -> Proposal:
+    """Ask `study` until a trial proposes a member of `space` that meets its constraints.
+
+    The rule of the search study (`nas.study.SearchStudy.ask`): every asked trial gets its
+    constraint values (`nas.optuna_compat.set_constraints`, which the constrained samplers
+    read); a rejected one gets user attrs `arch`, `infeasible` (the broken constraints) and
+    `fail_reason` and is told FAIL, never scored. `ConfigError` after `max_tries` (default the
+    space's `search.max_infeasible`) rejections in a row.
+    """
+    from optuna.trial import TrialState
+
+    from . import optuna_compat
+
+    tries = space.search.max_infeasible if max_tries is None else max_tries
+    reason = ""
+    for _ in range(tries):
+        trial = study.ask()
+        try:
+            spec = space.suggest(trial)
+        except ConfigError as e:
+            reason = f"invalid architecture: {e}"
+        else:
+            cost = estimate(spec)
+            optuna_compat.set_constraints(study, trial, space.constraints.values(spec, cost))
+            violations = space.constraints.violations(spec, cost)
+            if not violations:
+                return Proposal(trial=trial, spec=spec, cost=cost)
+            reason = "; ".join(violations)
+            trial.set_user_attr("arch", spec.to_flat())
+        trial.set_user_attr("infeasible", reason)
+        trial.set_user_attr("fail_reason", f"infeasible: {reason}")
+        study.tell(trial, state=TrialState.FAIL)
+    raise ConfigError(
+        f"the constraints of space {space.name!r} rejected {tries} proposals in a row (last:"
+        f" {reason}); the feasible region is empty or tiny. Loosen the `constraints:` block or"
+        " narrow the space's choices to feasible ones.")
+
+
+@dataclass(frozen=True)
 class ProxySummary:
     """What a proxy study did: candidates scored and the mean scoring time per candidate."""
 
@@ -325,7 +385,7 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
     """An Optuna study of its own over `space`: maximise the inherited-weight accuracy,
     minimise GFLOPs and parameters, until `candidates` feasible trials are COMPLETE.
 
-    Infeasible proposals are told PRUNED (`space.ask_feasible`) and do not count; a repeated
+    Infeasible proposals are told FAIL (`ask_feasible`) and do not count; a repeated
     architecture reuses its score (evaluation is deterministic). Each trial keeps user attrs
     `arch`, `gflops`, `params`, `score_s` (seconds), `scored` (False: a repeat). Resumable:
     an existing study of that name continues.
@@ -347,7 +407,7 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
         cache[json.dumps(t.user_attrs.get("arch"), sort_keys=True)] = t.values[0]
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     while done < candidates:
-        proposal = space.ask_feasible(study)
+        proposal = ask_feasible(study, space)
         spec, cost, trial = proposal.spec, proposal.cost, proposal.trial
         key = json.dumps(spec.to_flat(), sort_keys=True)
         start = time.perf_counter()

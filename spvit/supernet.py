@@ -18,15 +18,22 @@ largest size any subnet needs at that position and a subnet uses its leading sli
 * stem and classifier: the first embed_dim output channels / the first C input columns; norms:
   the first C entries (statistics over the active channels only);
 * per-head prior type: head slot h of a block holds the parameters of every prior family the
-  space offers (`mlp` hidden units sliced to the active head width; `rpb` tables for the largest
-  grid the block can see, centre-cropped for a smaller one); the subnet picks one per head;
+  space offers (`mlp` hidden units sliced to the active head width; `gaussian`, `axial` and
+  `decay` their few numbers; `rpb` tables for the largest grid the block can see, centre-cropped
+  for a smaller one); the subnet picks one per head;
 * token pooling: one pool layer at every block index some schedule pools at (per width factor);
 * attention sharing: a sharing block applies the previous block's attention probabilities to its
-  own V slice (the V rows of its Q/K/V layer) and its own output projection; no Q Kᵀ.
+  own V slice (the V rows of its Q/K/V layer) and its own output projection; no Q Kᵀ;
+* positional encoding: `learned` and `learned_sincos` read the same learnable embedding (per
+  patch size, first embed_dim channels); `sincos` is computed for the active width;
+* residual scaling `skip_lam` and `conv_pos_place` change no weight: the block's forward divides
+  both residual branches by the subnet's `skip_lam` and runs the (shared) conv positional layer
+  before the attention or after the MLP, as `spvit.model.Block` does.
 
 Not shared: each patch size has its own stem and learned positional embedding (a kernel of
-another size is a different function). The `init` field of an `ArchSpec` does not apply to
-inherited weights; it is carried along for stand-alone retraining.
+another size is a different function). Initialisation does not apply to inherited weights: the
+`init` field of an `ArchSpec`, and the sin-cos starting value of a `learned_sincos` embedding (the
+shared embedding starts N(0, 0.02), as `learned`), are carried along for stand-alone retraining.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from .model import LN_EPS, SPViT
 from .priors import ADDITIVE, MULTIPLICATIVE, offset_tables
 
 Grid = tuple[int, int]
-FAMILIES: tuple[str, ...] = ("mlp", "gaussian", "axial", "rpb")
+FAMILIES: tuple[str, ...] = ("mlp", "gaussian", "axial", "rpb", "decay")
+LEARNED_POS: tuple[str, ...] = ("learned", "learned_sincos")  # one learnable embedding
 
 
 def _schedule_fits(schedule: Sequence[int], depth: int, side: int) -> bool:
@@ -72,6 +80,8 @@ class SupernetChoices:
         heads: head counts per block; prior_types: prior types per head.
         pool_schedules: every pool schedule (sorted block indices) a subnet may use.
         share: whether blocks may share attention (`(False,)` or `(False, True)`).
+        skip_lams, conv_pos_places: the values of `skip_lam` and `conv_pos_place` (no weights
+            depend on them; the defaults are the `ArchSpec` defaults).
     """
 
     img_size: int
@@ -92,6 +102,8 @@ class SupernetChoices:
     qkv_bias: tuple[bool, ...]
     pool_schedules: tuple[tuple[int, ...], ...] = ((),)
     share: tuple[bool, ...] = (False,)
+    skip_lams: tuple[float, ...] = (1.0,)
+    conv_pos_places: tuple[str, ...] = ("before_attn",)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -103,6 +115,7 @@ class SupernetChoices:
                 raise ConfigError(f"supernet choices: {f.name} is empty; every dimension needs"
                                   " at least one value. List one.")
         object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
+        object.__setattr__(self, "skip_lams", tuple(float(r) for r in self.skip_lams))
         object.__setattr__(self, "pool_schedules",
                            tuple(tuple(sorted(s)) for s in self.pool_schedules))
 
@@ -174,7 +187,9 @@ class SupernetChoices:
                   "pool_width_factor": (spec.pool_width_factor, self.pool_width_factors),
                   "pos_embed": (spec.pos_embed, self.pos_embeds),
                   "conv_pos": (spec.conv_pos, self.conv_pos),
-                  "qkv_bias": (spec.qkv_bias, self.qkv_bias)}
+                  "qkv_bias": (spec.qkv_bias, self.qkv_bias),
+                  "skip_lam": (spec.skip_lam, self.skip_lams),
+                  "conv_pos_place": (spec.conv_pos_place, self.conv_pos_places)}
         for name, (value, allowed) in listed.items():
             if value not in allowed:
                 return f"{name} {value!r} is not among the supernet's choices {list(allowed)}"
@@ -215,6 +230,8 @@ class _BlockPlan:
     qkv_bias: bool
     hidden: int
     drop_path: float
+    skip_lam: float
+    conv_pos_end: bool
 
 
 @dataclass(frozen=True)
@@ -239,7 +256,8 @@ def _plan(spec: ArchSpec) -> _Plan:
             arch_grid=grids[i], cls_before=has_token and (from_stem or spec.cls_block < i),
             has_cls=has_cls[i], keep_attn=i + 1 < spec.depth and spec.blocks[i + 1].share,
             conv_pos=spec.conv_pos, qkv_bias=spec.qkv_bias, hidden=int(widths[i] * spec.mlp_ratio),
-            drop_path=dpr[i]))
+            drop_path=dpr[i], skip_lam=spec.skip_lam,
+            conv_pos_end=spec.conv_pos_place == "end"))
         in_dim = widths[i]
     cls_width = spec.embed_dim if from_stem else (widths[spec.cls_block] if has_token else 0)
     return _Plan(spec=spec, blocks=tuple(blocks), cls_from_stem=from_stem, cls_width=cls_width)
@@ -344,8 +362,8 @@ class SuperPriors(nn.Module):
 
     Shapes (Hs = head slots, dm = largest head width, S = largest grid side):
     `mlp_fc1_weight (Hs, dm, 2)`, `mlp_fc1_bias (Hs, dm)`, `mlp_weight (Hs, dm)`,
-    `mlp_bias (Hs,)`, `gaussian (Hs, 3)`, `axial (Hs, 3)`, `rpb_table (Hs, 2S-1, 2S-1)`; only
-    the families in `families` exist.
+    `mlp_bias (Hs,)`, `gaussian (Hs, 3)`, `axial (Hs, 3)`, `rpb_table (Hs, 2S-1, 2S-1)`,
+    `decay (Hs,)`; only the families in `families` exist.
     """
 
     def __init__(self, families: Sequence[str], *, slots: int, head_dim: int,
@@ -365,6 +383,8 @@ class SuperPriors(nn.Module):
         if "rpb" in self.families:
             side = 2 * grid_size - 1
             self.rpb_table = nn.Parameter(torch.empty(slots, side, side))
+        if "decay" in self.families:
+            self.decay = nn.Parameter(torch.empty(slots))
 
     def reset_parameters(self) -> None:
         """Identity priors, as `spvit.priors.SpatialPrior.reset_parameters`."""
@@ -381,6 +401,8 @@ class SuperPriors(nn.Module):
                 self.axial.zero_()
             if "rpb" in self.families:
                 self.rpb_table.zero_()
+            if "decay" in self.families:
+                self.decay.zero_()
 
     def _rpb_crop(self, heads: torch.Tensor, arch_grid: int) -> torch.Tensor:
         c = self.grid_size - arch_grid
@@ -406,6 +428,8 @@ class SuperPriors(nn.Module):
         if by["rpb"]:
             idx = torch.tensor(by["rpb"], device=self.rpb_table.device)
             out["rpb_table"] = self._rpb_crop(idx, arch_grid)
+        if by["decay"]:
+            out["decay"] = self.decay[by["decay"]]
         return out
 
     def forward(self, head_types: tuple[str, ...], head_dim: int, arch_grid: int, grid: Grid,
@@ -447,14 +471,20 @@ class SuperPriors(nn.Module):
                 mult = mult.index_copy(0, idx, vals.to(dtype))
         if any(t in ADDITIVE for t in head_types):
             bias = torch.zeros(H, K, dtype=dtype, device=ref.device)
-            idx = torch.tensor(by["rpb"], device=ref.device)
-            table = self._rpb_crop(idx, arch_grid)  # (Hr, 2s-1, 2s-1)
-            gh, gw = grid
-            s = arch_grid
-            ry = (torch.arange(-(gh - 1), gh, device=ref.device) + s - 1).clamp(0, 2 * s - 2)
-            rx = (torch.arange(-(gw - 1), gw, device=ref.device) + s - 1).clamp(0, 2 * s - 2)
-            vals = table.index_select(1, ry).index_select(2, rx).reshape(len(by["rpb"]), -1)
-            bias = bias.index_copy(0, idx, vals.to(dtype))
+            if by["rpb"]:
+                idx = torch.tensor(by["rpb"], device=ref.device)
+                table = self._rpb_crop(idx, arch_grid)  # (Hr, 2s-1, 2s-1)
+                gh, gw = grid
+                s = arch_grid
+                ry = (torch.arange(-(gh - 1), gh, device=ref.device) + s - 1).clamp(0, 2 * s - 2)
+                rx = (torch.arange(-(gw - 1), gw, device=ref.device) + s - 1).clamp(0, 2 * s - 2)
+                vals = table.index_select(1, ry).index_select(2, rx).reshape(len(by["rpb"]), -1)
+                bias = bias.index_copy(0, idx, vals.to(dtype))
+            if by["decay"]:
+                idx = torch.tensor(by["decay"], device=ref.device)
+                dist = off.pow(2).sum(-1).sqrt()  # (K,) Euclidean offset length
+                vals = -self.decay.index_select(0, idx)[:, None] * dist[None]  # (Hd, K)
+                bias = bias.index_copy(0, idx, vals.to(dtype))
         n = grid[0] * grid[1]
         out = []
         for table, identity in ((mult, 1.0), (bias, 0.0)):
@@ -563,15 +593,20 @@ class SuperBlock(nn.Module):
         if cls_token is not None:
             x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         num_prefix = int(plan.has_cls)
-        if plan.conv_pos:
-            prefix, fmap = tokens_to_map(x, grid, num_prefix)
-            x = map_to_tokens(prefix, fmap + self.conv_pos(fmap, stride=1))
+        if plan.conv_pos and not plan.conv_pos_end:
+            x = self._conv_pos(x, grid, num_prefix)
         y, attn = self.attn(self.norm1(x), plan, grid, num_prefix, attn)
-        x = x + self._drop(y, plan.drop_path)
+        x = x + self._drop(y, plan.drop_path) / plan.skip_lam
         C, hidden = plan.dim, plan.hidden
         h = F.gelu(self.fc1(self.norm2(x), hidden, C))
-        x = x + self._drop(self.fc2(h, C, hidden), plan.drop_path)
+        x = x + self._drop(self.fc2(h, C, hidden), plan.drop_path) / plan.skip_lam
+        if plan.conv_pos and plan.conv_pos_end:
+            x = self._conv_pos(x, grid, num_prefix)
         return x, grid, (attn if plan.keep_attn else None)
+
+    def _conv_pos(self, x: torch.Tensor, grid: Grid, num_prefix: int) -> torch.Tensor:
+        prefix, fmap = tokens_to_map(x, grid, num_prefix)
+        return map_to_tokens(prefix, fmap + self.conv_pos(fmap, stride=1))
 
     def _drop(self, y: torch.Tensor, rate: float) -> torch.Tensor:
         return drop_path(y, rate, self.training) if rate > 0 else y
@@ -644,7 +679,7 @@ class SPViTSupernet(nn.Module):
             f"p{p}": stem_cls(patch_size=p, in_chans=choices.in_chans, embed_dim=d_max)
             for p in choices.patch_sizes})
         self.pos_embeds = nn.ParameterDict()
-        if "learned" in choices.pos_embeds:
+        if any(p in LEARNED_POS for p in choices.pos_embeds):
             for p in choices.patch_sizes:
                 n0 = (choices.img_size // p) ** 2
                 # Position 0 belongs to a class token in the sequence from the stem on.
@@ -704,9 +739,10 @@ class SPViTSupernet(nn.Module):
         D = s.embed_dim
         x, grid = _stem_forward(self.stems[f"p{s.patch_size}"], x, D)  # (B, Gh*Gw, D)
         side = s.grid_size
-        prefix = int(plan.cls_from_stem and s.pos_embed == "learned")
+        learned = s.pos_embed in LEARNED_POS
+        prefix = int(plan.cls_from_stem and learned)
         cls_pos = None
-        if s.pos_embed == "learned":
+        if learned:
             pos = self.pos_embeds[f"p{s.patch_size}"][:, 1 - prefix:, :D]
             if tuple(grid) != (side, side):
                 pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side],
@@ -742,7 +778,7 @@ class SPViTSupernet(nn.Module):
             out[f"patch_embed.{k}"] = v[:D] if k.startswith("proj.") else v
         if spec.head == "cls":
             out["cls_token"] = self.cls_token[:, :, :plan.cls_width]
-        if spec.pos_embed == "learned":
+        if spec.pos_embed in LEARNED_POS:
             prefix = int(plan.cls_from_stem)
             out["pos_embed"] = self.pos_embeds[f"p{spec.patch_size}"][:, 1 - prefix:, :D]
         for i, bp in enumerate(plan.blocks):
@@ -790,6 +826,6 @@ class SPViTSupernet(nn.Module):
         names = {"cls_token"}
         for name, _ in self.named_parameters():
             if name.startswith("pos_embeds.") or name.endswith(
-                    (".rpb_table", ".gaussian", ".axial", ".mlp_bias")):
+                    (".rpb_table", ".gaussian", ".axial", ".mlp_bias", ".decay")):
                 names.add(name)
         return names

@@ -185,8 +185,8 @@ def test_two_workers_shard_the_data(tmp_path, ray_local, capsys):
     shards = sorted(state["shards"], key=lambda s: s["rank"])
     assert [s["rank"] for s in shards] == [0, 1]
     train = [s["train_images"] for s in shards]
-    # DistributedSampler: equal halves (padded by at most one image) of the 1437 training images
-    assert train[0] == train[1] and 2 * train[0] - 1437 in (0, 1)
-    assert sum(s["val_images"] for s in shards) == 360  # every validation image exactly once
+    # DistributedSampler: equal halves (padded by at most one image) of the 1079 training images
+    assert train[0] == train[1] and 2 * train[0] - 1079 in (0, 1)
+    assert sum(s["val_images"] for s in shards) == 359  # every validation image exactly once
     assert shards[0]["steps_per_epoch"] == shards[1]["steps_per_epoch"] >= 1
     assert (out / "supernet.safetensors").is_file()

@@ -10,12 +10,13 @@ import numpy as np
 import optuna
 import pytest
 
-from nas import pareto
+from nas import optuna_compat, pareto
 from nas import study as nas_study
 from nas.oneshot import (
     PROXY_ATTR,
     _crowding,
     _ranks,
+    ask_feasible,
     enqueue_for_retrain,
     run_proxy_search,
     select_for_retrain,
@@ -24,6 +25,7 @@ from nas.oneshot import (
 )
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
+from spvit.errors import ConfigError
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -63,6 +65,46 @@ def test_proxy_search_counts_feasible_candidates_and_reuses_scores():
     assert len(calls) == len({json.dumps(t.user_attrs["arch"], sort_keys=True) for t in done})
     summary = summarise_proxy(study)
     assert summary.candidates == 40 and summary.seconds_per_candidate >= 0
+
+
+def test_infeasible_proposals_are_told_fail_and_never_scored():
+    data = SearchSpace.load(SPACES / "digits.yaml").to_dict()
+    data["constraints"]["max_params"] = 60000  # rejects a good part of the digits space
+    space = SearchSpace.from_dict(data)
+    calls = []
+
+    def scorer(spec):
+        calls.append(spec)
+        return _fake_score(spec)
+
+    study = run_proxy_search(space, scorer, candidates=30, seed=2)
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 30 and failed
+    assert len(failed) + len(complete) == len(trials)  # nothing PRUNED or left RUNNING
+    for t in failed:
+        spec = ArchSpec.from_dict(t.user_attrs["arch"])
+        assert space.constraints.violations(spec)
+        assert t.user_attrs["infeasible"] and t.user_attrs["fail_reason"].startswith("infeasible")
+        assert optuna_compat.constraint_values(t)["max_params"] > 0
+    for t in complete:
+        assert optuna_compat.constraint_values(t)["max_params"] <= 0
+    assert all(not space.constraints.violations(s) for s in calls)
+
+
+def test_ask_feasible_gives_up_with_one_line_when_nothing_fits():
+    data = SearchSpace.load(SPACES / "digits.yaml").to_dict()
+    space = SearchSpace.from_dict(data)
+    data["constraints"]["max_params"] = 10  # nothing fits
+    impossible = SearchSpace.from_dict(data, check_feasible=False)
+    study = optuna.create_study(directions=list(nas_study.DIRECTIONS),
+                                sampler=nas_study.make_sampler("random", seed=0))
+    with pytest.raises(ConfigError, match=r"rejected 5 proposals in a row .*max_params"):
+        ask_feasible(study, impossible, max_tries=5)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 5
+    proposal = ask_feasible(study, space)
+    assert proposal.trial.number == 5 and not space.constraints.violations(proposal.spec)
 
 
 def test_only_stand_alone_results_reach_the_main_front(tmp_path):
@@ -113,3 +155,11 @@ def test_free_pool_spaces_give_every_schedule():
     space = SearchSpace.from_dict(data)
     schedules = supernet_choices(space).pool_schedules
     assert () in schedules and (1, 3) in schedules and (1, 2, 3) not in schedules
+
+
+def test_choices_of_the_shipped_spaces_follow_the_new_fields():
+    choices = supernet_choices(SearchSpace.load(SPACES / "cifar.yaml"))
+    assert choices.pos_embeds == ("learned_sincos",)
+    assert "decay" in choices.prior_types
+    # the spaces do not search residual scaling or the conv pos placement: ArchSpec defaults
+    assert choices.skip_lams == (1.0,) and choices.conv_pos_places == ("before_attn",)

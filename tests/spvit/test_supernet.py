@@ -68,7 +68,7 @@ def test_extracted_subnet_equals_active_forward(name: str, count: int) -> None:
     for spec in specs:
         x = torch.randn(2, spec.in_chans, spec.img_size, spec.img_size, generator=gen)
         _check_equal(net, spec, x)
-    needed = {"pool", "share", "mlp", "gaussian", "axial", "rpb"}
+    needed = {"pool", "share", "mlp", "gaussian", "axial", "rpb", "decay"}
     if space.prior.per_head:
         needed.add("per_head")
     assert needed <= _features(specs)
@@ -126,6 +126,95 @@ def test_every_global_dimension_and_class_token(cls_block: int) -> None:
     ]
     for spec in specs:
         _check_equal(net, spec, torch.randn(3, 1, 16, 16, generator=gen))
+
+
+def _release_choices(**changes) -> SupernetChoices:
+    """Tiny choices with the release-style fields: residual scaling, conv pos at the block's
+    end, the learnable sin-cos embedding and the decay prior."""
+    return _tiny_choices(pos_embeds=("learned", "learned_sincos", "sincos"),
+                         prior_types=("none", "mlp", "rpb", "decay"), skip_lams=(1.0, 2.0, 3.0),
+                         conv_pos_places=("before_attn", "end"), **changes)
+
+
+@pytest.mark.parametrize("cls_block", [0, 1])
+def test_skip_lam_conv_pos_place_learned_sincos_and_decay(cls_block: int) -> None:
+    net = SPViTSupernet(_release_choices(cls_block=cls_block), seed=0).eval()
+    _perturb(net, seed=6)
+    gen = torch.Generator().manual_seed(2)
+    common = dict(img_size=16, in_chans=1, num_classes=5, stem="conv", head="cls",
+                  cls_block=cls_block, conv_pos=True)
+    specs = [
+        ArchSpec(blocks=(BlockSpec(heads=2, prior=("decay", "rpb")),
+                         BlockSpec(heads=4, prior="decay", pool=True),
+                         BlockSpec(heads=4, share=True)),
+                 patch_size=2, embed_dim=16, mlp_ratio=2.0, pool_width_factor=2,
+                 pos_embed="learned_sincos", skip_lam=2.0, conv_pos_place="end", **common),
+        ArchSpec(blocks=(BlockSpec(heads=4, prior=("decay", "mlp", "none", "decay")),
+                         BlockSpec(heads=2, prior="decay", pool=True)),
+                 patch_size=4, embed_dim=8, mlp_ratio=1.0, pool_width_factor=1,
+                 pos_embed="sincos", skip_lam=3.0, conv_pos_place="before_attn", **common),
+        ArchSpec(blocks=(BlockSpec(heads=1, prior="decay"), BlockSpec(heads=2, prior="mlp")),
+                 patch_size=2, embed_dim=8, mlp_ratio=2.0, pool_width_factor=1,
+                 pos_embed="learned", skip_lam=1.0, conv_pos_place="end", **common),
+    ]
+    for spec in specs:
+        _check_equal(net, spec, torch.randn(2, 1, 16, 16, generator=gen))
+    # No weight depends on skip_lam or conv_pos_place, yet the function does: the supernet
+    # follows the subnet's values (a forward that ignored them would give equal outputs).
+    x = torch.randn(2, 1, 16, 16, generator=gen)
+    with torch.no_grad():
+        base = net(x, spec=specs[0])
+        for other in (specs[0].replace(skip_lam=1.0),
+                      specs[0].replace(conv_pos_place="before_attn")):
+            assert not torch.allclose(net(x, spec=other), base, atol=1e-4)
+    # learned and learned_sincos read the same embedding; the decay slopes are per head slot.
+    a = net.inherited_state_dict(specs[0])
+    b = net.inherited_state_dict(specs[0].replace(pos_embed="learned"))
+    assert a["pos_embed"].data_ptr() == b["pos_embed"].data_ptr()
+    assert net.blocks[0].attn.prior.decay.shape == (4,)
+    torch.testing.assert_close(a["blocks.0.attn.prior.decay"],
+                               net.blocks[0].attn.prior.decay[[0]])
+    assert "blocks.0.attn.prior.decay" in net.no_weight_decay()
+
+
+def test_decay_prior_against_a_plain_reference() -> None:
+    """The supernet's decay bias is -l_h * |d| per head (written out here, loop over pairs)."""
+    net = SPViTSupernet(_release_choices(stem="linear", head="avg"), seed=0)
+    prior = net.blocks[0].attn.prior
+    with torch.no_grad():
+        prior.decay.copy_(torch.tensor([0.5, -0.25, 1.5, 2.0]))
+    types = ("decay", "rpb", "none", "decay")
+    mult, bias = prior(types, 4, 8, (3, 2), 0, torch.float32)
+    assert mult is None and bias.shape == (4, 6, 6)
+    slopes = {0: 0.5, 3: 2.0}
+    for h in range(4):
+        for i in range(6):
+            for j in range(6):
+                (ri, ci), (rj, cj) = divmod(i, 2), divmod(j, 2)
+                dist = ((rj - ri) ** 2 + (cj - ci) ** 2) ** 0.5
+                want = -slopes[h] * dist if h in slopes else 0.0
+                assert bias[h, i, j].item() == pytest.approx(want, abs=1e-6)
+
+
+def test_choices_outside_skip_lam_and_conv_pos_place_are_refused() -> None:
+    net = SPViTSupernet(_tiny_choices(stem="linear", head="avg"), seed=0)
+    spec = ArchSpec(blocks=(BlockSpec(heads=2),) * 2, img_size=16, patch_size=2, in_chans=1,
+                    num_classes=5, stem="linear", head="avg", embed_dim=8, mlp_ratio=1.0,
+                    pool_width_factor=1)
+    net.set_active(spec)
+    with pytest.raises(ConfigError, match=r"skip_lam 2.0 is not among .*\[1.0\]"):
+        net.set_active(spec.replace(skip_lam=2.0))
+    with pytest.raises(ConfigError, match=r"conv_pos_place 'end' is not among"):
+        net.set_active(spec.replace(conv_pos_place="end"))
+
+
+def test_choices_round_trip_and_older_files_get_the_defaults() -> None:
+    choices = _release_choices()
+    assert SupernetChoices.from_dict(choices.to_dict()) == choices
+    old = _tiny_choices().to_dict()
+    del old["skip_lams"], old["conv_pos_places"]
+    restored = SupernetChoices.from_dict(old)
+    assert restored.skip_lams == (1.0,) and restored.conv_pos_places == ("before_attn",)
 
 
 def test_subnets_share_the_leading_slices() -> None:
