@@ -243,7 +243,7 @@ def test_timm_local_dir_rebuilds_weights_and_preprocessing(digits_export):
     assert tuple(cfg["std"]) == pytest.approx(train.std, abs=1e-7)
     assert cfg["mean"][0] == pytest.approx(0.3054, abs=0.01)  # grey digits, not ImageNet's RGB
     transform = timm.data.create_transform(**cfg)
-    _, _, val_x, _ = data.load_digits_split()
+    _, _, val_x, _, _, _ = data.load_digits_split()
     for i in (0, 7):
         raw = Image.fromarray(val_x[i, 0].numpy(), mode="F")  # the 8x8 scan in [0, 1]
         expected, _ = train.val[i]

@@ -92,8 +92,9 @@ def test_report_md_summarises_the_run(reported):
     assert "| 5 | 1 | 1 | 1 | 1 | 0 | 0 | 0 | 9 |" in md  # counts by kind (KIND_ORDER)
     assert "nsga2" in md and "2 epochs per candidate" in md and "digits" in md
     assert "- space: [space.yaml](../space.yaml)" in md and "- searched: `depth`" in md
-    table = md.split("## Pareto set (4 trials)")[1].split("Data:")[0]
+    table = md.split("## Pareto set (4 trials)")[1].split("`val%`")[0]
     assert [int(r.split("|")[1]) for r in table.strip().splitlines()[2:]] == [1, 2, 0, 8]
+    assert "`test%`: the held-out test split" in md
     for link in re.findall(r"\]\(([^)]+)\)", md):
         if not link.startswith(".."):
             assert (run_dir / "reports" / link).is_file(), link
