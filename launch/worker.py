@@ -44,6 +44,7 @@ from nas.engine import TrainingDiverged, evaluate, model_input_dtype, train_one_
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+from spvit.init import attention_mass_metrics
 from spvit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoint"
@@ -56,6 +57,8 @@ ARCH_FILE = "arch.yaml"
 DS_CONFIG_FILE = "ds_config.json"
 METRIC_KEYS = ("epoch", "val_acc", "val_acc5", "val_loss", "train_loss", "lr", "images_per_s",
                "wall_s", "startup_s")
+# Added to every line of a model with an impulse init (`spvit.init.attention_mass_metrics`).
+INIT_METRIC_KEYS = ("init_mass_min", "init_mass_mean", "init_heads_short")
 # Added to the line of the last epoch of the full budget (the held-out test split, evaluated once).
 TEST_METRIC_KEYS = ("test_acc", "test_acc5", "test_loss")
 
@@ -428,6 +431,9 @@ def _train_epochs(run: _Run, engine: Any, loaders: Any, shards: list[Any], start
     `history`)."""
     training, setup = run.training, run.setup
     input_dtype = model_input_dtype(training.bf16, run.device)
+    # The attention mass an impulse init reached per head (empty for other inits), kept in every
+    # epoch's line so a candidate whose heads fell short of the target can be told apart.
+    init_metrics = attention_mass_metrics(engine.module)
     wall_before = history[-1]["wall_s"] if history else 0.0
     run_start = time.perf_counter()
     startup: list[float] = []
@@ -454,6 +460,7 @@ def _train_epochs(run: _Run, engine: Any, loaders: Any, shards: list[Any], start
             "images_per_s": stats.images_per_s,
             "wall_s": wall_before + time.perf_counter() - run_start,
             "startup_s": startup[0],  # every epoch has >= 1 step (build_loaders)
+            **init_metrics,
         }
         if epoch == training.epochs and loaders.test is not None:
             # The held-out split, once, after the full budget: reported beside the front, never

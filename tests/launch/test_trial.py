@@ -335,3 +335,17 @@ def test_killed_ray_train_worker_is_restarted_from_the_checkpoint(ray_local, tmp
     assert not (trial / "failure.json").exists()
     again = evaluate_saved_weights(trial, training)
     assert again.acc1 == pytest.approx(lines[-1]["val_acc"], abs=1.5 / 359)
+
+
+def test_impulse_candidates_record_the_attention_mass_their_init_reached(tmp_path):
+    from launch.worker import INIT_METRIC_KEYS
+    from spvit.init import attention_mass_metrics
+
+    spec = SPEC.replace(init="impulse3", pos_embed="learned_sincos")
+    run_candidate(spec, recipe(), tmp_path / "t")
+    (line,) = read_lines(tmp_path / "t")
+    expected = attention_mass_metrics(create_model(spec, seed=0))
+    assert set(INIT_METRIC_KEYS) <= set(line)
+    for key in INIT_METRIC_KEYS:
+        assert line[key] == pytest.approx(expected[key], abs=1e-6)
+    assert 0.0 < line["init_mass_min"] <= line["init_mass_mean"] <= 1.0
