@@ -50,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, but got {args.port}. Pick a free port"
                           f" such as {DEFAULT_PORT}.")
+    backend, name, label = open_run_storage(args.run_dir, args.storage)  # bad input first
     try:
         import optuna_dashboard
     except ImportError:
         raise ConfigError(f"optuna-dashboard is not installed. Install it with: {INSTALL}")\
             from None
-    backend, name, label = open_run_storage(args.run_dir, args.storage)
     print(f"optuna-dashboard for study {name!r} ({label}) at http://{HOST}:{args.port}/"
           " (Ctrl-C stops it)", flush=True)
     optuna_dashboard.run_server(backend, host=HOST, port=args.port)

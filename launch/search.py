@@ -294,11 +294,11 @@ def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
     if request.space is None:
         raise ConfigError("a new search needs a space: pass --space PATH, e.g."
                           " --space search_spaces/digits.yaml.")
-    if request.asha_reduction_factor is not None and not request.asha:
+    if request.asha_reduction_factor is not None and not (request.asha or request.moasha):
         _check_reduction_factor(request.asha_reduction_factor)
         raise ConfigError(f"--asha-reduction-factor {request.asha_reduction_factor:g} applies to"
-                          " ASHA early stopping, which is off. Add --asha, or drop"
-                          " --asha-reduction-factor.")
+                          " successive halving (--asha or --scheduler moasha), which is off. Add"
+                          " one, or drop --asha-reduction-factor.")
     space = _with_training(_load_space(Path(request.space)), epochs=request.epochs,
                            workers=request.workers_per_trial)
     defaults = space.search
