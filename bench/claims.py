@@ -20,7 +20,7 @@ parameter counts stay within a few percent. The accuracy is the last epoch's val
 CIFAR-10 (the cifar space's recipe, same epochs; not inside the 60-minute budget).
 
     .venv/bin/python bench/claims.py --quick            # smoke run, ~1-2 min
-    .venv/bin/python bench/claims.py --arms init --seeds 3 --epochs 6 \
+    .venv/bin/python bench/claims.py --arms init --seeds 3 --epochs 15 \
         --variants trunc_normal/h2,mimetic/h2,impulse3/h2,impulse3_mimetic/h2
     .venv/bin/python bench/claims.py                    # all arms, <= 60 min on 2 cores
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated variants to keep, e.g. impulse3/h2,mimetic/h2")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
     p.add_argument("--out", default="bench_claims")
     p.add_argument("--cifar", default=None, help="CIFAR-10 python folder: priors arm there too")
