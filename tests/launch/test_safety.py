@@ -187,7 +187,7 @@ def test_train_with_gpus_on_a_machine_without_enough_refuses_at_once(tmp_path, c
 
 @pytest.mark.parametrize("flags, needle", [
     (["--num-cpus", "0"], "--num-cpus must be an integer >= 1"),
-    (["--asha-reduction-factor", "3"], "Add --asha, or drop --asha-reduction-factor"),
+    (["--asha-reduction-factor", "3"], "Add one, or drop --asha-reduction-factor"),
     (["--study-name", ""], "--study-name must be a non-empty name"),
     (["--workers-per-trial", "64"], "needs 64 CPUs"),
 ])
