@@ -131,21 +131,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _training_block(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    config = run.training_config(run_dir, info)
-    return config.to_dict() if config is not None else {}
-
-
-def training_config(training: dict[str, Any], budget: Any = None):
-    """The search's `TrainingConfig` from its recorded training block (defaults where the run
-    recorded none, as the search itself did), with `epochs` set to the trial's `budget`."""
+def training_config(run_dir: Path, info: dict[str, Any], budget: Any = None):
+    """The search's `TrainingConfig` (`nas.run.training_config`; defaults where the run recorded
+    none, as the search itself did), with `epochs` set to the trial's `budget`."""
     from search_spaces.training import TrainingConfig
 
-    try:
-        config = TrainingConfig.from_dict(training)
-    except ConfigError as e:
-        raise ConfigError(f"the run's training recipe is invalid ({e}). Fix run.json or"
-                          " space.yaml of the run.") from None
+    config = run.training_config(run_dir, info) or TrainingConfig()
     if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
         config = dataclasses.replace(config, epochs=budget)
     return config
@@ -269,7 +260,7 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
     metrics = pareto.read_metrics(pareto.trial_dir(run_dir, trial) / "metrics.jsonl")
     last = metrics[-1] if metrics else {}
     if training is None:
-        training = training_config(_training_block(run_dir, info), attrs.get("budget"))
+        training = training_config(run_dir, info, attrs.get("budget"))
     if preprocessing is None:
         preprocessing = training_preprocessing(training, spec)
     dataset = _portable_dataset(training.dataset)
@@ -465,8 +456,7 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
         if ArchSpec.load(tmp / ARCH_FILE) != spec:
             raise RuntimeError("the exported arch.yaml does not round-trip to the ArchSpec")
         onnx_error = export_onnx(model, spec, tmp / ONNX_FILE)
-        training = training_config(_training_block(run_dir, info),
-                                   trial.user_attrs.get("budget"))
+        training = training_config(run_dir, info, trial.user_attrs.get("budget"))
         preprocessing = training_preprocessing(training, spec)
         atomic_write_json(tmp / CONFIG_FILE, hub_config(spec, preprocessing,
                                                         label_names=_label_names(training)))
