@@ -15,6 +15,7 @@ on it. No Ray, no model build: costs come from the study.
 
 from __future__ import annotations
 
+import abc
 import csv
 import io
 import json
@@ -45,11 +46,10 @@ from nas.run import (  # noqa: F401  (the run-folder readers, re-exported for ca
 from nas.run import open_run_study as open_study  # noqa: F401
 from spvit import cost
 from spvit.arch import PRIOR_TYPES, ArchSpec
-from spvit.errors import ConfigError
+from spvit.errors import ConfigError, did_you_mean
 
 # The study's directions as Optuna enums (the names are declared once, in `nas.run`).
 DIRECTIONS: tuple[StudyDirection, ...] = tuple(StudyDirection[d.upper()] for d in run.DIRECTIONS)
-PICK_METHODS: tuple[str, ...] = ("best", "knee")
 
 
 def trial_objectives(trial: FrozenTrial,
@@ -354,18 +354,100 @@ def _point_text(t: FrozenTrial) -> str:
             f" {format_params(t.values[2])} params)")
 
 
+class PickRule(abc.ABC):
+    """How one trial is chosen from the Pareto trials that fit the budgets (`pick`).
+
+    Contract: `choose(fitting, scope)` gets a non-empty list of complete full-fidelity trials
+    (values `(val_acc, gflops, params)`, all within the budgets) and `scope`, a phrase naming
+    that set for the explanation (e.g. "3 of 7 Pareto trials within max_gflops 0.01"). It
+    returns one of those trials and one sentence saying why, and never raises for a non-empty
+    list. It is deterministic: equal inputs give the same trial (ties broken by trial number).
+    Register a new rule with `register_pick_rule`; its `name` becomes a `pick(method=...)`
+    choice.
+    """
+
+    name: str = ""
+    summary: str = ""
+
+    @abc.abstractmethod
+    def choose(self, fitting: Sequence[FrozenTrial], scope: str) -> tuple[FrozenTrial, str]:
+        """The chosen trial and why (see the class docstring)."""
+
+
+class BestAccuracy(PickRule):
+    """The highest accuracy; ties: fewer GFLOPs, fewer params, lower trial number."""
+
+    name = "best"
+    summary = "the most accurate trial within the budgets"
+
+    def choose(self, fitting, scope):
+        chosen = min(fitting, key=lambda t: (-t.values[0], t.values[1], t.values[2], t.number))
+        return chosen, f"{_point_text(chosen)}: highest accuracy among {scope}."
+
+
+class Knee(PickRule):
+    """The knee of the accuracy/GFLOPs front (`knee_scores`); ties go to the higher accuracy.
+    A front of fewer than 3 points, or one with nothing above its chord, gives its most
+    accurate point."""
+
+    name = "knee"
+    summary = "the knee of the accuracy/GFLOPs front within the budgets"
+
+    def choose(self, fitting, scope):
+        front, scores = knee_scores(fitting)
+        order = sorted(range(len(front)), key=lambda i: (-scores[i], -front[i].values[0],
+                                                         front[i].values[1], front[i].number))
+        chosen = front[order[0]]
+        if len(front) < 3 or scores[order[0]] <= 0:
+            return chosen, (f"{_point_text(chosen)}: knee of the accuracy/GFLOPs front of"
+                            f" {scope}; that front has {len(front)} point(s) and none lies above"
+                            " the chord between its extremes, so the most accurate one is taken.")
+        lo = min(front, key=lambda t: (t.values[1], -t.values[0]))
+        hi = max(front, key=lambda t: (t.values[0], -t.values[1]))
+        return chosen, (f"{_point_text(chosen)}: knee of the accuracy/GFLOPs front of {scope} —"
+                        f" furthest above the chord from trial {lo.number} to trial {hi.number}"
+                        f" (normalised distance {scores[order[0]]:.3f}).")
+
+
+PICK_RULES: dict[str, PickRule] = {}
+
+
+def register_pick_rule(rule: PickRule) -> PickRule:
+    """Make `rule` available as `pick(method=rule.name)`. Refuses an empty or taken name."""
+    if not isinstance(rule, PickRule) or not rule.name or rule.name in PICK_RULES:
+        raise ConfigError(f"a pick rule needs a PickRule with a new, non-empty name, but got"
+                          f" {getattr(rule, 'name', rule)!r} (taken: {sorted(PICK_RULES)})."
+                          " Subclass nas.pareto.PickRule and give it an unused name.")
+    PICK_RULES[rule.name] = rule
+    return rule
+
+
+register_pick_rule(BestAccuracy())
+register_pick_rule(Knee())
+# The rules the commands offer as `--pick` (the built-in ones).
+PICK_METHODS: tuple[str, ...] = tuple(PICK_RULES)
+
+
+def get_pick_rule(method: str | PickRule) -> PickRule:
+    """The rule named `method` (or `method` itself if it is a `PickRule`)."""
+    if isinstance(method, PickRule):
+        return method
+    if method not in PICK_RULES:
+        raise ConfigError(f"pick method must be one of {list(PICK_RULES)}, but got {method!r}."
+                          f"{did_you_mean(method, PICK_RULES)} Use --pick best or --pick knee.")
+    return PICK_RULES[method]
+
+
 def pick(trials: Sequence[FrozenTrial], *, max_gflops: float | None = None,
-         max_params: float | None = None, method: str = "best") -> tuple[FrozenTrial, str]:
+         max_params: float | None = None,
+         method: str | PickRule = "best") -> tuple[FrozenTrial, str]:
     """Choose one trial of a Pareto set under GFLOPs/params budgets; returns (trial, why).
 
-    `best`: the highest accuracy within the budgets (ties: fewer GFLOPs, fewer params, lower
-    trial number). `knee`: the knee of the accuracy/GFLOPs front within the budgets (see
-    `knee_scores`; ties go to the higher accuracy). Raises `ConfigError` when the set is empty
-    or nothing fits, naming the smallest GFLOPs and params available.
+    `method` names a registered `PickRule` (`best`, `knee`; see `PICK_RULES`) or is one. The
+    budgets are applied here, before the rule sees the trials. Raises `ConfigError` when the
+    set is empty or nothing fits, naming the smallest GFLOPs and params available.
     """
-    if method not in PICK_METHODS:
-        raise ConfigError(f"pick method must be one of {list(PICK_METHODS)}, but got {method!r}."
-                          " Use --pick best or --pick knee.")
+    rule = get_pick_rule(method)
     trials = [t for t in trials if t.values is not None and len(t.values) == 3]
     if not trials:
         raise ConfigError("there is no complete full-fidelity trial to pick from. Let the search"
@@ -380,20 +462,5 @@ def pick(trials: Sequence[FrozenTrial], *, max_gflops: float | None = None,
             f" (trial {cheapest.number}) and {smallest.values[2]:,.0f} params"
             f" (trial {smallest.number}). Raise the budget."
         )
-    scope = _scope_text(len(fitting), len(trials), budget)
-    if method == "best":
-        chosen = min(fitting, key=lambda t: (-t.values[0], t.values[1], t.values[2], t.number))
-        return chosen, f"{_point_text(chosen)}: highest accuracy among {scope}."
-    front, scores = knee_scores(fitting)
-    order = sorted(range(len(front)), key=lambda i: (-scores[i], -front[i].values[0],
-                                                     front[i].values[1], front[i].number))
-    chosen = front[order[0]]
-    if len(front) < 3 or scores[order[0]] <= 0:
-        return chosen, (f"{_point_text(chosen)}: knee of the accuracy/GFLOPs front of {scope};"
-                        f" that front has {len(front)} point(s) and none lies above the chord"
-                        " between its extremes, so the most accurate one is taken.")
-    lo = min(front, key=lambda t: (t.values[1], -t.values[0]))
-    hi = max(front, key=lambda t: (t.values[0], -t.values[1]))
-    return chosen, (f"{_point_text(chosen)}: knee of the accuracy/GFLOPs front of {scope} —"
-                    f" furthest above the chord from trial {lo.number} to trial {hi.number}"
-                    f" (normalised distance {scores[order[0]]:.3f}).")
+    return rule.choose(fitting, _scope_text(len(fitting), len(trials), budget))
+

@@ -367,6 +367,50 @@ def test_knee_with_two_points_falls_back_to_most_accurate():
     assert trial.number == 3 and "most accurate" in why
 
 
+def test_a_pick_rule_is_a_strategy_object_with_budgets_applied_first(monkeypatch):
+    """A user's rule (here: the fewest parameters) plugs in as an object or by its registered
+    name; it only ever sees trials within the budgets, and names are not taken twice."""
+    seen = []
+
+    class FewestParams(pareto.PickRule):
+        name = "fewest_params"
+
+        def choose(self, fitting, scope):
+            seen.append(sorted(t.number for t in fitting))
+            chosen = min(fitting, key=lambda t: (t.values[2], t.number))
+            return chosen, f"trial {chosen.number}: fewest params among {scope}."
+
+    front = _hand_front()
+    trial, why = pareto.pick(front, max_gflops=5, method=FewestParams())
+    assert all(pareto.pick(front, max_gflops=5, method=m)[0].values[1] <= 5
+               for m in pareto.PICK_METHODS)
+    fit = sorted(t.number for t in front if t.values[1] <= 5)
+    assert seen == [fit] and trial.number == min(
+        (t for t in front if t.values[1] <= 5), key=lambda t: (t.values[2], t.number)).number
+    assert "within max_gflops 5" in why
+
+    monkeypatch.setattr(pareto, "PICK_RULES", dict(pareto.PICK_RULES))
+    pareto.register_pick_rule(FewestParams())
+    assert pareto.pick(front, method="fewest_params")[0].number == min(
+        front, key=lambda t: (t.values[2], t.number)).number
+    with pytest.raises(ConfigError, match="new, non-empty name"):
+        pareto.register_pick_rule(FewestParams())
+    with pytest.raises(ConfigError, match="Did you mean 'knee'"):
+        pareto.pick(front, method="kne")
+
+
+def test_the_commands_offer_exactly_the_built_in_pick_rules():
+    import argparse
+
+    from launch import cmd_export, cmd_pareto
+
+    for module in (cmd_pareto, cmd_export):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        action = next(a for a in parser._actions if "--pick" in a.option_strings)
+        assert tuple(action.choices) == pareto.PICK_METHODS == ("best", "knee")
+
+
 def test_reading_a_run_needs_no_ray():
     import subprocess
     import sys
