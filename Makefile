@@ -30,8 +30,11 @@ lint: install
 	$(VENV)/bin/ruff check spvit search_spaces nas launch tests bench
 
 ## The whole test suite (lint first). pytest's exit code 5 ("no tests collected") is an error.
+## Two xdist workers: one runs the slow (Ray, DeepSpeed, PostgreSQL, driver) tests in order, the
+## other the rest (tests/conftest.py); `PYTEST_WORKERS=0 make test` runs everything in one process.
+PYTEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest tests -q --durations=10; rc=$$?; \
+	$(PY) -m pytest tests -q --durations=10 -n $(PYTEST_WORKERS) --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 ## The tests that start no Ray, DeepSpeed, PostgreSQL or driver subprocess (a quick check).

@@ -19,6 +19,7 @@ embedded digits data) for each sampler and seed, and measures
     python bench/search_efficiency.py --out bench_runs/eff-quick --quick        # smoke size
     python bench/search_efficiency.py --out bench_runs/eff --reuse              # re-use runs
     python bench/search_efficiency.py rejections --seeds 0 1 2                  # no training
+    python bench/search_efficiency.py overhead runs/digits --wall 840           # any finished run
 
 `--reuse` analyses run folders that already hold a finished search and runs (or resumes) only
 the missing ones. `--scheduler moasha` runs the same grid with multi-objective successive
@@ -90,8 +91,8 @@ def _normalised(trial: Any, space: Any) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------------------------- runs
-def _run_dir(root: Path, scheduler: str, sampler: str, seed: int) -> Path:
-    return root / scheduler / sampler / f"seed{seed}"
+def _run_dir(root: Path, scheduler: str, sampler: str, seed: int, feasible: bool = True) -> Path:
+    return root / (scheduler if feasible else f"{scheduler}-infeasible") / sampler / f"seed{seed}"
 
 
 def _finished(run_dir: Path) -> bool:
@@ -99,7 +100,8 @@ def _finished(run_dir: Path) -> bool:
 
 
 def run_one(run_dir: Path, *, space: Path, sampler: str, seed: int, trials: int,
-            epochs: int | None, concurrent: int, scheduler: str, num_cpus: int | None) -> dict:
+            epochs: int | None, concurrent: int, scheduler: str, num_cpus: int | None,
+            feasible: bool = True) -> dict:
     from launch.search import SearchRequest, run_search
 
     resume = (run_dir / "run.json").is_file()
@@ -109,10 +111,11 @@ def run_one(run_dir: Path, *, space: Path, sampler: str, seed: int, trials: int,
         epochs=None if resume else epochs, concurrent=concurrent,
         sampler=None if resume else sampler, seed=None if resume else seed, resume=resume,
         moasha=(scheduler == "moasha") or None if not resume else None,
+        feasible_proposals=None if resume else feasible,
         num_cpus=num_cpus, export=False), say=lambda line: None)
     record = {"wall_s": time.monotonic() - started, "exit_code": outcome.exit_code,
               "sampler": sampler, "seed": seed, "trials": trials, "epochs": epochs,
-              "concurrent": concurrent, "scheduler": scheduler,
+              "concurrent": concurrent, "scheduler": scheduler, "feasible_proposals": feasible,
               "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     if outcome.exit_code == 0:
         from spvit.io import atomic_write_json
@@ -121,8 +124,8 @@ def run_one(run_dir: Path, *, space: Path, sampler: str, seed: int, trials: int,
     return record
 
 
-def analyse_run(run_dir: Path) -> dict:
-    """HV curves and overhead of one finished run folder."""
+def analyse_run(run_dir: Path, bench: dict | None = None) -> dict:
+    """HV curves and overhead of one finished run folder (`bench`: its BENCH_FILE record)."""
     from optuna.trial import TrialState
 
     from nas.pareto import is_full_fidelity, open_study, read_metrics, trial_dir
@@ -130,7 +133,8 @@ def analyse_run(run_dir: Path) -> dict:
 
     space = SearchSpace.load(run_dir / "space.yaml", check_feasible=False)
     study = open_study(run_dir)
-    bench = json.loads((run_dir / BENCH_FILE).read_text(encoding="utf-8"))
+    if bench is None:
+        bench = json.loads((run_dir / BENCH_FILE).read_text(encoding="utf-8"))
     counted = [t for t in study.get_trials(deepcopy=False)
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
                and not t.user_attrs.get("infeasible")
@@ -176,7 +180,7 @@ def _hv_at(curve: dict, seconds: float) -> float:
     return best
 
 
-def summarise(results: dict[str, list[dict]], out: Path) -> str:
+def summarise(results: dict[str, list[dict]], out: Path, tag: str = "fifo") -> str:
     curves = {s: _mean_std([r["hv"] for r in runs]) for s, runs in results.items()
               if runs and all(r["hv"] for r in runs)}
     lines = ["| sampler | seeds | completed trials | final HV (mean ± std) |"
@@ -210,12 +214,12 @@ def summarise(results: dict[str, list[dict]], out: Path) -> str:
                          f" {r.get('train_s', 0):.0f} | {r.get('wall_ratio') or nan:.2f} |"
                          f" {r.get('outside_share') or nan:.2f} |"
                          f" {startup if startup is not None else nan:.1f} |")
-    _plot(curves, out)
-    _plot_wall(results, out)
+    _plot(curves, out, tag)
+    _plot_wall(results, out, tag)
     return "\n".join(lines)
 
 
-def _plot(curves: dict[str, tuple[list[float], list[float]]], out: Path) -> None:
+def _plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, tag: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,11 +235,11 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], out: Path) -> None
     ax.set_ylabel("hypervolume (normalised, ref (1,1,1))")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "hv_vs_trials.png", dpi=120)
+    fig.savefig(out / f"hv_vs_trials-{tag}.png", dpi=120)
     plt.close(fig)
 
 
-def _plot_wall(results: dict[str, list[dict]], out: Path) -> None:
+def _plot_wall(results: dict[str, list[dict]], out: Path, tag: str) -> None:
     """HV against seconds since the run's first trial started, one step curve per run."""
     import matplotlib
 
@@ -252,7 +256,7 @@ def _plot_wall(results: dict[str, list[dict]], out: Path) -> None:
     ax.set_ylabel("hypervolume (normalised, ref (1,1,1))")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "hv_vs_wall.png", dpi=120)
+    fig.savefig(out / f"hv_vs_wall-{tag}.png", dpi=120)
     plt.close(fig)
 
 
@@ -265,7 +269,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     results: dict[str, list[dict]] = {}
     for sampler in args.samplers:
         for seed in seeds:
-            run_dir = _run_dir(out, args.scheduler, sampler, seed)
+            run_dir = _run_dir(out, args.scheduler, sampler, seed, args.feasible)
             if not (args.reuse and _finished(run_dir)):
                 if _finished(run_dir):
                     print(f"{run_dir} holds a finished run; pass --reuse to analyse it",
@@ -275,7 +279,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 rec = run_one(run_dir, space=Path(args.space), sampler=sampler, seed=seed,
                               trials=args.trials, epochs=args.epochs,
                               concurrent=args.concurrent, scheduler=args.scheduler,
-                              num_cpus=args.num_cpus)
+                              num_cpus=args.num_cpus, feasible=args.feasible)
                 if rec["exit_code"] != 0:
                     print(f"{run_dir}: search exited {rec['exit_code']}", file=sys.stderr)
                     return 1
@@ -285,11 +289,13 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"\n{dt.datetime.now().astimezone().isoformat(timespec='seconds')},"
               f" {platform.node()} ({os.cpu_count()} CPUs), space {args.space},"
               f" {args.trials} trials x {args.epochs or 'space'} epochs, concurrent"
-              f" {args.concurrent}, scheduler {args.scheduler}, seeds {seeds}\n")
-    text = header + "\n" + summarise(results, out)
-    (out / "summary.md").write_text(text + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(results, indent=1, default=str),
-                                      encoding="utf-8")
+              f" {args.concurrent}, scheduler {args.scheduler}, seeds {seeds}, feasible"
+              f" proposals {'on' if args.feasible else 'off'}\n")
+    tag = args.scheduler if args.feasible else f"{args.scheduler}-infeasible"
+    text = header + "\n" + summarise(results, out, tag)
+    (out / f"summary-{tag}.md").write_text(text + "\n", encoding="utf-8")
+    (out / f"summary-{tag}.json").write_text(json.dumps(results, indent=1, default=str),
+                                             encoding="utf-8")
     print(text)
     return 0
 
@@ -340,6 +346,23 @@ def cmd_rejections(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- overhead
+def cmd_overhead(args: argparse.Namespace) -> int:
+    """Overhead of any finished search (e.g. the README's `make search`), given its wall time."""
+    from nas.run import RunInfo
+
+    info = RunInfo.load(args.run_dir)
+    r = analyse_run(Path(args.run_dir), bench={"wall_s": args.wall, "concurrent": info.concurrent})
+    print(f"# orchestration overhead of {args.run_dir} ({len(r['hv'])} trials, concurrent"
+          f" {info.concurrent}, {info.epochs} epochs; wall {args.wall:.0f} s as given)")
+    print("| wall s | summed training s | wall / (training / concurrency) | share outside training"
+          " | mean per-trial start-up s | final HV |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.wall:.0f} | {r['train_s']:.0f} | {r['wall_ratio']:.2f} |"
+          f" {r['outside_share']:.2f} | {r['startup_s']:.1f} | {r['hv'][-1]:.4f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     default_space = str(REPO / "search_spaces" / "digits.yaml")
@@ -350,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
         p.add_argument("--proposals", type=int, default=100)
         return cmd_rejections(p.parse_args(argv[1:]))
+    if argv[:1] == ["overhead"]:
+        p = argparse.ArgumentParser(prog="search_efficiency.py overhead")
+        p.add_argument("run_dir")
+        p.add_argument("--wall", type=float, required=True,
+                       help="the search's measured wall seconds (e.g. from `time make search`)")
+        return cmd_overhead(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(prog="search_efficiency.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--space", default=default_space)
@@ -360,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--scheduler", choices=("fifo", "moasha"), default="fifo")
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--no-feasible-proposals", dest="feasible", action="store_false",
+                   help="let samplers propose infeasible candidates (told FAIL untrained);"
+                        " runs go under SCHEDULER-infeasible/")
     p.add_argument("--quick", action="store_true",
                    help="3 trials x 1 epoch, 1 seed, 1 at a time: checks the pipeline only")
     p.add_argument("--reuse", action="store_true",

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asha-reduction-factor", type=float, default=None, metavar="RF",
                         help="with --asha or --scheduler moasha: keep the top 1/RF at each rung"
                              " (default 2)")
+    parser.add_argument("--no-feasible-proposals", dest="feasible_proposals",
+                        action="store_false", default=None,
+                        help="let the sampler propose candidates the cost model rejects (told"
+                             " FAIL, never trained) instead of redrawing them; for comparisons")
     parser.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                         help="0: train on CPU (default); 1: one GPU per worker")
     parser.add_argument("--max-consecutive-failures", type=int, default=None, metavar="M",
@@ -94,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         storage=args.storage, address=args.address, seed=args.seed, resume=args.resume,
         asha=True if args.scheduler == "asha" else args.asha,
         moasha=True if args.scheduler == "moasha" else None,
+        feasible_proposals=args.feasible_proposals,
         asha_reduction_factor=args.asha_reduction_factor,
         gpus_per_worker=args.gpus_per_worker,
         max_consecutive_failures=args.max_consecutive_failures,

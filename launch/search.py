@@ -82,6 +82,9 @@ class SearchRequest:
         asha_reduction_factor: ASHA's reduction factor (keep the top 1/rf at each rung); also
             MOASHA's.
         moasha: multi-objective successive halving (`launch.moasha`) instead of ASHA.
+        feasible_proposals: the sampler's proposals are redrawn until the cost model accepts
+            them (`nas.samplers.FeasibleSampler`, the default); False lets it propose
+            infeasible candidates, which are told FAIL untrained (for comparisons).
         gpus_per_worker: 0 (CPU) or 1 (one GPU per worker).
         max_consecutive_failures: stop after this many failed trials in a row.
         trial_retries: Tune restarts of a crashed trial before it counts as failed.
@@ -113,6 +116,7 @@ class SearchRequest:
     asha: bool | None = None
     asha_reduction_factor: float | None = None
     moasha: bool | None = None
+    feasible_proposals: bool | None = None
     gpus_per_worker: float | None = None
     max_consecutive_failures: int | None = None
     trial_retries: int = 0
@@ -330,6 +334,7 @@ def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
         training=space.training.to_dict(),
         asha=bool(request.asha),
         moasha=bool(request.moasha),
+        feasible_proposals=request.feasible_proposals is not False,
         asha_reduction_factor=_check_reduction_factor(
             request.asha_reduction_factor if request.asha_reduction_factor is not None
             else DEFAULT_ASHA_REDUCTION_FACTOR),
@@ -360,6 +365,7 @@ def _plan_resume(request: SearchRequest, run_dir: Path) -> _Plan:
     info.check_resume({"sampler": request.sampler, "seed": request.seed,
                        "epochs": request.epochs, "workers_per_trial": request.workers_per_trial,
                        "asha": request.asha, "moasha": request.moasha,
+                       "feasible_proposals": request.feasible_proposals,
                        "asha_reduction_factor": request.asha_reduction_factor})
     if request.study_name is not None and request.study_name != info.study_name:
         raise ConfigError(f"--study-name {request.study_name} differs from {info.study_name} in"
@@ -615,7 +621,8 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
                    budget=info.epochs, say=say)
     search_study = nas_study.SearchStudy(study, plan.space, run_dir=plan.run_dir,
                                          budget=info.epochs,
-                                         max_infeasible_tries=plan.space.search.max_infeasible)
+                                         max_infeasible_tries=plan.space.search.max_infeasible,
+                                         feasible_proposals=info.feasible_proposals)
     adopt = search_study.adoptable()
     counted = search_study.counted_trials()
     if request.resume:

@@ -88,6 +88,7 @@ class RunInfo:
     asha: bool = False
     asha_reduction_factor: float = 2.0
     moasha: bool = False
+    feasible_proposals: bool = True
     gpus_per_worker: float = 0.0
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     population_size: int | None = None
@@ -97,7 +98,8 @@ class RunInfo:
 
     # settings a resumed search must keep: they define what a trial and the study mean
     FIXED: ClassVar[tuple[str, ...]] = ("sampler", "seed", "epochs", "workers_per_trial", "asha",
-                                        "asha_reduction_factor", "population_size", "moasha")
+                                        "asha_reduction_factor", "population_size", "moasha",
+                                        "feasible_proposals")
     PATHS: ClassVar[tuple[str, ...]] = ("storage", "space")
 
     @property
@@ -151,7 +153,8 @@ class RunInfo:
         for key in self.FIXED:
             value = requested.get(key)
             if value is not None and value != getattr(self, key):
-                flag = "--" + key.replace("_", "-")
+                flag = {"feasible_proposals": "--no-feasible-proposals",
+                        "moasha": "--scheduler moasha"}.get(key, "--" + key.replace("_", "-"))
                 raise ConfigError(f"{flag} {value} differs from {getattr(self, key)} in the run's"
                                   f" {RUN_FILE}; a resumed search keeps it. Drop {flag} or start"
                                   " a new search with another --out.")

@@ -89,7 +89,8 @@ def _check_choice(name: str, value: Any, options: tuple[str, ...], where: str = 
     if not isinstance(value, str) or value not in options:
         hint = _did_you_mean(value, options) if isinstance(value, str) else ""
         raise ConfigError(
-            f"{where}{name} must be one of {list(options)}, but got {value!r}.{hint}"
+            f"{where}{name} must be one of {list(options)}, but got {value!r}."
+            f"{hint or f' Set {name}: {options[0]} or another of those.'}"
         )
 
 

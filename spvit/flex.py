@@ -103,7 +103,8 @@ def prior_score_mod(mult: torch.Tensor | None, bias: torch.Tensor | None, grid: 
         gather: `offset` (index the offset table by the pair's grid offset) or `pair`.
     """
     if gather not in GATHERS:
-        raise ConfigError(f"gather must be one of {list(GATHERS)}, but got {gather!r}.")
+        raise ConfigError(f"gather must be one of {list(GATHERS)}, but got {gather!r}."
+                          f" Use gather={GATHERS[0]!r} or another of those.")
     if gather == "pair":
         def pair_mod(score, b, h, q_idx, kv_idx):
             if mult is not None:

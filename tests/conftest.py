@@ -2,7 +2,8 @@
 
 Every test process uses one torch thread (the CI machine has 2 cores shared by Ray workers), and
 tests that need Ray share one local instance for the session (`ray_local`): 2 CPUs, no
-dashboard, bound to 127.0.0.1, started lazily by the first test that asks for it.
+dashboard, bound to 127.0.0.1, started lazily by the first test that asks for it. Slow tests
+(marked, or using a server fixture) form one xdist group, so a parallel run keeps them serial.
 """
 
 from __future__ import annotations
@@ -40,3 +41,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is not None:
+            # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), every slow test runs
+            # on one worker, one after another, as in a plain run: they share the session's Ray
+            # instance and PostgreSQL server, and each sizes its Ray cluster to the 2 cores. The
+            # other worker takes the tests that start no server.
+            item.add_marker(pytest.mark.xdist_group("serial"))

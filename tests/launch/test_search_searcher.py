@@ -206,6 +206,9 @@ def test_plan_takes_defaults_from_the_space_and_flags_over_them(tmp_path, space_
     assert (plan.info.trials, plan.info.epochs, plan.space.training.epochs) == (7, 3, 3)
     assert plan.info.sampler == "tpe" and plan.info.population_size is None
     assert plan.info.training["epochs"] == 3
+    off = plan_search(SearchRequest(out=tmp_path / "run", space=space_file,
+                                    feasible_proposals=False))
+    assert off.info.feasible_proposals is False
     assert not (tmp_path / "run").exists()  # planning touches nothing
 
 
@@ -245,5 +248,9 @@ def test_plan_refuses_a_folder_holding_a_study_and_resume_checks_it(tmp_path, sp
     plan_search(SearchRequest(out=run_dir, resume=True, space=space_file))
     with pytest.raises(ConfigError, match="keeps its study in"):
         plan_search(SearchRequest(out=run_dir, resume=True, storage="sqlite:///x.db"))
+    assert plan.info.feasible_proposals is True
+    with pytest.raises(ConfigError, match="--no-feasible-proposals False differs from True.*"
+                                          "Drop --no-feasible-proposals"):
+        plan_search(SearchRequest(out=run_dir, resume=True, feasible_proposals=False))
     with pytest.raises(ConfigError, match="cannot resume"):
         plan_search(SearchRequest(out=tmp_path / "empty", resume=True))

@@ -26,6 +26,7 @@ from nas.data import (
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+from tests.messages import assert_names_value_and_fix
 
 
 def tiny_spec(**kw) -> ArchSpec:
@@ -163,7 +164,7 @@ def test_train_augmentation_is_a_small_shift_seeded_by_epoch_and_rank():
 def test_architecture_that_does_not_fit_the_data_is_refused(change, rule):
     with pytest.raises(ConfigError, match=rule) as e:
         build_datasets(TrainingConfig(), tiny_spec(**change))
-    assert "\n" not in str(e.value)
+    assert_names_value_and_fix(str(e.value), *change.values())
 
 
 # --------------------------------------------------------------------------- sharding

@@ -21,6 +21,7 @@ from nas.engine import (
 )
 from search_spaces.training import TrainingConfig
 from spvit.errors import ConfigError
+from tests.messages import assert_names_value_and_fix
 
 
 class PlainEngine:
@@ -192,7 +193,7 @@ def test_ds_config_without_warmup_is_flat_and_bad_batches_are_refused():
     assert cfg["scheduler"]["params"]["warmup_min_ratio"] == 1.0
     with pytest.raises(ConfigError, match="multiple of 6") as e:
         micro_batch_size(TrainingConfig(batch_size=64), 3, 2)
-    assert "\n" not in str(e.value)
+    assert_names_value_and_fix(str(e.value), "64", "3")
     with pytest.raises(ConfigError, match="at least one optimizer step"):
         build_ds_config(TrainingConfig(), world_size=1, steps_per_epoch=0)
 
@@ -216,7 +217,7 @@ def test_inprocess_device_is_the_first_visible_gpu_or_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="torch sees no CUDA device") as e:
         inprocess_device(True)
-    assert "--gpus-per-worker 0" in str(e.value) and "\n" not in str(e.value)
+    assert_names_value_and_fix(str(e.value), "--gpus-per-worker 0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
     with pytest.raises(ConfigError, match="nccl backend"):

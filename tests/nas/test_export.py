@@ -18,6 +18,7 @@ import spvit
 from nas import export, outputs, pareto
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+from tests.messages import assert_names_value_and_fix
 from tests.nas.test_pareto import ARCHS, make_run
 
 
@@ -125,7 +126,8 @@ def test_model_card(exported, run_dir):
 def test_unexportable_trials_are_refused(run_dir, tmp_path, number, needle):
     with pytest.raises(ConfigError) as e:
         export.export_trial(run_dir, number, tmp_path / "out")
-    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert needle in str(e.value)
+    assert_names_value_and_fix(str(e.value))
     assert not (tmp_path / "out").exists()
 
 
@@ -147,7 +149,8 @@ def test_bad_weight_files_are_refused(run_dir, tmp_path, damage, needle):
     damage(run / "trials/0001/model.safetensors")
     with pytest.raises(ConfigError) as e:
         export.export_trial(run, 1, tmp_path / "out")
-    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert needle in str(e.value)
+    assert_names_value_and_fix(str(e.value))
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spvit import ArchSpec, BlockSpec, ConfigError
+from tests.messages import assert_names_value_and_fix
 
 
 def _mixed() -> ArchSpec:
@@ -115,7 +116,7 @@ def test_validation_rules(kwargs, fragment):
     with pytest.raises(ConfigError) as err:
         ArchSpec(**_base(**kwargs))
     assert fragment in str(err.value)
-    assert "\n" not in str(err.value)
+    assert_names_value_and_fix(str(err.value))
 
 
 @pytest.mark.parametrize("block, fragment", [
