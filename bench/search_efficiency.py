@@ -20,6 +20,8 @@ embedded digits data) for each sampler and seed, and measures
     python bench/search_efficiency.py --out bench_runs/eff --reuse              # re-use runs
     python bench/search_efficiency.py rejections --seeds 0 1 2                  # no training
     python bench/search_efficiency.py overhead runs/digits --wall 840           # any finished run
+    python bench/search_efficiency.py compare --out bench_runs/eff --base fifo/tpe \
+        --other moasha/tpe                                                      # two groups
 
 `--reuse` analyses run folders that already hold a finished search and runs (or resumes) only
 the missing ones. `--scheduler moasha` runs the same grid with multi-objective successive
@@ -346,6 +348,52 @@ def cmd_rejections(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- compare
+def _wall_to_reach(curve: dict, target: float) -> float | None:
+    return next((w for hv, w in zip(curve["hv"], curve["wall"], strict=True)
+                 if hv >= target - 1e-12), None)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Two groups of finished runs under --out (e.g. fifo/tpe vs moasha/tpe): final HV, HV at
+    the base group's median wall, and per seed the wall time each needs to reach the base
+    group's final mean HV (the ratio other / base is the multi-fidelity target, <= 0.6)."""
+    out = Path(args.out)
+    groups = {}
+    for name in (args.base, args.other):
+        runs = sorted((out / name).glob("seed*"))
+        groups[name] = [analyse_run(r) for r in runs if _finished(r)]
+        if not groups[name]:
+            print(f"no finished runs under {out / name}", file=sys.stderr)
+            return 2
+    base = groups[args.base]
+    target = sum(r["hv"][-1] for r in base) / len(base)
+    # seconds from the first trial's start to the last trial's end (what the curves count)
+    walls = sorted(r["wall"][-1] for r in base)
+    median_wall = walls[len(walls) // 2]
+    print(f"# {args.other} vs {args.base} under {out}: base final mean HV {target:.4f},"
+          f" base median wall {median_wall:.0f} s (the time the base takes to its final HV)")
+    print("| group | seeds | trials counted | final HV (mean ± std) | HV at base median wall |"
+          " wall s to base final mean HV, per seed | / base median wall (mean of seeds) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, runs in groups.items():
+        finals = [r["hv"][-1] for r in runs]
+        mean = sum(finals) / len(finals)
+        std = math.sqrt(sum((f - mean) ** 2 for f in finals) / len(finals))
+        at = sum(_hv_at(r, median_wall) for r in runs) / len(runs)
+        reach = [_wall_to_reach(r, target) for r in runs]
+        # a run that never reaches the target counts with its whole wall (a lower bound)
+        ratios = [(x if x is not None else r["wall"][-1]) / median_wall
+                  for x, r in zip(reach, runs, strict=True)]
+        reach_text = ", ".join("not reached" if x is None else f"{x:.0f}" for x in reach)
+        unreached = sum(x is None for x in reach)
+        ratio_text = f"{sum(ratios) / len(ratios):.2f}" + (
+            f" (>=, {unreached} not reached)" if unreached else "")
+        print(f"| {name} | {len(runs)} | {sum(len(r['hv']) for r in runs) / len(runs):.0f} |"
+              f" {mean:.4f} ± {std:.4f} | {at:.4f} | {reach_text} | {ratio_text} |")
+    return 0
+
+
 # -------------------------------------------------------------------------------------- overhead
 def cmd_overhead(args: argparse.Namespace) -> int:
     """Overhead of any finished search (e.g. the README's `make search`), given its wall time."""
@@ -373,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
         p.add_argument("--proposals", type=int, default=100)
         return cmd_rejections(p.parse_args(argv[1:]))
+    if argv[:1] == ["compare"]:
+        p = argparse.ArgumentParser(prog="search_efficiency.py compare")
+        p.add_argument("--out", required=True)
+        p.add_argument("--base", required=True, help="e.g. fifo/tpe")
+        p.add_argument("--other", required=True, help="e.g. moasha/tpe")
+        return cmd_compare(p.parse_args(argv[1:]))
     if argv[:1] == ["overhead"]:
         p = argparse.ArgumentParser(prog="search_efficiency.py overhead")
         p.add_argument("run_dir")

@@ -2,8 +2,9 @@
 
 Every test process uses one torch thread (the CI machine has 2 cores shared by Ray workers), and
 tests that need Ray share one local instance for the session (`ray_local`): 2 CPUs, no
-dashboard, bound to 127.0.0.1, started lazily by the first test that asks for it. Slow tests
-(marked, or using a server fixture) form one xdist group, so a parallel run keeps them serial.
+dashboard, bound to 127.0.0.1, started lazily by the first test that asks for it (one per xdist
+worker). Slow tests (marked, or using a server fixture) form two xdist groups, each kept in
+order on one worker.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch
 pytest_plugins = ["tests.postgres_fixture"]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One Ray temp folder per xdist worker (sessions, sockets, logs), inherited by the drivers
+    # and nodes its tests start, so the two workers' Ray instances never meet.
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
 torch.set_num_threads(1)
 
 
@@ -33,6 +38,9 @@ def ray_local():
         ray.shutdown()
 
 
+# Slow tests of these modules start search drivers or multi-node clusters: one xdist group.
+CLUSTER_MODULES = ("test_cluster.py", "test_ray_env.py", "test_loopback.py", "test_search.py")
+
 # Fixtures that start a server or a cluster: every test using one is slow, marked or not.
 SLOW_FIXTURES = ("ray_local", "postgres_url", "postgres_server", "loopback_cluster")
 
@@ -42,8 +50,11 @@ def pytest_collection_modifyitems(config, items):
         if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow") is not None:
-            # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), every slow test runs
-            # on one worker, one after another, as in a plain run: they share the session's Ray
-            # instance and PostgreSQL server, and each sizes its Ray cluster to the 2 cores. The
-            # other worker takes the tests that start no server.
-            item.add_marker(pytest.mark.xdist_group("serial"))
+            # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) the slow tests form
+            # two groups, each run by one worker in collection order, as in a plain run: the
+            # search drivers and clusters of CLUSTER_MODULES, and the rest (trials, storage,
+            # timm, supernet). Each worker has its own session Ray instance, PostgreSQL server
+            # and Ray temp folder (below); tests that start no server fill in on both.
+            module = item.path.name if hasattr(item, "path") else ""
+            group = "clusters" if module in CLUSTER_MODULES else "trials"
+            item.add_marker(pytest.mark.xdist_group(group))
