@@ -343,7 +343,8 @@ def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
             "max_consecutive_failures", request.max_consecutive_failures
             if request.max_consecutive_failures is not None
             else defaults.max_consecutive_failures),
-        population_size=population if sampler == "nsga2" else None,
+        # `auto` keeps a given population for the NSGA-II it picks from 250 trials on
+        population_size=population if sampler in ("nsga2", "auto") else None,
         tune_experiment=TUNE_EXPERIMENT,
         created=nas_study.now_iso(),
     )

@@ -198,7 +198,7 @@ def test_trial_errors_reads_the_error_file_tune_wrote(tmp_path):
 def test_plan_takes_defaults_from_the_space_and_flags_over_them(tmp_path, space_file):
     plan = plan_search(SearchRequest(out=tmp_path / "run", space=space_file))
     info = plan.info
-    assert (info.trials, info.concurrent, info.epochs, info.sampler) == (5, 2, 2, "nsga2")
+    assert (info.trials, info.concurrent, info.epochs, info.sampler) == (5, 2, 2, "auto")
     assert info.population_size == 2 and info.max_consecutive_failures == 2
     assert info.study_name == "run" and info.storage.endswith("run/study.journal")
     plan = plan_search(SearchRequest(out=tmp_path / "run", space=space_file, trials=7,

@@ -63,8 +63,14 @@ def test_make_sampler_returns_the_named_sampler(name, cls):
     assert type(nas_study.make_sampler(name, seed=3)) is cls
 
 
-def test_nsga2_is_the_pinned_default_with_the_given_population():
-    sampler = nas_study.make_sampler(nas_study.DEFAULT_SAMPLER, seed=0, population_size=6)
+def test_the_default_is_auto_tpe_below_250_trials_nsga2_with_its_population_from_250():
+    assert nas_study.DEFAULT_SAMPLER == "auto"
+    for n_trials in (None, 30, 249):
+        sampler = nas_study.make_sampler(nas_study.DEFAULT_SAMPLER, seed=0, n_trials=n_trials,
+                                         population_size=6)
+        assert isinstance(sampler, optuna.samplers.TPESampler)
+    sampler = nas_study.make_sampler(nas_study.DEFAULT_SAMPLER, seed=0, n_trials=250,
+                                     population_size=6)
     assert isinstance(sampler, optuna.samplers.NSGAIISampler)
     assert sampler._population_size == 6
 

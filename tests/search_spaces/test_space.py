@@ -84,7 +84,8 @@ def test_shipped_spaces_have_the_required_dimensions(shipped):
     assert {"depth", "embed_dim", "mlp_ratio", "init", "heads_{i}", "share_{i}",
             "pool_{i}"} <= names
     assert "prior_{i}" in names or "prior_{i}_{h}" in names
-    assert shipped.search.sampler == "nsga2"
+    # digits runs the measured winner, TPE; the larger spaces `auto` (TPE below 250 trials)
+    assert shipped.search.sampler == ("tpe" if shipped.name == "digits" else "auto")
     assert shipped.size() > 1000
     assert shipped.constraints.max_gflops and shipped.constraints.max_params
 
