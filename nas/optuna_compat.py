@@ -15,8 +15,6 @@ the name fails there first, not in a search. The supported range is pinned in py
   that is not a `Study` method takes.
 * `trial_id(trial)`: the storage key of a trial (`Trial._trial_id` / `FrozenTrial._trial_id`),
   which `optuna.Trial(study, trial_id)` and the storage calls take.
-* `report_intermediate(study, trial_id, step, value)`: `Trial.report` refuses multi-objective
-  studies, but reports and plots read a pruned trial's last accuracy as its intermediate value.
 * `set_constraints(study, trial, values)`: the constraint values of a trial as the system attr
   `constraints`, a list (`optuna.study._constrained_optimization._CONSTRAINTS_KEY`): the one
   place both optuna-dashboard (which serialises that list) and Optuna 5 itself (samplers,
@@ -62,11 +60,6 @@ def study_id(study: optuna.Study) -> int:
 def trial_id(trial: optuna.Trial | FrozenTrial | int) -> int:
     """The storage key of a trial (an int is taken as one already)."""
     return trial if isinstance(trial, int) else trial._trial_id
-
-
-def report_intermediate(study: optuna.Study, trial: Any, step: int, value: float) -> None:
-    """Record `value` as the intermediate value of `trial` at `step` (multi-objective too)."""
-    study._storage.set_trial_intermediate_value(trial_id(trial), int(step), float(value))
 
 
 CONSTRAINTS_ATTR = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY

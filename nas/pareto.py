@@ -56,15 +56,16 @@ def trial_objectives(trial: FrozenTrial,
                      run_dir: str | os.PathLike | None = None) -> tuple[float, float, float] | None:
     """(val_acc, gflops, params) of any trial, as far as it is known, else None.
 
-    COMPLETE trials carry them as values. For others the accuracy is the last intermediate value
-    or the last `val_acc` in the trial's metrics.jsonl, and the cost comes from `gflops`/`params`
+    COMPLETE trials carry them as values. For others the accuracy is the `val_acc_last` user attr
+    (an intermediate value in runs of earlier versions) or the last `val_acc` in the trial's
+    metrics.jsonl, and the cost comes from `gflops`/`params`
     user attrs or the analytic cost model on the trial's architecture.
     """
     if trial.values is not None and len(trial.values) == 3:
         acc, gflops, params = trial.values
         return float(acc), float(gflops), float(params)
-    acc = None
-    if trial.intermediate_values:
+    acc = _number(trial.user_attrs.get(run.LAST_VAL_ACC_ATTR))
+    if acc is None and trial.intermediate_values:
         acc = trial.intermediate_values[max(trial.intermediate_values)]
     if acc is None and run_dir is not None:
         rows = [r for r in run.trial_metrics(run_dir, trial)

@@ -44,6 +44,8 @@ TRIALS_DIR = "trials"
 METRICS_FILE = "metrics.jsonl"
 ARCH_FILE = "arch.yaml"
 WEIGHTS_FILE = "model.safetensors"
+# User attr: the validation accuracy of a trial's latest epoch (what a PRUNED trial reached).
+LAST_VAL_ACC_ATTR = "val_acc_last"
 JOURNAL_NAME = run_storage.JOURNAL_NAME
 
 _URL = re.compile(r"^[a-z][a-z0-9+]*://")

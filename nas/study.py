@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from nas import optuna_compat, samplers
 from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-exported)
     DIRECTIONS,
+    LAST_VAL_ACC_ATTR,
     OBJECTIVES,
     RUN_FILE,
     SPACE_FILE,
@@ -357,7 +358,11 @@ class SearchStudy:
 
     # ------------------------------------------------------------------ telling
     def record_epoch(self, candidate: Candidate, metrics: Mapping[str, Any]) -> None:
-        """Note one epoch's report: `fidelity` and the intermediate accuracy."""
+        """Note one epoch's report: `fidelity` and `val_acc_last` (user attrs).
+
+        Not an Optuna intermediate value: `Trial.report` refuses multi-objective studies, and a
+        PRUNED trial that carries intermediate values crashes Optuna 5's TPE in a
+        multi-objective study (`_get_pruned_trial_score` asks for the single direction)."""
         epoch = metrics.get("epoch")
         if not _is_finite(epoch):
             return
@@ -365,9 +370,7 @@ class SearchStudy:
         trial.set_user_attr("fidelity", int(epoch))
         acc = metrics.get("val_acc")
         if _is_finite(acc):
-            # Trial.report refuses multi-objective studies (see `nas.optuna_compat`).
-            optuna_compat.report_intermediate(self.study, candidate.trial_id, int(epoch),
-                                              float(acc))
+            trial.set_user_attr(LAST_VAL_ACC_ATTR, float(acc))
 
     def _finish_attrs(self, candidate: Candidate, fidelity: Any, wall_s: float | None) -> None:
         trial = self._trial(candidate.trial_id)
@@ -392,6 +395,8 @@ class SearchStudy:
         metrics = metrics or {}
         fidelity = metrics.get("epoch")
         acc = metrics.get("val_acc")
+        if _is_finite(acc):
+            self._trial(candidate.trial_id).set_user_attr(LAST_VAL_ACC_ATTR, float(acc))
         if not _is_finite(fidelity) or int(fidelity) < self.budget:
             self._finish_attrs(candidate, fidelity if _is_finite(fidelity) else 0, wall_s)
             self.study.tell(candidate.number, state=TrialState.PRUNED)

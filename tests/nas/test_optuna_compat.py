@@ -49,16 +49,6 @@ def test_study_storage_is_the_backend_and_ids_are_its_keys(tmp_path, kind):
     assert optuna_compat.trial_id(expected) == expected
 
 
-def test_report_intermediate_works_on_a_multi_objective_study(tmp_path):
-    study = optuna.create_study(storage=make_storage(None, tmp_path), directions=DIRECTIONS)
-    trial = study.ask()
-    with pytest.raises(NotImplementedError):
-        trial.report(0.5, 1)  # the public call refuses multi-objective studies
-    optuna_compat.report_intermediate(study, trial, 1, 0.25)
-    optuna_compat.report_intermediate(study, optuna_compat.trial_id(trial), 2, 0.5)
-    assert study.get_trials(deepcopy=False)[0].intermediate_values == {1: 0.25, 2: 0.5}
-
-
 def test_stale_trial_ids_follow_the_heartbeat(tmp_path):
     storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", tmp_path, heartbeat_interval=1,
                            grace_period=2)

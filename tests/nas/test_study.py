@@ -241,7 +241,7 @@ def test_full_budget_is_complete_with_cost_model_objectives(tmp_path, space):
     cost = estimate(c.spec)
     assert t.values == [0.75, cost.gflops, float(cost.params)]
     assert t.user_attrs["fidelity"] == 2 and t.user_attrs["wall_s"] == 12.5
-    assert t.intermediate_values == {1: 0.4}
+    assert t.user_attrs["val_acc_last"] == 0.75 and t.intermediate_values == {}
 
 
 def test_test_accuracy_is_kept_beside_and_never_reaches_the_sampler(tmp_path, space,
@@ -263,7 +263,7 @@ def test_test_accuracy_is_kept_beside_and_never_reaches_the_sampler(tmp_path, sp
     # What the study (and so every sampler) was told holds no test accuracy.
     told_values = [v for args, kw in told for v in (kw.get("values") or
                                                     (args[1] if len(args) > 1 else []) or [])]
-    assert 0.875 not in told_values and 0.875 not in t.intermediate_values.values()
+    assert 0.875 not in told_values and t.user_attrs["val_acc_last"] == 0.5
     # A pruned trial has no test accuracy, even if one was (wrongly) reported.
     p = ss.ask()
     ss.tell_result(p, {"epoch": 1, "val_acc": 0.3, "test_acc": 0.9})
@@ -390,3 +390,27 @@ def test_rdb_trial_of_a_dead_local_driver_is_adopted_before_its_heartbeat_expire
     assert [t.number for t in ss.adoptable()] == [c.number]
     storage.set_trial_system_attr(c.trial_id, OWNER_ATTR, f"{host}-{os.getpid()}-t")
     assert ss.adoptable() == []  # a live driver (this process) still runs it
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "auto", "gp", "nsga2", "random"])
+def test_every_sampler_proposes_after_pruned_trials(tmp_path, space, sampler):
+    """Early-stopped (PRUNED) trials, with the epochs they reported, must not break a sampler's
+    next proposal: Optuna 5's TPE crashes on a multi-objective study whose PRUNED trials carry
+    intermediate values, so the per-epoch accuracy is kept as a user attr instead."""
+    study = optuna.create_study(storage=make_storage(None, tmp_path),
+                                directions=list(nas_study.DIRECTIONS),
+                                sampler=nas_study.make_sampler(sampler, seed=0, n_trials=8))
+    ss = nas_study.SearchStudy(study, space, run_dir=tmp_path, budget=3)
+    for k in range(6):
+        c = ss.ask()
+        ss.record_epoch(c, {"epoch": 1, "val_acc": 0.1 + 0.05 * k})
+        if k % 2:
+            assert ss.tell_result(c, {"epoch": 1, "val_acc": 0.1 + 0.05 * k}) \
+                == TrialState.PRUNED
+        else:
+            assert ss.tell_result(c, {"epoch": 3, "val_acc": 0.3 + 0.05 * k}) \
+                == TrialState.COMPLETE
+    assert ss.ask() is not None  # past every sampler's start-up, with pruned trials present
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.intermediate_values == {} and t.user_attrs["val_acc_last"] > 0
+                          for t in pruned)
