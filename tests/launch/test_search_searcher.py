@@ -105,10 +105,10 @@ def test_results_are_told_by_fidelity_and_failures_by_reason(tmp_path, space_fil
 
     full = _state(ss, number["tid-full"])
     assert full.state == TrialState.COMPLETE and full.values[0] == 0.5
-    assert full.user_attrs["wall_s"] == 7.0 and full.intermediate_values == {1: 0.25, 2: 0.5}
+    assert full.user_attrs["wall_s"] == 7.0 and full.user_attrs["val_acc_last"] == 0.5
     pruned = _state(ss, number["tid-asha"])
     assert pruned.state == TrialState.PRUNED and pruned.user_attrs["fidelity"] == 1
-    assert pruned.intermediate_values == {1: 0.25}
+    assert pruned.user_attrs["val_acc_last"] == 0.25 and pruned.intermediate_values == {}
     assert _state(ss, number["tid-nan"]).user_attrs["fail_reason"] == "loss is nan at epoch 1"
     assert "OutOfMemoryError" in _state(ss, number["tid-crash"]).user_attrs["fail_reason"]
     assert "without a failure.json" in _state(ss, number["tid-quiet"]).user_attrs["fail_reason"]
