@@ -10,11 +10,17 @@ recorded at that rung (itself included), else it is stopped. Rungs are at `grace
 epochs below `max_t`, as in ASHA. The ranking rule is the pure function `promote` (tested
 without Ray).
 
-What the rest of the search does with a stopped trial: `launch.searcher.StudySearcher` tells it
-PRUNED with its `fidelity` (the epochs it trained), so it never reaches the front
-(`nas.pareto.is_full_fidelity`). The scheduler is asynchronous: a promoted trial is never paused,
-it goes on training in the same process from where it stands, and a trial interrupted with its
-driver continues from the checkpoint in its trial folder on `--resume` (the searcher adopts it).
+Promotion (the default, as in ASHA's promotion variant): a trial that is not in the top at the
+moment it reaches a rung is *paused*, not discarded. Tune stops its process (its DeepSpeed
+checkpoint of that epoch is in its trial folder), and the trial stays RUNNING in the study. Each
+time the searcher is asked for a trial it first asks `take_promotion`: a paused trial that has
+since become one of its rung's top ceil(n / rf), because weaker trials arrived there after it,
+is promoted, and the searcher launches it again on its own folder, where it resumes from that
+checkpoint at the next epoch. Trials still paused when the budget of new trials is spent and
+nothing runs are told PRUNED with their `fidelity` (the epochs they trained), so they never
+reach the front (`nas.pareto.is_full_fidelity`). With `promotion=False` a trial not promoted on
+arrival is stopped for good (the stopping variant). Trials are keyed by their trial folder, so a
+resumed trial keeps its rung history.
 """
 
 from __future__ import annotations
@@ -108,12 +114,14 @@ class MOASHAScheduler(FIFOScheduler):
         reduction_factor: keep the top 1/rf at each rung (> 1).
         cost_of: (gflops, params) of a trial from its config (default: the cost model of
             `config["arch"]`).
+        promotion: pause trials not (yet) promoted and promote them later (`take_promotion`);
+            False: stop them for good.
     """
 
     def __init__(self, *, time_attr: str = "epoch", metric: str = "val_acc", max_t: int,
                  grace_period: int = 1, reduction_factor: float = 2.0,
-                 cost_of: Callable[[Mapping[str, Any]], tuple[float, float]] | None = None
-                 ) -> None:
+                 cost_of: Callable[[Mapping[str, Any]], tuple[float, float]] | None = None,
+                 promotion: bool = True) -> None:
         super().__init__()
         if isinstance(max_t, bool) or not isinstance(max_t, int) or max_t < 1:
             raise ConfigError(f"max_t must be an integer >= 1, but got {max_t!r}. Pass the"
@@ -137,17 +145,48 @@ class MOASHAScheduler(FIFOScheduler):
             t *= self._rf
         self._rungs: dict[int, dict[str, Point]] = {m: {} for m in self.milestones}
         self._costs: dict[str, tuple[float, float]] = {}
-        self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
+        self.promotion = bool(promotion)
+        self.stopped: dict[str, int] = {}  # trial key -> the rung it was stopped (paused) at
+        self.promoted: dict[str, list[int]] = {}  # trial key -> rungs it was promoted from later
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # objectives are fixed: (metric up, gflops down, params down)
 
+    @staticmethod
+    def key(trial: Any) -> str:
+        """A trial's identity across Tune trials: its trial folder (`config["trial_dir"]`), else
+        its Tune id."""
+        config = getattr(trial, "config", None) or {}
+        return str(config.get("trial_dir") or trial.trial_id)
+
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._costs[trial.trial_id] = self._cost_of(trial.config)
+        self._costs[self.key(trial)] = self._cost_of(trial.config)
+
+    def is_paused(self, key: str) -> bool:
+        """Whether the trial `key` waits at a rung for a later promotion."""
+        return self.promotion and key in self.stopped
+
+    def take_promotion(self, ready: Any = None) -> str | None:
+        """The key of a paused trial that now ranks in its rung's top ceil(n / rf) (highest rung
+        first, then the order trials reached it), marked promoted; None if there is none.
+        `ready`: only keys in this collection (the paused trials the caller holds)."""
+        if not self.promotion:
+            return None
+        for milestone in reversed(self.milestones):
+            rung = self._rungs[milestone]
+            ids = list(rung)
+            for key in ids:
+                if self.stopped.get(key) != milestone or (ready is not None and key not in ready):
+                    continue
+                if promote([rung[i] for i in ids], ids.index(key), self._rf):
+                    del self.stopped[key]
+                    self.promoted.setdefault(key, []).append(milestone)
+                    return key
+        return None
 
     def record(self, trial_id: str, fidelity: float, accuracy: float) -> str:
-        """Note a result of `trial_id` and decide: CONTINUE or STOP (the scheduler's core,
-        callable without a Tune controller)."""
+        """Note a result of trial `trial_id` (a `key`) and decide: CONTINUE or STOP (the
+        scheduler's core, callable without a Tune controller)."""
         for milestone in reversed(self.milestones):
             if fidelity < milestone:
                 continue
@@ -170,16 +209,19 @@ class MOASHAScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         if fidelity >= self._max_t:
             return TrialScheduler.CONTINUE
-        if trial.trial_id not in self._costs:
-            self._costs[trial.trial_id] = self._cost_of(trial.config)
-        return self.record(trial.trial_id, fidelity, accuracy)
+        key = self.key(trial)
+        if key not in self._costs:
+            self._costs[key] = self._cost_of(trial.config)
+        return self.record(key, fidelity, accuracy)
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        self._costs.pop(trial.trial_id, None)
+        self._costs.pop(self.key(trial), None)
 
     def debug_string(self) -> str:
         rungs = ", ".join(f"epoch {m}: {len(self._rungs[m])}" for m in self.milestones)
-        return f"Using MOASHA (rf {self._rf:g}): stopped {len(self.stopped)}; rungs {rungs}"
+        waiting = "paused" if self.promotion else "stopped"
+        return (f"Using MOASHA (rf {self._rf:g}): {waiting} {len(self.stopped)}, promoted later"
+                f" {sum(len(v) for v in self.promoted.values())}; rungs {rungs}")
 
     def save(self, checkpoint_path: str) -> None:
         state = {k: v for k, v in self.__dict__.items() if k != "_cost_of"}

@@ -454,11 +454,27 @@ def _legacy_progress_output() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
+def _make_scheduler(info: nas_study.RunInfo) -> Any:
+    """The run's early-stopping scheduler: ASHA, MOASHA (which pauses and promotes; the
+    searcher resumes what it promotes) or None."""
+    if info.asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
+                             max_t=info.epochs, grace_period=1,
+                             reduction_factor=info.asha_reduction_factor)
+    if info.moasha:
+        from launch.moasha import MOASHAScheduler
+
+        return MOASHAScheduler(time_attr="epoch", metric="val_acc", max_t=info.epochs,
+                               grace_period=1, reduction_factor=info.asha_reduction_factor)
+    return None
+
+
 def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int,
-                concurrent: int) -> Any:
+                concurrent: int, scheduler: Any = None) -> Any:
     from ray import tune
     from ray.tune import CLIReporter
-    from ray.tune.schedulers import ASHAScheduler
 
     from launch.trial import candidate_trainable, trainable_resources
 
@@ -466,16 +482,6 @@ def _make_tuner(plan: _Plan, searcher: Any, trial_errors: Any, num_samples: int,
     use_gpu = info.gpus_per_worker > 0
     trainable = tune.with_resources(candidate_trainable,
                                     trainable_resources(info.workers_per_trial, use_gpu))
-    scheduler = None
-    if info.asha:
-        scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
-                                  max_t=info.epochs, grace_period=1,
-                                  reduction_factor=info.asha_reduction_factor)
-    elif info.moasha:
-        from launch.moasha import MOASHAScheduler
-
-        scheduler = MOASHAScheduler(time_attr="epoch", metric="val_acc", max_t=info.epochs,
-                                    grace_period=1, reduction_factor=info.asha_reduction_factor)
     reporter = CLIReporter(
         metric_columns={"epoch": "epoch", "val_acc": "val_acc", "val_loss": "val_loss",
                         "images_per_s": "img/s"},
@@ -700,15 +706,20 @@ def _run_tune(plan: _Plan, search_study: nas_study.SearchStudy, adopt: list, req
 
     info = plan.info
     trial_errors = TrialErrors()
+    scheduler = _make_scheduler(info)
+    promotions = scheduler if info.moasha else None
+    if promotions is not None:
+        # every promotion is one more Tune trial (at most one per rung and trial)
+        num_samples += info.trials * len(promotions.milestones)
     searcher = StudySearcher(
         search_study, trials=info.trials,
         base_config={"training": dict(info.training), "workers": info.workers_per_trial,
                      "use_gpu": info.gpus_per_worker > 0},
         adopt=adopt, max_consecutive_failures=info.max_consecutive_failures,
-        error_lookup=trial_errors.error_of)
+        error_lookup=trial_errors.error_of, promotions=promotions)
     if plan.concurrent is None:
         plan.concurrent = _connect(plan, request, say)
-    tuner = _make_tuner(plan, searcher, trial_errors, num_samples, plan.concurrent)
+    tuner = _make_tuner(plan, searcher, trial_errors, num_samples, plan.concurrent, scheduler)
     with _legacy_progress_output():
         tuner.fit()
     return searcher

@@ -17,7 +17,11 @@ differences a multi-objective, multi-fidelity, resumable architecture search nee
   is the truth, COMPLETE trials are never retrained and RUNNING ones of a dead driver continue
   under their own numbers;
 * budget: `--trials` counts launched trials only (Tune's `num_samples` would count rejections);
-* failures: the search stops after M failed trials in a row.
+* failures: the search stops after M failed trials in a row;
+* promotion (`promotions`, the MOASHA scheduler): a trial the scheduler pauses at a rung stays
+  RUNNING in the study; when the scheduler later promotes it, the searcher launches it again on
+  its own folder, where it resumes from its checkpoint; trials still paused when the budget is
+  spent and nothing runs are told PRUNED.
 
 `TrialErrors` is a Tune callback that gives the searcher the error text of a failed trial (Tune
 tells the searcher before its callbacks, but writes the trial's error file first).
@@ -25,6 +29,7 @@ tells the searcher before its callbacks, but writes the trial's error file first
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -123,6 +128,9 @@ class StudySearcher(Searcher):
         sleep: waits between attempts to record a result (injectable for tests).
         record_attempts: how often writing a trial's result to the study is tried (with
             doubling waits from `RECORD_BACKOFF_S`) before the search stops.
+        promotions: the scheduler that pauses and promotes trials (`is_paused(key)`,
+            `take_promotion(ready)`, keyed by trial folder; `launch.moasha.MOASHAScheduler`), or
+            None.
     """
 
     def __init__(self, study: SearchStudy, *, trials: int, base_config: Mapping[str, Any],
@@ -131,7 +139,8 @@ class StudySearcher(Searcher):
                  error_lookup: Callable[[str], str | None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 record_attempts: int = RECORD_ATTEMPTS) -> None:
+                 record_attempts: int = RECORD_ATTEMPTS,
+                 promotions: Any = None) -> None:
         super().__init__(metric="val_acc", mode="max")
         if isinstance(max_consecutive_failures, bool) or not isinstance(
                 max_consecutive_failures, int) or max_consecutive_failures < 1:
@@ -159,6 +168,10 @@ class StudySearcher(Searcher):
         self.first_failure: str | None = None
         self.record_error: str | None = None
         self._record_attempted: dict[int, bool] = {}
+        self.promotions = promotions
+        # trial folder -> (paused candidate, its last metrics): waiting for a promotion
+        self._paused: dict[str, tuple[Candidate, dict[str, Any]]] = {}
+        self.resumed_promotions: list[int] = []
 
     # ------------------------------------------------------------------ Tune protocol
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
@@ -183,11 +196,39 @@ class StudySearcher(Searcher):
         """New trials still to launch in this session."""
         return self._remaining
 
+    @property
+    def paused_numbers(self) -> list[int]:
+        return sorted(c.number for c, _ in self._paused.values())
+
+    def _key(self, candidate: Candidate) -> str:
+        return candidate.config(self.study.run_dir)["trial_dir"]
+
+    def _promotion(self) -> Candidate | None:
+        if self.promotions is None or not self._paused:
+            return None
+        key = self.promotions.take_promotion(ready=self._paused.keys())
+        if key is None:
+            return None
+        candidate, _ = self._paused.pop(key)
+        self.resumed_promotions.append(candidate.number)
+        return dataclasses.replace(candidate, resumed=True)
+
+    def _finish_paused(self) -> None:
+        """Tell every trial still paused PRUNED with the epochs it trained."""
+        for key in list(self._paused):
+            candidate, metrics = self._paused.pop(key)
+            try:
+                state = self._record(candidate, "the result of",
+                                     lambda c=candidate, m=metrics: self.study.tell_result(c, m))
+            except RecordFailed:
+                return
+            self.outcomes[state.name] += 1
+
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.stopped:
             return Searcher.FINISHED
         try:
-            candidate = None
+            candidate = self._promotion()
             while self._adopt and candidate is None:
                 candidate = self.study.adopt(self._adopt.pop(0))
             if candidate is None:
@@ -198,6 +239,9 @@ class StudySearcher(Searcher):
                 with study_mutex(self.study.study, self.study.run_dir):
                     if self._remaining <= 0 or self.study.counted_trials() >= self.trials:
                         self._remaining = 0  # the budget is spent (by this or another driver)
+                        if self._paused and self._live:
+                            return None  # a running trial may still promote a paused one
+                        self._finish_paused()
                         return Searcher.FINISHED
                     candidate = self.study.ask()
                 self._remaining -= 1
@@ -232,6 +276,16 @@ class StudySearcher(Searcher):
         metrics = result if result else last
         wall_s = self.clock() - started
         fidelity = (metrics or {}).get("epoch")
+        key = self._key(candidate)
+        if (not error and metrics and self.promotions is not None
+                and self.promotions.is_paused(key)):
+            try:
+                self._record(candidate, "the pause of", lambda: self.study.note_pause(
+                    candidate, metrics, wall_s=wall_s))
+            except RecordFailed:
+                return
+            self._paused[key] = (dataclasses.replace(candidate, resumed=True), dict(metrics))
+            return
         try:
             state = self._record(candidate, "the result of",
                                  lambda: self._tell(trial_id, candidate, result, metrics,

@@ -382,6 +382,17 @@ class SearchStudy:
                                      else 0.0)
             trial.set_user_attr("wall_s", round(total, 3))
 
+    def note_pause(self, candidate: Candidate, metrics: Mapping[str, Any], *,
+                   wall_s: float | None = None) -> None:
+        """A trial paused by a scheduler at a rung: it stays RUNNING (a later promotion
+        resumes it from its checkpoint); its epoch, `fidelity`, `wall_s` so far and
+        `paused_at` (the epoch) are recorded."""
+        self.record_epoch(candidate, metrics)
+        fidelity = metrics.get("epoch")
+        self._finish_attrs(candidate, fidelity, wall_s)
+        if _is_finite(fidelity):
+            self._trial(candidate.trial_id).set_user_attr("paused_at", int(fidelity))
+
     def tell_result(self, candidate: Candidate, metrics: Mapping[str, Any] | None, *,
                     wall_s: float | None = None) -> TrialState:
         """Tell a trial that ended without error: COMPLETE with (val_acc, gflops, params) if it

@@ -19,8 +19,11 @@ pytest_plugins = ["tests.postgres_fixture"]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One Ray temp folder per xdist worker (sessions, sockets, logs), inherited by the drivers
-    # and nodes its tests start, so the two workers' Ray instances never meet.
-    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
+    # and nodes its tests start, so the two workers' Ray instances never meet; under a
+    # RAY_TMPDIR the user set, each worker gets its own folder inside it.
+    _base = os.environ.get("RAY_TMPDIR") or "/tmp"
+    os.environ["RAY_TMPDIR"] = os.path.join(_base, f"ray-{os.environ['PYTEST_XDIST_WORKER']}")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 torch.set_num_threads(1)
 
 

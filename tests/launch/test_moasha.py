@@ -3,6 +3,7 @@ instance is started)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -99,6 +100,30 @@ def test_rungs_and_decisions_of_the_scheduler():
     assert s.on_trial_result(None, _Trial("c"), {"epoch": 8, "val_acc": 0.1}) == "CONTINUE"
 
 
+def test_a_paused_trial_is_promoted_once_weaker_trials_reach_its_rung():
+    # a, then b and c at rung 1 (rf 2): b is paused on arrival (keep 1 of 2); c is dominated by
+    # both, so with 3 points b is in the top 2 and is promoted; c never is.
+    costs = {"a": (0.001, 1e4), "b": (0.002, 2e4), "c": (0.003, 3e4)}
+    s = _scheduler(costs)
+    for t in costs:
+        s.on_trial_add(None, _Trial(t))
+    assert s.on_trial_result(None, _Trial("a"), {"epoch": 1, "val_acc": 0.9}) == "CONTINUE"
+    assert s.on_trial_result(None, _Trial("b"), {"epoch": 1, "val_acc": 0.8}) == "STOP"
+    assert s.is_paused("b") and s.take_promotion() is None  # 1 of 2 kept: still a
+    assert s.on_trial_result(None, _Trial("c"), {"epoch": 1, "val_acc": 0.7}) == "STOP"
+    assert s.take_promotion(ready={"c"}) is None  # only what the caller holds
+    assert s.take_promotion() == "b" and not s.is_paused("b") and s.promoted == {"b": [1]}
+    assert s.take_promotion() is None and s.is_paused("c")
+    # the promoted trial, resumed at epoch 2, is decided at rung 2, not again at rung 1
+    assert s.on_trial_result(None, _Trial("b"), {"epoch": 2, "val_acc": 0.85}) == "CONTINUE"
+    stopping = _scheduler(costs, promotion=False)
+    for t in costs:
+        stopping.on_trial_add(None, _Trial(t))
+    for t, acc in (("a", 0.9), ("b", 0.8), ("c", 0.7)):
+        stopping.on_trial_result(None, _Trial(t), {"epoch": 1, "val_acc": acc})
+    assert stopping.take_promotion() is None and not stopping.is_paused("b")
+
+
 def test_bad_settings_say_the_rule():
     with pytest.raises(ConfigError, match="reduction_factor must be > 1"):
         MOASHAScheduler(max_t=4, reduction_factor=1)
@@ -179,3 +204,40 @@ def test_a_search_with_moasha_prunes_by_rung_and_keeps_the_front_full_budget(tmp
     front = pareto.pareto_trials(study)
     assert front and all(pareto.is_full_fidelity(t) for t in front)
     assert not {t.number for t in front} & {t.number for t in pruned}
+
+
+@pytest.mark.slow
+def test_a_promoted_trial_resumes_from_its_checkpoint_and_pruned_ones_never_reach_the_front(
+        tmp_path, ray_local, monkeypatch):
+    """The real path (Ray Tune, DeepSpeed): rungs ranked by arrival (deterministic), 4 trials
+    one at a time, rf 2, a rung at epoch 1 of 2. The second trial is paused at epoch 1 and
+    promoted when the third arrives; it finishes in a second process that resumes from its
+    epoch-1 checkpoint (its two epochs carry two start-up times)."""
+    from launch import moasha
+    from launch.search import EXIT_OK, SearchRequest, run_search
+
+    monkeypatch.setattr(moasha, "ranking", lambda points: list(range(len(points))))
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.replace("epochs: 4, batch_size: 128",
+                                  "epochs: 2, batch_size: 128, augment: false"),
+                    encoding="utf-8")
+    run_dir = tmp_path / "promote"
+    outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
+                                       moasha=True, asha_reduction_factor=2, export=False),
+                         say=lambda line: None)
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    study = optuna.load_study(study_name="promote", storage=make_storage(None, run_dir))
+    trials = sorted((t for t in study.trials if t.user_attrs.get("duplicate_of") is None
+                     and not t.user_attrs.get("infeasible")), key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE,
+                                         TrialState.PRUNED, TrialState.PRUNED]
+    promoted = trials[1]
+    assert promoted.user_attrs["paused_at"] == 1 and promoted.user_attrs["fidelity"] == 2
+    lines = [json.loads(x) for x in (run_dir / promoted.user_attrs["trial_dir"]
+                                     / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[0]["startup_s"] != lines[1]["startup_s"]  # two processes: resumed, not rerun
+    for t in trials[2:]:
+        assert t.values is None and t.user_attrs["fidelity"] == 1 == t.user_attrs["paused_at"]
+    front = pareto.pareto_trials(study)
+    assert front and {t.number for t in front} <= {trials[0].number, trials[1].number}

@@ -254,3 +254,81 @@ def test_plan_refuses_a_folder_holding_a_study_and_resume_checks_it(tmp_path, sp
         plan_search(SearchRequest(out=run_dir, resume=True, feasible_proposals=False))
     with pytest.raises(ConfigError, match="cannot resume"):
         plan_search(SearchRequest(out=tmp_path / "empty", resume=True))
+
+
+# ------------------------------------------------------------------------------------ promotion
+def test_paused_trials_are_resumed_when_promoted_and_pruned_when_never(tmp_path, space_file,
+                                                                       monkeypatch):
+    """MOASHA's promotion with the searcher, driven by hand: rungs ranked by arrival (a
+    deterministic stand-in for non-dominated sorting), 4 trials, rf 2, a rung at epoch 1 of 2.
+    t0 goes on; t1 and t2 are paused; t2's arrival puts t1 in the top 2, so t1 is launched again
+    on its own folder (a resumed trial) and completes; t2 and t3 end PRUNED at epoch 1."""
+    from launch import moasha
+
+    monkeypatch.setattr(moasha, "ranking", lambda points: list(range(len(points))))
+    sched = moasha.MOASHAScheduler(max_t=2, reduction_factor=2, cost_of=lambda c: (0.1, 1e4))
+    searcher, ss, clock = _searcher(tmp_path, space_file, trials=4, promotions=sched)
+    trial = SimpleNamespace
+
+    def run(tid, config, epochs):
+        t = trial(trial_id=tid, config=config)
+        sched.on_trial_add(None, t)
+        for epoch in epochs:
+            result = {"epoch": epoch, "val_acc": 0.5}
+            clock.now += 3.0
+            decision = sched.on_trial_result(None, t, result)
+            if decision == "STOP":
+                searcher.on_trial_complete(tid, result)  # Tune skips on_trial_result here
+                return "STOP"
+            searcher.on_trial_result(tid, result)
+        searcher.on_trial_complete(tid, result)
+        return "DONE"
+
+    c0 = searcher.suggest("t0")
+    assert run("t0", c0, [1, 2]) == "DONE"
+    c1 = searcher.suggest("t1")
+    assert run("t1", c1, [1]) == "STOP"
+    n1 = searcher.launched[-1]
+    t1 = _state(ss, n1)
+    assert t1.state == TrialState.RUNNING and t1.user_attrs["paused_at"] == 1
+    assert t1.user_attrs["wall_s"] == 3.0
+    c2 = searcher.suggest("t2")  # t1 is not in the top 1 of 2: a new trial
+    assert c2["trial_dir"] != c1["trial_dir"]
+    assert run("t2", c2, [1]) == "STOP"
+    again = searcher.suggest("t1-again")  # now t1 ranks 2nd of 3, in the top 2
+    assert again == c1 and searcher.resumed_promotions == [n1]
+    assert run("t1-again", again, [2]) == "DONE"
+    t1 = _state(ss, n1)
+    assert t1.state == TrialState.COMPLETE and t1.user_attrs["wall_s"] == 6.0  # both sessions
+    c3 = searcher.suggest("t3")
+    assert run("t3", c3, [1]) == "STOP"
+    n0, _, n2, _, n3 = searcher.launched  # t1 was launched twice
+    assert searcher.paused_numbers == sorted([n2, n3])
+    assert searcher.suggest("t4") == Searcher.FINISHED  # budget spent, nothing runs
+    states = {n: _state(ss, n) for n in set(searcher.launched)}
+    pruned = [n for n, t in states.items() if t.state == TrialState.PRUNED]
+    assert len(pruned) == 2 and all(states[n].user_attrs["fidelity"] == 1 for n in pruned)
+    assert sum(t.state == TrialState.COMPLETE for t in states.values()) == 2
+    assert searcher.paused_numbers == [] and sched.promoted == {c1["trial_dir"]: [1]}
+    assert searcher.outcomes == {"COMPLETE": 2, "PRUNED": 2}
+
+
+def test_a_paused_trial_waits_while_another_runs(tmp_path, space_file, monkeypatch):
+    from launch import moasha
+
+    monkeypatch.setattr(moasha, "ranking", lambda points: list(range(len(points))))
+    sched = moasha.MOASHAScheduler(max_t=2, reduction_factor=2, cost_of=lambda c: (0.1, 1e4))
+    searcher, ss, _ = _searcher(tmp_path, space_file, trials=2, promotions=sched)
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    for tid, config in (("a", a), ("b", b)):
+        sched.on_trial_add(None, SimpleNamespace(trial_id=tid, config=config))
+    assert sched.on_trial_result(None, SimpleNamespace(trial_id="a", config=a),
+                                 {"epoch": 1, "val_acc": 0.4}) == "CONTINUE"
+    assert sched.on_trial_result(None, SimpleNamespace(trial_id="b", config=b),
+                                 {"epoch": 1, "val_acc": 0.4}) == "STOP"
+    searcher.on_trial_complete("b", {"epoch": 1, "val_acc": 0.4})
+    # the budget is spent, but "a" still runs: wait (None), do not finish yet
+    assert searcher.suggest("c") is None
+    searcher.on_trial_complete("a", {"epoch": 2, "val_acc": 0.6})
+    assert searcher.suggest("d") == Searcher.FINISHED
+    assert searcher.outcomes == {"COMPLETE": 1, "PRUNED": 1}
