@@ -387,9 +387,9 @@ class SearchStudy:
         """A trial paused by a scheduler at a rung: it stays RUNNING (a later promotion
         resumes it from its checkpoint); its epoch, `fidelity`, `wall_s` so far and
         `paused_at` (the epoch) are recorded."""
-        self.record_epoch(candidate, metrics)
+        self.record_epoch(candidate, metrics)  # fidelity and val_acc_last
+        self._finish_attrs(candidate, None, wall_s)
         fidelity = metrics.get("epoch")
-        self._finish_attrs(candidate, fidelity, wall_s)
         if _is_finite(fidelity):
             self._trial(candidate.trial_id).set_user_attr("paused_at", int(fidelity))
 

@@ -181,22 +181,28 @@ def test_stopped_trials_end_pruned_with_their_fidelity_and_never_on_the_front(tm
     assert front and all(ss._frozen(n).state == TrialState.COMPLETE for n in front)
 
 
-@pytest.mark.slow
-def test_a_search_with_moasha_prunes_by_rung_and_keeps_the_front_full_budget(tmp_path,
-                                                                           ray_local):
+def _moasha_search(tmp_path: Path, name: str, reduction_factor: float):
+    """A 4-trial MOASHA search over SPACE at 2 epochs, one trial at a time: (run_dir, study)."""
     from launch.search import EXIT_OK, SearchRequest, run_search
 
     path = tmp_path / "space.yaml"
     path.write_text(SPACE.replace("epochs: 4, batch_size: 128",
                                   "epochs: 2, batch_size: 128, augment: false"),
                     encoding="utf-8")
-    run_dir = tmp_path / "moasha"
+    run_dir = tmp_path / name
     outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
-                                       moasha=True, asha_reduction_factor=4, export=False),
+                                       moasha=True, asha_reduction_factor=reduction_factor,
+                                       export=False),
                          say=lambda line: None)
     assert outcome.exit_code == EXIT_OK, outcome.message
+    return run_dir, optuna.load_study(study_name=name, storage=make_storage(None, run_dir))
+
+
+@pytest.mark.slow
+def test_a_search_with_moasha_prunes_by_rung_and_keeps_the_front_full_budget(tmp_path,
+                                                                           ray_local):
+    run_dir, study = _moasha_search(tmp_path, "moasha", 4)
     assert nas_study.RunInfo.load(run_dir).moasha is True
-    study = optuna.load_study(study_name="moasha", storage=make_storage(None, run_dir))
     trials = [t for t in study.trials if t.user_attrs.get("duplicate_of") is None]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "with rf 4 a rung keeps one of its first four trials"
@@ -214,19 +220,9 @@ def test_a_promoted_trial_resumes_from_its_checkpoint_and_pruned_ones_never_reac
     promoted when the third arrives; it finishes in a second process that resumes from its
     epoch-1 checkpoint (its two epochs carry two start-up times)."""
     from launch import moasha
-    from launch.search import EXIT_OK, SearchRequest, run_search
 
     monkeypatch.setattr(moasha, "ranking", lambda points: list(range(len(points))))
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE.replace("epochs: 4, batch_size: 128",
-                                  "epochs: 2, batch_size: 128, augment: false"),
-                    encoding="utf-8")
-    run_dir = tmp_path / "promote"
-    outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
-                                       moasha=True, asha_reduction_factor=2, export=False),
-                         say=lambda line: None)
-    assert outcome.exit_code == EXIT_OK, outcome.message
-    study = optuna.load_study(study_name="promote", storage=make_storage(None, run_dir))
+    run_dir, study = _moasha_search(tmp_path, "promote", 2)
     trials = sorted((t for t in study.trials if t.user_attrs.get("duplicate_of") is None
                      and not t.user_attrs.get("infeasible")), key=lambda t: t.number)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE,
