@@ -9,12 +9,15 @@ Two measurements, each writing a JSON summary (and a plot) to `--out`:
   scatter plot, and per dimension value the mean rank error (stand-alone rank minus proxy
   rank), which shows what the supernet misranks. `--front RUN_DIR` computes the same over the
   COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs stand-alone).
-* `time-to-front`: per seed, a full-budget search (NSGA-II proposals, each trained stand-alone)
-  against the one-shot pipeline (supernet training + proxy study + `--retrain` stand-alone
-  trainings), both in this process one training at a time; hypervolume of the stand-alone
-  front (reference: accuracy 0 and the space's max_gflops / max_params, else 1.1x the largest
-  seen) of the one-shot pipeline vs the full search at the same wall time, and the wall-time
-  ratio.
+* `time-to-front`: per seed, a full-budget search (the space's sampler, as the main job;
+  `--trials` proposals, default the space's `search.trials`, each trained stand-alone) against
+  the one-shot pipeline (supernet training + proxy study + `--retrain` stand-alone trainings),
+  both in this process one training at a time; hypervolume of the stand-alone front
+  (reference: accuracy 0 and the space's max_gflops / max_params, else 1.1x the largest seen)
+  of the one-shot pipeline vs the full search at the same wall time, the wall-time ratios,
+  and τ / ρ between proxy and stand-alone accuracy over the retrained fronts of all seeds. The
+  full search of a seed is kept in `seed_N/full.json` and reused by later runs with another
+  one-shot configuration (each has its own `seed_N/oneshot-TAG/`).
 
 `--quick` shrinks everything (a tiny space on digits, 1-epoch trainings, a handful of
 architectures) to check that the script runs end to end; its numbers mean nothing.
@@ -136,7 +139,10 @@ def _load_space(args: argparse.Namespace) -> Any:
 
 
 def _train_supernet(space: Any, out: Path, epochs: int | None,
-                    label_epochs: int = 0) -> tuple[Any, float]:
+                    label_epochs: int = 0, *, timed: bool = False) -> tuple[Any, float]:
+    """The trained supernet in `out` (trained or finished here) and the seconds spent. With
+    `timed`, a supernet trained by an earlier run reports its recorded training time (the
+    `wall_s` of its last epoch, start-up excluded) instead of the seconds to open it."""
     from launch.supernet import read_state, train_supernet
     from nas.oneshot import open_supernet
 
@@ -144,9 +150,13 @@ def _train_supernet(space: Any, out: Path, epochs: int | None,
         space = dataclasses.replace(space, training=space.training.replace(epochs=epochs))
     start = time.perf_counter()
     state = read_state(out)
-    if state is None or state.epoch < space.training.epochs:
+    trained_before = state is not None and state.epoch >= space.training.epochs
+    if not trained_before:
         train_supernet(space, out, resume=state is not None, label_epochs=label_epochs)
-    return open_supernet(out), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if timed and trained_before:
+        seconds = float(state.metrics[-1]["wall_s"])
+    return open_supernet(out), seconds
 
 
 def _standalone(space: Any, spec: Any, folder: Path) -> tuple[float, float]:
@@ -165,7 +175,7 @@ def _summary(proxy: np.ndarray, real: np.ndarray, *, rounds: int, seed: int) -> 
 
 # ---------------------------------------------------------------------------- rank
 def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
-    from nas.oneshot import InheritedScorer, validation_loader
+    from nas.oneshot import InheritedScorer
 
     space = _load_space(args)
     out = Path(args.out)
@@ -177,7 +187,18 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
                                          1 if args.quick else args.supernet_epochs,
                                          args.label_epochs)
     folder.check_space(space)
-    scorer = InheritedScorer(folder.net, validation_loader(space))
+    steps_list = list(dict.fromkeys(args.finetune_steps))
+    scorers = {str(n): InheritedScorer.for_space(folder.net, space, finetune_steps=n)
+               for n in steps_list}
+    if args.untrained_control:
+        # the control: the same fine-tuning from the supernet's initial (untrained) weights
+        from nas.oneshot import supernet_choices
+        from spvit.supernet import SPViTSupernet
+
+        blank = SPViTSupernet(supernet_choices(space), seed=space.training.seed)
+        scorers.update({f"untrained:{n}": InheritedScorer.for_space(blank, space,
+                                                                    finetune_steps=n)
+                        for n in steps_list})
     rng = random.Random(args.seed)
     specs, seen = [], set()
     while len(specs) < (4 if args.quick else args.archs):
@@ -188,28 +209,43 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
             specs.append(spec)
     rows = []
     for i, spec in enumerate(specs):
-        score = scorer(spec)
+        scores = {n: scorer(spec) for n, scorer in scorers.items()}
         acc, train_s = _standalone(space, spec, out / "standalone" / f"{i:03d}")
-        rows.append({"arch": spec.to_flat(), "proxy_val_acc": score["val_acc"],
-                     "score_s": score["seconds"], "val_acc": acc, "train_s": train_s})
-        print(f"[{i + 1}/{len(specs)}] proxy {score['val_acc']:.4f} ({score['seconds']:.2f}s)"
-              f"  stand-alone {acc:.4f} ({train_s:.0f}s)", flush=True)
-    proxy = np.array([r["proxy_val_acc"] for r in rows])
+        rows.append({"arch": spec.to_flat(),
+                     "proxy_val_acc": scores[str(steps_list[0])]["val_acc"],
+                     "score_s": scores[str(steps_list[0])]["seconds"],
+                     "proxy_by_finetune": {n: sc["val_acc"] for n, sc in scores.items()},
+                     "score_s_by_finetune": {n: sc["seconds"] for n, sc in scores.items()},
+                     "val_acc": acc, "train_s": train_s})
+        shown = "  ".join(f"proxy[{n} steps] {sc['val_acc']:.4f} ({sc['seconds']:.2f}s)"
+                          for n, sc in scores.items())
+        print(f"[{i + 1}/{len(specs)}] {shown}  stand-alone {acc:.4f} ({train_s:.0f}s)",
+              flush=True)
     real = np.array([r["val_acc"] for r in rows])
-    result = {"mode": "rank", "quick": args.quick, "space": space.name,
-              "label_epochs": args.label_epochs,
-              "supernet": str(supernet_dir), "supernet_epochs": folder.epochs,
-              "supernet_train_s": supernet_s,
-              "standalone_epochs": space.training.epochs,
-              "score_s_mean": float(np.mean([r["score_s"] for r in rows])),
-              "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
-              **_summary(proxy, real, rounds=200 if args.quick else args.bootstrap,
-                         seed=args.seed),
-              "misranking": misranking(specs, proxy, real), "rows": rows}
-    _scatter(out / "rank_scatter.png", proxy, real,
-             f"{space.name}: τ={result['kendall_tau']:.2f}, ρ={result['spearman_rho']:.2f}"
-             f" (n={len(rows)}{', quick' if args.quick else ''})")
-    return result
+    rounds = 200 if args.quick else args.bootstrap
+    by_steps = {}
+    for n in scorers:
+        proxy = np.array([r["proxy_by_finetune"][n] for r in rows])
+        by_steps[n] = {
+            **_summary(proxy, real, rounds=rounds, seed=args.seed),
+            "score_s_mean": float(np.mean([r["score_s_by_finetune"][n] for r in rows])),
+            "misranking": misranking(specs, proxy, real)}
+        _scatter(out / ("rank_scatter.png" if n == str(steps_list[0])
+                        else f"rank_scatter_finetune{n.replace(':', '-')}.png"), proxy, real,
+                 f"{space.name}, {n} fine-tuning steps: τ={by_steps[n]['kendall_tau']:.2f},"
+                 f" ρ={by_steps[n]['spearman_rho']:.2f}"
+                 f" (n={len(rows)}{', quick' if args.quick else ''})")
+    first = by_steps[str(steps_list[0])]
+    return {"mode": "rank", "quick": args.quick, "space": space.name,
+            "label_epochs": args.label_epochs,
+            "supernet": str(supernet_dir), "supernet_epochs": folder.epochs,
+            "supernet_train_s": supernet_s,
+            "standalone_epochs": space.training.epochs,
+            "finetune_steps": steps_list[0],
+            "score_s_mean": first["score_s_mean"],
+            "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
+            **{k: first[k] for k in ("n", "kendall_tau", "spearman_rho", "ci95")},
+            "misranking": first["misranking"], "by_finetune_steps": by_steps, "rows": rows}
 
 
 def _front_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -238,13 +274,50 @@ def _hypervolume(points: list[tuple[float, float, float]], ref: tuple[float, flo
     return float(compute_hypervolume(losses, np.ones(3))) if len(losses) else 0.0
 
 
-def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
+def _full_arm(space: Any, root: Path, *, trials: int, seed: int) -> dict[str, Any]:
+    """The full-budget search of one seed: the space's sampler (the main job's), each feasible
+    proposal trained stand-alone. Cached in `root/full.json` (a rerun reuses it, so a second
+    one-shot configuration is compared against the same search)."""
     import optuna
 
     from nas import study as nas_study
+    from nas.oneshot import ask_feasible
+
+    cache = root / "full.json"
+    if cache.exists():
+        data = json.loads(cache.read_text())
+        if data["trials"] == trials and data["sampler"] == space.search.sampler:
+            return data
+    study = optuna.create_study(directions=list(nas_study.DIRECTIONS),
+                                sampler=nas_study.make_sampler(
+                                    space.search.sampler, seed=seed, n_trials=trials,
+                                    population_size=nas_study.default_population_size(trials)))
+    points, times, archs, elapsed = [], [], [], 0.0
+    for i in range(trials):
+        proposal = ask_feasible(study, space)
+        acc, train_s = _standalone(space, proposal.spec, root / "full" / f"{i:03d}")
+        elapsed += train_s
+        study.tell(proposal.trial, [acc, proposal.cost.gflops, float(proposal.cost.params)])
+        points.append((acc, proposal.cost.gflops, float(proposal.cost.params)))
+        times.append(elapsed)
+        archs.append(proposal.spec.to_flat())
+        print(f"[seed {seed} full {i + 1}/{trials}] val_acc {acc:.4f} ({train_s:.0f}s)",
+              flush=True)
+    data = {"trials": trials, "sampler": space.search.sampler, "points": points,
+            "times": times, "archs": archs}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(cache)
+    return data
+
+
+def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
+    import optuna
+
     from nas.oneshot import (
         InheritedScorer,
-        ask_feasible,
+        rescore_count,
+        rescore_front,
         run_proxy_search,
         select_for_retrain,
         summarise_proxy,
@@ -258,65 +331,111 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     c = space.constraints
-    trials = 4 if args.quick else args.trials
+    trials = 4 if args.quick else (args.trials or space.search.trials)
     retrain = 2 if args.quick else args.retrain
     candidates = 20 if args.quick else args.candidates
+    sn_epochs = 1 if args.quick else args.supernet_epochs
+    sn_tag = f"sn{sn_epochs or space.training.epochs}-label{args.label_epochs}"
+    tag = (f"{sn_tag}-c{candidates}-k{retrain}"
+           + (f"-ft{args.finetune_steps}-r{rescore_count(retrain, args.rescore)}"
+              if args.finetune_steps else ""))
     seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
-    per_seed = []
+    per_seed, front_proxy, front_real = [], [], []
     for seed in seeds:
         root = out / f"seed_{seed}"
-        # full-budget search: NSGA-II proposals, each trained stand-alone
-        study = optuna.create_study(directions=list(nas_study.DIRECTIONS),
-                                    sampler=nas_study.make_sampler(
-                                        "nsga2", seed=seed,
-                                        population_size=max(4, trials // 4)))
-        full_points, full_times, elapsed = [], [], 0.0
-        for i in range(trials):
-            proposal = ask_feasible(study, space)
-            acc, train_s = _standalone(space, proposal.spec, root / "full" / f"{i:03d}")
-            elapsed += train_s
-            study.tell(proposal.trial, [acc, proposal.cost.gflops, float(proposal.cost.params)])
-            full_points.append((acc, proposal.cost.gflops, float(proposal.cost.params)))
-            full_times.append(elapsed)
-        # one-shot: supernet + proxy study + stand-alone retraining of the front
+        full = _full_arm(space, root, trials=trials, seed=seed)
+        full_points = [tuple(p) for p in full["points"]]
+        full_times = full["times"]
+        # the search driver never trains a repeated architecture (nas.study.SearchStudy tells
+        # it FAIL); this loop does, so the full search is also timed with repeats for free
+        keys = [json.dumps(a, sort_keys=True) for a in full["archs"]]
+        repeats = [i for i, k in enumerate(keys) if k in keys[:i]]
+        own = np.diff([0.0, *full_times])
+        own[repeats] = 0.0
+        free_times = list(np.cumsum(own))
+        # one-shot: supernet + proxy study + stand-alone retraining of the proxy front
+        arm = root / f"oneshot-{tag}"
         sub = dataclasses.replace(space, training=space.training.replace(seed=seed))
-        folder, supernet_s = _train_supernet(sub, root / "supernet",
-                                             1 if args.quick else args.supernet_epochs,
-                                             args.label_epochs)
+        # one supernet per seed and supernet recipe, shared by the one-shot configurations
+        # that differ after it; a reused one counts its recorded training wall time
+        folder, supernet_s = _train_supernet(sub, root / f"supernet-{sn_tag}", sn_epochs,
+                                             args.label_epochs, timed=True)
         start = time.perf_counter()
         proxy = run_proxy_search(space, InheritedScorer(folder.net, validation_loader(space)),
                                  candidates=candidates, seed=seed)
         proxy_s = time.perf_counter() - start
-        picks = select_for_retrain(proxy.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), retrain)
-        one_points, retrain_s = [], 0.0
+        pool = proxy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        rescore_s = 0.0
+        if args.finetune_steps:
+            start = time.perf_counter()
+            tuned = InheritedScorer.for_space(folder.net, space,
+                                              finetune_steps=args.finetune_steps)
+            pool = rescore_front(pool, tuned, k=rescore_count(retrain, args.rescore),
+                                 steps=args.finetune_steps)
+            rescore_s = time.perf_counter() - start
+        picks = select_for_retrain(pool, retrain)
+        one_points, retrain_s, picked = [], 0.0, []
         for i, t in enumerate(picks):
             spec = ArchSpec.from_dict(t.user_attrs["arch"])
-            acc, train_s = _standalone(space, spec, root / "oneshot" / f"{i:03d}")
+            acc, train_s = _standalone(space, spec, arm / "retrain" / f"{i:03d}")
             retrain_s += train_s
             cost = estimate(spec)
             one_points.append((acc, cost.gflops, float(cost.params)))
-        one_s = supernet_s + proxy_s + retrain_s
+            picked.append({"arch": spec.to_flat(), "proxy_val_acc": t.values[0],
+                           "val_acc": acc, "train_s": train_s})
+            front_proxy.append(t.values[0])
+            front_real.append(acc)
+        one_s = supernet_s + proxy_s + rescore_s + retrain_s
         everything = full_points + one_points
         ref = (c.max_gflops or 1.1 * max(p[1] for p in everything),
                c.max_params or 1.1 * max(p[2] for p in everything))
         hv_one = _hypervolume(one_points, ref)
         at_equal = [p for p, t in zip(full_points, full_times, strict=True) if t <= one_s]
-        hv_full_equal = _hypervolume(at_equal, ref)
-        hv_full_final = _hypervolume(full_points, ref)
-        reach = next((t for k, t in enumerate(full_times)
-                      if _hypervolume(full_points[:k + 1], ref) >= hv_one), None)
+        hv_curve = [_hypervolume(full_points[:k + 1], ref) for k in range(len(full_points))]
+        reach = next((t for t, hv in zip(full_times, hv_curve, strict=True) if hv >= hv_one),
+                     None)
+        reach_free = next((float(t) for t, hv in zip(free_times, hv_curve, strict=True)
+                           if hv >= hv_one), None)
         per_seed.append({
             "seed": seed, "oneshot_s": one_s, "supernet_s": supernet_s, "proxy_s": proxy_s,
-            "retrain_s": retrain_s, "proxy": dataclasses.asdict(summarise_proxy(proxy)),
+            "rescore_s": rescore_s, "retrain_s": retrain_s,
+            "proxy": dataclasses.asdict(summarise_proxy(proxy)),
             "full_s": full_times[-1], "hv_oneshot": hv_one,
-            "hv_full_at_oneshot_time": hv_full_equal, "hv_full_final": hv_full_final,
+            "hv_full_at_oneshot_time": _hypervolume(at_equal, ref),
+            "hv_full_final": _hypervolume(full_points, ref),
+            "wall_ratio_oneshot_over_full": one_s / full_times[-1],
             "full_s_to_reach_oneshot_hv": reach,
-            "wall_ratio_oneshot_over_full_to_same_hv": (one_s / reach) if reach else None})
-        print(json.dumps(per_seed[-1]), flush=True)
-    return {"mode": "time-to-front", "quick": args.quick, "space": space.name,
-            "trials": trials, "retrain": retrain, "candidates": candidates,
-            "standalone_epochs": space.training.epochs, "seeds": per_seed}
+            "wall_ratio_oneshot_over_full_to_same_hv": (one_s / reach) if reach else None,
+            "full_repeats": len(repeats), "full_s_without_repeats": float(free_times[-1]),
+            "full_s_to_reach_oneshot_hv_without_repeats": reach_free,
+            "wall_ratio_to_same_hv_without_repeats": (one_s / reach_free) if reach_free
+            else None,
+            "retrained": picked})
+        print(json.dumps({k: v for k, v in per_seed[-1].items() if k != "retrained"}),
+              flush=True)
+
+    def stats(key: str) -> dict[str, float]:
+        v = np.array([s[key] for s in per_seed if s[key] is not None], dtype=float)
+        if not len(v):
+            return {"mean": float("nan"), "std": float("nan"), "n": 0}
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "n": len(v)}
+
+    front = (_summary(np.array(front_proxy), np.array(front_real), rounds=args.bootstrap,
+                      seed=args.seed) if len(set(front_proxy)) > 1 else None)
+    if front is not None:
+        _scatter(out / f"front_scatter-{tag}.png", np.array(front_proxy), np.array(front_real),
+                 f"retrained one-shot fronts, {len(seeds)} seeds: τ={front['kendall_tau']:.2f}")
+    return {"mode": "time-to-front", "quick": args.quick, "space": space.name, "tag": tag,
+            "trials": trials, "full_sampler": space.search.sampler, "retrain": retrain,
+            "candidates": candidates, "supernet_epochs": sn_epochs or space.training.epochs,
+            "label_epochs": args.label_epochs, "standalone_epochs": space.training.epochs,
+            "finetune_steps": args.finetune_steps, "summary": {k: stats(k) for k in (
+                "oneshot_s", "full_s", "wall_ratio_oneshot_over_full", "hv_oneshot",
+                "hv_full_at_oneshot_time", "hv_full_final",
+                "wall_ratio_oneshot_over_full_to_same_hv",
+                "wall_ratio_to_same_hv_without_repeats")},
+            "front_rank": front, "seeds": per_seed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,18 +459,36 @@ def main(argv: list[str] | None = None) -> int:
     rank.add_argument("--archs", type=int, default=30)
     rank.add_argument("--supernet", default=None, help="an already trained supernet folder")
     rank.add_argument("--front", default=None, help="a one-shot search run folder")
+    rank.add_argument("--finetune-steps", type=int, nargs="+", default=[0], metavar="S",
+                      help="score every architecture after each of these numbers of fine-tuning"
+                           " steps from its inherited weights (default 0: none); the first is"
+                           " the headline, the others are reported beside it")
+    rank.add_argument("--untrained-control", action="store_true",
+                      help="also score with the same fine-tuning from an untrained supernet"
+                           " (does the supernet's training add anything to the ranking?)")
     ttf = sub.choices["time-to-front"]
     ttf.add_argument("--seeds", type=int, default=3)
-    ttf.add_argument("--trials", type=int, default=30)
+    ttf.add_argument("--trials", type=int, default=None,
+                     help="full-search trials (default: the space's search.trials)")
     ttf.add_argument("--retrain", type=int, default=6)
     ttf.add_argument("--candidates", type=int, default=2000)
+    ttf.add_argument("--finetune-steps", type=int, default=0, metavar="S",
+                     help="re-score the top of the proxy front after S fine-tuning steps"
+                          " (`nas.oneshot.rescore_front`) before picking --retrain")
+    ttf.add_argument("--rescore", type=int, default=None, metavar="M",
+                     help="how many of the proxy front are re-scored (default 4 x --retrain)")
     args = parser.parse_args(argv)
     result = cmd_rank(args) if args.mode == "rank" else cmd_time_to_front(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.mode}.json"
+    path = out / (f"{args.mode}-{result['tag']}.json" if "tag" in result else f"{args.mode}.json")
     path.write_text(json.dumps(result, indent=2))
-    keys = ("n", "kendall_tau", "spearman_rho", "ci95")
+    keys = ("n", "kendall_tau", "spearman_rho", "ci95", "summary", "front_rank")
+    if "by_finetune_steps" in result:
+        for n, r in result["by_finetune_steps"].items():
+            print(f"{n} fine-tuning steps: tau {r['kendall_tau']:.3f} {r['ci95']['tau']},"
+                  f" rho {r['spearman_rho']:.3f} {r['ci95']['rho']},"
+                  f" {r['score_s_mean']:.2f} s per candidate")
     print(json.dumps({k: result[k] for k in keys if k in result}))
     print(f"wrote {path}")
     return 0

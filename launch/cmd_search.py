@@ -85,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " (default: the space's search.trials)")
     parser.add_argument("--candidates", type=int, default=None, metavar="N",
                         help="with --strategy oneshot: subnets the supernet scores (default 2000)")
+    parser.add_argument("--finetune-steps", type=int, default=None, metavar="S",
+                        help="with --strategy oneshot: re-score the top of the proxy front after S"
+                             " fine-tuning steps from the inherited weights and pick --retrain of"
+                             " them by those scores (default 0: no re-scoring)")
+    parser.add_argument("--rescore", type=int, default=None, metavar="M",
+                        help="with --finetune-steps: how many of the proxy front are re-scored"
+                             " (default 4 x --retrain)")
     parser.add_argument("--no-export", dest="export", action="store_false",
                         help="skip exporting the knee trial to RUN_DIR/export")
 
@@ -104,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         max_consecutive_failures=args.max_consecutive_failures,
         trial_retries=args.trial_retries, study_name=args.study_name, num_cpus=args.num_cpus,
         export=args.export, warm_start=tuple(args.warm_start), strategy=args.strategy,
-        supernet=args.supernet, retrain=args.retrain, candidates=args.candidates)
+        supernet=args.supernet, retrain=args.retrain, candidates=args.candidates,
+        finetune_steps=args.finetune_steps, rescore=args.rescore)
     outcome = run_search(request, say=lambda line: print(line, flush=True))
     return outcome.exit_code
 

@@ -4,8 +4,9 @@ score one architecture with its inherited weights.
 * `supernet train --space PATH --out DIR [--epochs N] [--workers W] [--resume]`: the sandwich
   rule with in-place distillation under DeepSpeed (`launch.supernet`); a progress bar per epoch
   shows the largest and smallest subnets' validation accuracy, also in `DIR/metrics.jsonl`.
-* `supernet score --supernet DIR --arch ARCH.yaml [--json]`: the inherited-weight validation
-  accuracy of one architecture (evaluation only). An architecture outside the supernet's space,
+* `supernet score --supernet DIR --arch ARCH.yaml [--finetune-steps S] [--json]`: the
+  inherited-weight validation accuracy of one architecture (evaluation only; with S > 0 after S
+  fine-tuning steps of a copy of the subnet). An architecture outside the supernet's space,
   or a folder that is not a trained supernet, exits 2 with one line.
 """
 
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a folder written by `spvit-nas supernet train`")
     score.add_argument("--arch", required=True, metavar="ARCH.yaml",
                        help="the architecture (nested or flat YAML)")
+    score.add_argument("--finetune-steps", type=int, default=0, metavar="S",
+                       help="fine-tuning steps from the inherited weights before scoring"
+                            " (default 0: the inherited weights as they are)")
     score.add_argument("--json", action="store_true", help="print one JSON object")
     score.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
@@ -99,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from nas.oneshot import InheritedScorer, open_supernet, validation_loader
+    from nas.oneshot import InheritedScorer, open_supernet
     from spvit import resolve_arch
     from spvit.cost import estimate
     from spvit.errors import ConfigError
@@ -110,17 +114,22 @@ def _score(args: argparse.Namespace) -> int:
     if why is not None:
         raise ConfigError(f"{args.arch} is outside the space of supernet {args.supernet}:"
                           f" {why}. Score a member of space {folder.space.name!r}.")
-    result = InheritedScorer(folder.net, validation_loader(folder.space), device=args.device)(spec)
+    scorer = InheritedScorer.for_space(folder.net, folder.space, device=args.device,
+                                       finetune_steps=args.finetune_steps)
+    result = scorer(spec)
     cost = estimate(spec)
     out = {"val_acc": result["val_acc"], "val_acc5": result["val_acc5"],
            "val_loss": result["val_loss"], "images": result["images"],
            "seconds": round(result["seconds"], 4), "gflops": cost.gflops, "params": cost.params,
            "feasible": not folder.space.constraints.violations(spec, cost),
+           "finetune_steps": args.finetune_steps,
            "supernet_epochs": folder.epochs, "arch": spec.to_flat()}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"val_acc {out['val_acc']:.4f} (inherited weights, supernet epoch"
+        how = (f"{args.finetune_steps} fine-tuning steps from inherited weights"
+               if args.finetune_steps else "inherited weights")
+        print(f"val_acc {out['val_acc']:.4f} ({how}, supernet epoch"
               f" {folder.epochs}, {out['images']} images, {out['seconds']:.2f} s)")
     return 0
 

@@ -128,6 +128,8 @@ class SearchRequest:
     supernet: Path | None = None
     retrain: int | None = None
     candidates: int | None = None
+    finetune_steps: int | None = None
+    rescore: int | None = None
 
 
 @dataclass
@@ -232,7 +234,9 @@ def _check_flags(request: SearchRequest) -> None:
                           " Drop --strategy (full) or pass --strategy oneshot --supernet DIR.")
     oneshot_only = [flag for flag, value in (("--supernet", request.supernet),
                                              ("--retrain", request.retrain),
-                                             ("--candidates", request.candidates))
+                                             ("--candidates", request.candidates),
+                                             ("--finetune-steps", request.finetune_steps),
+                                             ("--rescore", request.rescore))
                     if value is not None]
     if request.strategy != "oneshot" and oneshot_only:
         raise ConfigError(f"{oneshot_only[0]} applies to --strategy oneshot only. Add"
@@ -248,6 +252,19 @@ def _check_flags(request: SearchRequest) -> None:
         for name in ("retrain", "candidates"):
             if getattr(request, name) is not None:
                 _positive_int(name, getattr(request, name))
+        steps = request.finetune_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 0):
+            raise ConfigError(f"--finetune-steps must be an integer >= 0, but got {steps!r}."
+                              " Use 0 (inherited weights as they are) or e.g. 20.")
+        if request.rescore is not None:
+            if not steps:
+                raise ConfigError(f"--rescore {request.rescore} re-scores the proxy front after"
+                                  " fine-tuning, but --finetune-steps is not set. Add"
+                                  " --finetune-steps S (e.g. 60) or drop --rescore.")
+            from nas.oneshot import rescore_count
+
+            rescore_count(request.retrain or 1, request.rescore)
     if request.study_name is not None and not str(request.study_name).strip():
         raise ConfigError("--study-name must be a non-empty name, but got ''. Drop --study-name"
                           " (the run folder's name is used) or pass e.g. --study-name digits.")
@@ -617,7 +634,8 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
 
         prepare_oneshot(study, plan.space, request.supernet, run_dir=plan.run_dir,
                         retrain=info.trials, candidates=request.candidates or DEFAULT_CANDIDATES,
-                        seed=info.seed, say=say)
+                        seed=info.seed, finetune_steps=request.finetune_steps or 0,
+                        rescore=request.rescore, say=say)
     if request.warm_start:
         from nas.warm_start import warm_start
 

@@ -8,12 +8,15 @@ The pieces, all without Ray or DeepSpeed (the training loop is `launch.supernet`
 * `SandwichSampler`: the subnets of one supernet training step (the sandwich rule: the largest
   and the smallest feasible subnet plus random feasible ones), seeded by (seed, epoch, step) so
   that every data-parallel worker trains the same subnets;
-* `SupernetFolder` / `open_supernet`: a trained supernet folder (its space, choices, weights),
-  with `score(spec)`: inherited-weight validation accuracy (evaluation only);
+* `SupernetFolder` / `open_supernet`: a trained supernet folder (its space, choices, weights);
+* `InheritedScorer`: a subnet's validation accuracy with inherited weights (evaluation only),
+  or after a few fine-tuning steps of a stand-alone copy (`finetune_steps`), which ranks
+  candidates better at a cost of seconds per candidate (docs/BENCHMARKS.md);
 * `run_proxy_search`: an Optuna multi-objective study of its own over the same space, objective
   the inherited-weight accuracy (plus GFLOPs and parameters), thousands of candidates cheaply;
   `ask_feasible` proposes its trials under the search study's rule (a proposal that breaks a
   constraint is told FAIL, never scored);
+* `rescore_front`: the proxy front's short list scored again after fine-tuning;
 * `select_for_retrain` (non-dominated rank, then crowding distance) and `enqueue_for_retrain`,
   which puts the picks into the main search study as WAITING trials with their proxy score as a
   user attr. The main search then trains them stand-alone through its normal trial path, so its
@@ -50,6 +53,8 @@ METRICS_FILE = "metrics.jsonl"
 PROXY_ATTR = "proxy_val_acc"
 DEFAULT_CANDIDATES = 2000
 DEFAULT_RANDOM_SUBNETS = 2
+# With fine-tuned re-scoring, the proxy front's short list is this many times `--retrain`.
+DEFAULT_RESCORE_FACTOR = 4
 EXTREME_PROBES = 400  # feasible samples drawn to find the largest / smallest subnet
 _ARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ArchSpec) if f.name != "blocks"}
 
@@ -284,18 +289,83 @@ def write_supernet_info(path: Path, space: SearchSpace, sampler: SandwichSampler
 
 
 class InheritedScorer:
-    """Validation accuracy of a subnet with the supernet's weights (evaluation only).
+    """Validation accuracy of a subnet with the supernet's weights.
+
+    With `finetune_steps=0` (the default) this is evaluation only: the supernet computes the
+    active subnet. With `finetune_steps=N` a stand-alone copy of the subnet
+    (`SPViTSupernet.subnet`, the inherited weights) first takes N AdamW steps on
+    `train_batches` (cycled; every candidate sees the same batches in the same order, with the
+    same dropout draws), the learning rate `lr` decaying to zero on a cosine, and the copy is
+    evaluated; the supernet itself is never changed. The score is deterministic either way.
 
     Args:
         net: the supernet (eval mode is set on each call).
         loader: validation batches `(images, labels)`.
         device: where the batches go.
+        finetune_steps: optimizer steps before evaluation (>= 0).
+        train_batches: the `(images, labels)` batches of those steps (`finetune_batches`).
+        lr: peak learning rate of those steps.
+        weight_decay: AdamW weight decay of those steps.
+        seed: seed of the dropout / drop-path draws of those steps.
     """
 
-    def __init__(self, net: SPViTSupernet, loader: Any, *, device: str = "cpu") -> None:
+    def __init__(self, net: SPViTSupernet, loader: Any, *, device: str = "cpu",
+                 finetune_steps: int = 0, train_batches: Sequence[Any] = (),
+                 lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0) -> None:
+        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) \
+                or finetune_steps < 0:
+            raise ConfigError(f"--finetune-steps must be an integer >= 0, but got"
+                              f" {finetune_steps!r}. Use 0 (inherited weights as they are)"
+                              " or e.g. 20.")
+        if finetune_steps and not train_batches:
+            raise ConfigError("fine-tuning before scoring needs training batches, but none"
+                              " were given. Pass train_batches=finetune_batches(space, steps).")
         self.net = net
         self.loader = loader
         self.device = device
+        self.finetune_steps = finetune_steps
+        self.train_batches = list(train_batches)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.seed = seed
+
+    @classmethod
+    def for_space(cls, net: SPViTSupernet, space: SearchSpace, *, device: str = "cpu",
+                  finetune_steps: int = 0) -> InheritedScorer:
+        """The scorer of `space`'s candidates: its validation split and, when fine-tuning, its
+        first training batches and its recipe's learning rate and weight decay."""
+        t = space.training
+        batches = finetune_batches(space, finetune_steps) if finetune_steps > 0 else ()
+        return cls(net, validation_loader(space), device=device, finetune_steps=finetune_steps,
+                   train_batches=batches, lr=t.lr, weight_decay=t.weight_decay, seed=t.seed)
+
+    def _finetuned(self, spec: ArchSpec) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        device = torch.device(self.device)
+        model = self.net.subnet(spec).to(device)
+        decay = [p for n, p in model.named_parameters()
+                 if p.ndim > 1 and n not in model.no_weight_decay()]
+        rest = [p for n, p in model.named_parameters()
+                if not (p.ndim > 1 and n not in model.no_weight_decay())]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}], lr=self.lr)
+        steps = self.finetune_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+        model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for i in range(steps):
+                images, labels = self.train_batches[i % len(self.train_batches)]
+                loss = F.cross_entropy(model(images.to(device)).float(), labels.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+        return model
 
     def __call__(self, spec: ArchSpec) -> dict[str, float]:
         import torch
@@ -303,10 +373,29 @@ class InheritedScorer:
         from .engine import evaluate
 
         start = time.perf_counter()
-        self.net.set_active(spec)
-        stats = evaluate(self.net, self.loader, device=torch.device(self.device))
+        if self.finetune_steps:
+            model: Any = self._finetuned(spec)
+        else:
+            self.net.set_active(spec)
+            model = self.net
+        stats = evaluate(model, self.loader, device=torch.device(self.device))
         return {"val_acc": stats.acc1, "val_acc5": stats.acc5, "val_loss": stats.loss,
-                "images": stats.count, "seconds": time.perf_counter() - start}
+                "images": stats.count, "finetune_steps": self.finetune_steps,
+                "seconds": time.perf_counter() - start}
+
+
+def finetune_batches(space: SearchSpace, steps: int) -> list[Any]:
+    """The first `min(steps, steps per epoch)` training batches of the space's dataset (epoch
+    0's shuffle, the recipe's batch size and augmentation, one worker), held in memory."""
+    from .data import build_datasets, build_loaders
+
+    t = space.training
+    ref = space.sample_feasible(random.Random(space.search.seed)).spec
+    data = build_datasets(t, ref)
+    loaders = build_loaders(data, micro_batch_size=min(t.batch_size, len(data.train)),
+                            seed=t.seed)
+    loaders.set_epoch(0)
+    return list(itertools.islice(iter(loaders.train), steps))
 
 
 def validation_loader(space: SearchSpace, *, batch_size: int = 256) -> Any:
@@ -499,10 +588,42 @@ def select_for_retrain(trials: Sequence[Any], k: int) -> list[Any]:
     return picks
 
 
+def rescore_count(retrain: int, rescore: int | None) -> int:
+    """How many of the proxy front are re-scored: `rescore`, default 4 x `retrain`; at least
+    `retrain` (the picks come from them)."""
+    n = DEFAULT_RESCORE_FACTOR * retrain if rescore is None else rescore
+    if isinstance(n, bool) or not isinstance(n, int) or n < retrain:
+        raise ConfigError(f"--rescore must be an integer >= --retrain ({retrain}), but got"
+                          f" {rescore!r}. Drop --rescore ({DEFAULT_RESCORE_FACTOR} x --retrain)"
+                          f" or pass e.g. {DEFAULT_RESCORE_FACTOR * retrain}.")
+    return n
+
+
+def rescore_front(trials: Sequence[Any], scorer: Callable[[ArchSpec], dict[str, float]], *,
+                  k: int, steps: int) -> list[Any]:
+    """The short list of a proxy study, scored again: the `k` trials `select_for_retrain`
+    ranks first, each scored by `scorer` (`InheritedScorer` with `steps` fine-tuning steps).
+    Returned as copies whose accuracy objective is the new score; user attrs
+    `inherited_val_acc` (the proxy study's score), `finetune_steps` and `rescore_s` (seconds)
+    are added. The proxy study itself is not changed."""
+    import copy
+
+    out = []
+    for t in select_for_retrain(trials, k):
+        result = scorer(ArchSpec.from_dict(t.user_attrs["arch"]))
+        c = copy.deepcopy(t)
+        c.values = [float(result["val_acc"]), *t.values[1:]]
+        c.user_attrs = {**t.user_attrs, "inherited_val_acc": float(t.values[0]),
+                        "finetune_steps": int(steps), "rescore_s": float(result["seconds"])}
+        out.append(c)
+    return out
+
+
 def enqueue_for_retrain(main_study: Any, picks: Sequence[Any], *, proxy_study: str) -> int:
     """Queue `picks` in the main study (WAITING; the search trains them stand-alone), each with
-    user attrs `proxy_val_acc`, `proxy_trial`, `proxy_study` and `proxy_arch`. Returns how many
-    were added (an architecture already queued or trained there is skipped)."""
+    user attrs `proxy_val_acc`, `proxy_trial`, `proxy_study` and `proxy_arch` (and, for picks
+    that `rescore_front` fine-tuned, `proxy_inherited_val_acc` and `proxy_finetune_steps`).
+    Returns how many were added (an architecture already queued or trained there is skipped)."""
     known = set()
     for t in main_study.get_trials(deepcopy=False):
         for key in ("arch", "proxy_arch"):
@@ -513,9 +634,12 @@ def enqueue_for_retrain(main_study: Any, picks: Sequence[Any], *, proxy_study: s
         key = json.dumps(t.user_attrs.get("arch"), sort_keys=True)
         if key in known:
             continue
-        main_study.enqueue_trial(dict(t.params), user_attrs={
-            PROXY_ATTR: float(t.values[0]), "proxy_trial": t.number, "proxy_study": proxy_study,
-            "proxy_arch": t.user_attrs.get("arch")})
+        attrs = {PROXY_ATTR: float(t.values[0]), "proxy_trial": t.number,
+                 "proxy_study": proxy_study, "proxy_arch": t.user_attrs.get("arch")}
+        if "finetune_steps" in t.user_attrs:  # re-scored after fine-tuning (`rescore_front`)
+            attrs["proxy_inherited_val_acc"] = t.user_attrs["inherited_val_acc"]
+            attrs["proxy_finetune_steps"] = t.user_attrs["finetune_steps"]
+        main_study.enqueue_trial(dict(t.params), user_attrs=attrs)
         known.add(key)
         added += 1
     return added
@@ -532,11 +656,15 @@ class OneShotPlan:
 
 def prepare_oneshot(main_study: Any, space: SearchSpace, supernet_dir: str | Path, *,
                     run_dir: str | Path, retrain: int, candidates: int = DEFAULT_CANDIDATES,
-                    seed: int = 0, device: str = "cpu",
+                    seed: int = 0, device: str = "cpu", finetune_steps: int = 0,
+                    rescore: int | None = None,
                     say: Callable[[str], None] = print) -> OneShotPlan:
     """The one-shot stage of a search: score `candidates` subnets of `space` with the supernet
     in `supernet_dir` (proxy study in RUN_DIR/oneshot/study.journal), select `retrain` of its
-    front and queue them in `main_study` for stand-alone training.
+    front and queue them in `main_study` for stand-alone training. With `finetune_steps` > 0
+    the first `rescore` (default `DEFAULT_RESCORE_FACTOR` x `retrain`) of the proxy front are
+    scored again after that many fine-tuning steps from their inherited weights
+    (`rescore_front`), and the `retrain` picks are selected from those scores.
 
     Raises `ConfigError` if the supernet folder is missing or belongs to another space.
     """
@@ -547,12 +675,21 @@ def prepare_oneshot(main_study: Any, space: SearchSpace, supernet_dir: str | Pat
     proxy_dir = Path(run_dir) / "oneshot"
     proxy_dir.mkdir(parents=True, exist_ok=True)
     storage = make_storage(None, proxy_dir)  # RUN_DIR/oneshot/study.journal
-    scorer = InheritedScorer(folder.net, validation_loader(space), device=device)
+    scorer = InheritedScorer.for_space(folder.net, space, device=device)
     say(f"one-shot: scoring {candidates} candidates with supernet {folder.path}"
         f" ({folder.epochs} epochs trained)")
     study = run_proxy_search(space, scorer, candidates=candidates, seed=seed, storage=storage)
     summary = summarise_proxy(study)
-    picks = select_for_retrain(study.get_trials(deepcopy=False, states=_complete()), retrain)
+    complete = study.get_trials(deepcopy=False, states=_complete())
+    if finetune_steps > 0:
+        short = rescore_count(retrain, rescore)
+        tuned = InheritedScorer.for_space(folder.net, space, device=device,
+                                          finetune_steps=finetune_steps)
+        complete = rescore_front(complete, tuned, k=short, steps=finetune_steps)
+        seconds = sum(t.user_attrs["rescore_s"] for t in complete) / max(len(complete), 1)
+        say(f"one-shot: re-scored {len(complete)} of the proxy front after {finetune_steps}"
+            f" fine-tuning steps each ({seconds:.2f} s per candidate)")
+    picks = select_for_retrain(complete, retrain)
     queued = enqueue_for_retrain(main_study, picks, proxy_study=study.study_name)
     say(f"one-shot: {summary.candidates} candidates, {summary.seconds_per_candidate:.3f} s per"
         f" scored candidate; {queued} of its front queued for stand-alone training")

@@ -18,6 +18,14 @@ SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "digits.yaml"
     (dict(supernet=Path("sn")), "--supernet applies to --strategy oneshot only"),
     (dict(strategy="oneshot", supernet=Path("sn"), retrain=0), "retrain must be"),
     (dict(strategy="fast"), "--strategy must be full or oneshot"),
+    (dict(finetune_steps=20), "--finetune-steps applies to --strategy oneshot only"),
+    (dict(strategy="oneshot", supernet=Path("sn"), finetune_steps=-1),
+     "--finetune-steps must be an integer >= 0, but got -1"),
+    (dict(rescore=8), "--rescore applies to --strategy oneshot only"),
+    (dict(strategy="oneshot", supernet=Path("sn"), rescore=8),
+     "--rescore 8 re-scores .* but --finetune-steps is not set"),
+    (dict(strategy="oneshot", supernet=Path("sn"), finetune_steps=20, retrain=6, rescore=4),
+     r"--rescore must be an integer >= --retrain \(6\), but got 4"),
 ])
 def test_oneshot_flags_are_checked_before_anything_is_written(tmp_path, change, message):
     out = tmp_path / "run"

@@ -99,6 +99,18 @@ def test_train_resume_continues_with_optimizer_state_and_score(tmp_path, capsys)
     model = folder.net.subnet(ArchSpec.load(arch)).eval()
     stats = evaluate(model, validation_loader(folder.space), device=torch.device("cpu"))
     assert stats.acc1 == pytest.approx(result["val_acc"])
+    # --finetune-steps: a fine-tuned copy is scored; the supernet's weights file is untouched
+    weights = (parts / "supernet.safetensors").read_bytes()
+    assert main(["supernet", "score", "--supernet", str(parts), "--arch", str(arch),
+                 "--finetune-steps", "3", "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["finetune_steps"] == 3 and 0.0 <= tuned["val_acc"] <= 1.0
+    assert tuned["val_acc"] != result["val_acc"]
+    assert (parts / "supernet.safetensors").read_bytes() == weights
+    assert main(["supernet", "score", "--supernet", str(parts), "--arch", str(arch),
+                 "--finetune-steps", "-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--finetune-steps must be an integer >= 0, but got -2" in err[0]
 
     # an architecture outside the space: exit 2, one line naming the dimension and value
     bad = _small_arch(tmp_path, heads=4)

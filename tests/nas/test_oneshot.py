@@ -14,18 +14,23 @@ from nas import optuna_compat, pareto
 from nas import study as nas_study
 from nas.oneshot import (
     PROXY_ATTR,
+    InheritedScorer,
     _crowding,
     _ranks,
     ask_feasible,
     enqueue_for_retrain,
+    rescore_count,
+    rescore_front,
     run_proxy_search,
     select_for_retrain,
     summarise_proxy,
     supernet_choices,
+    validation_loader,
 )
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+from tests.messages import assert_names_value_and_fix
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -163,3 +168,154 @@ def test_choices_of_the_shipped_spaces_follow_the_new_fields():
     assert "decay" in choices.prior_types
     # the spaces do not search residual scaling or the conv pos placement: ArchSpec defaults
     assert choices.skip_lams == (1.0,) and choices.conv_pos_places == ("before_attn",)
+
+
+# ---------------------------------------------------------------------------- fine-tuned scores
+TINY = {
+    "name": "tiny",
+    "arch": {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10,
+             "stem": "linear", "head": "avg", "pos_embed": "learned", "pool_width_factor": 2},
+    "dimensions": {"depth": [1, 2], "embed_dim": [16, 32], "mlp_ratio": [1.0, 2.0],
+                   "heads": [1, 2], "prior": {"types": ["none", "mlp", "rpb"], "per_head": True},
+                   "pool": {"schedules": [[], [1]]}, "share": [False, True]},
+    "constraints": {"max_params": 30000},
+    "training": {"dataset": "digits", "epochs": 2, "batch_size": 128, "lr": 2.0e-3,
+                 "weight_decay": 0.05, "warmup_epochs": 0.0, "seed": 0},
+    "search": {"trials": 4, "concurrent": 1, "seed": 0},
+}
+
+
+def _plain_finetune_then_evaluate(net, spec, batches, *, steps, lr, weight_decay, seed):
+    """The reference: an inherited copy, AdamW with a hand-written cosine, then accuracy."""
+    import torch
+    import torch.nn.functional as F
+
+    model = net.subnet(spec)
+    nwd = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in nwd]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in nwd)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr)
+    torch.manual_seed(seed)
+    model.train()
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * i / steps))
+        x, y = batches[i % len(batches)]
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in validation_loader(SearchSpace.from_dict(TINY)):
+            keep = y >= 0
+            correct += int((model(x).argmax(-1)[keep] == y[keep]).sum())
+            total += int(keep.sum())
+    return correct / total
+
+
+def test_finetuned_score_matches_a_plain_loop_and_leaves_the_supernet_alone():
+    import torch
+
+    from spvit.supernet import SPViTSupernet
+
+    space = SearchSpace.from_dict(json.loads(json.dumps(TINY)))
+    net = SPViTSupernet(supernet_choices(space), seed=0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    spec = space.sample_feasible(__import__("random").Random(3)).spec
+    plain = InheritedScorer.for_space(net, space)(spec)
+    tuned_scorer = InheritedScorer.for_space(net, space, finetune_steps=6)
+    assert len(tuned_scorer.train_batches) == 6  # 1,437 training images / 128 > 6 batches
+    tuned = tuned_scorer(spec)
+    assert tuned["finetune_steps"] == 6 and plain["finetune_steps"] == 0
+    # deterministic: the same batches, the same dropout draws, the same score
+    assert tuned_scorer(spec)["val_acc"] == tuned["val_acc"]
+    # the supernet is untouched by fine-tuning (it scores the next candidate as before)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert InheritedScorer.for_space(net, space)(spec)["val_acc"] == plain["val_acc"]
+    ref = _plain_finetune_then_evaluate(net, spec, tuned_scorer.train_batches, steps=6,
+                                        lr=2.0e-3, weight_decay=0.05, seed=0)
+    assert tuned["val_acc"] == pytest.approx(ref, abs=1e-9)
+    # six steps at 2e-3 move a random-init subnet off its initial accuracy
+    assert tuned["val_acc"] != plain["val_acc"]
+
+
+@pytest.mark.parametrize("steps", [-1, 1.5, True])
+def test_bad_finetune_steps_are_refused_with_one_line(steps):
+    from spvit.supernet import SPViTSupernet
+
+    space = SearchSpace.from_dict(json.loads(json.dumps(TINY)))
+    net = SPViTSupernet(supernet_choices(space), seed=0)
+    with pytest.raises(ConfigError) as e:
+        InheritedScorer(net, [], finetune_steps=steps)
+    assert_names_value_and_fix(str(e.value), "--finetune-steps", repr(steps))
+    with pytest.raises(ConfigError, match="needs training batches"):
+        InheritedScorer(net, [], finetune_steps=2)
+
+
+def test_rescore_replaces_the_accuracy_of_the_short_list_only():
+    space = SearchSpace.load(SPACES / "digits.yaml")
+    proxy = run_proxy_search(space, _fake_score, candidates=40, seed=2)
+    complete = proxy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    short = select_for_retrain(complete, 8)
+    seen = []
+
+    def tuned(spec):  # a fine-tuned score that reverses the inherited order by width
+        seen.append(spec)
+        return {"val_acc": 1.0 - spec.embed_dim / 200, "seconds": 0.5}
+
+    again = rescore_front(complete, tuned, k=8, steps=20)
+    assert [t.number for t in again] == [t.number for t in short] and len(seen) == 8
+    for new, old in zip(again, short, strict=True):
+        assert new.values[0] == 1.0 - new.user_attrs["arch"]["embed_dim"] / 200
+        assert new.values[1:] == old.values[1:]
+        assert new.user_attrs["inherited_val_acc"] == old.values[0]
+        assert new.user_attrs["finetune_steps"] == 20 and new.user_attrs["rescore_s"] == 0.5
+    # the proxy study keeps its inherited scores
+    assert [t.values[0] for t in proxy.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))] == \
+        [t.values[0] for t in complete]
+    main = nas_study.open_study(optuna.storages.InMemoryStorage(), study_name="main",
+                                sampler=nas_study.make_sampler("random", seed=0), resume=False)
+    picks = select_for_retrain(again, 3)
+    assert enqueue_for_retrain(main, picks, proxy_study=proxy.study_name) == 3
+    for t, pick in zip(main.get_trials(deepcopy=False), picks, strict=True):
+        assert t.user_attrs[PROXY_ATTR] == pick.values[0]
+        assert t.user_attrs["proxy_inherited_val_acc"] == pick.user_attrs["inherited_val_acc"]
+        assert t.user_attrs["proxy_finetune_steps"] == 20
+    with pytest.raises(ConfigError) as e:
+        rescore_count(6, 4)
+    assert_names_value_and_fix(str(e.value), "--rescore", "4")
+    assert rescore_count(6, None) == 24
+
+
+def test_prepare_oneshot_queues_picks_from_fine_tuned_scores(tmp_path, monkeypatch):
+    import nas.oneshot
+    from spvit.supernet import SPViTSupernet
+
+    space = SearchSpace.from_dict(json.loads(json.dumps(TINY)))
+    net = SPViTSupernet(supernet_choices(space), seed=0)
+    folder = SimpleNamespace(net=net, path=tmp_path / "sn", epochs=0,
+                             check_space=lambda s: None)
+    monkeypatch.setattr(nas.oneshot, "open_supernet", lambda path, **kw: folder)
+    main = nas_study.open_study(optuna.storages.InMemoryStorage(), study_name="main",
+                                sampler=nas_study.make_sampler("random", seed=0), resume=False)
+    said = []
+    plan = nas.oneshot.prepare_oneshot(main, space, tmp_path / "sn", run_dir=tmp_path,
+                                       retrain=2, candidates=12, finetune_steps=2, rescore=4,
+                                       say=said.append)
+    assert plan.queued == 2
+    assert any("re-scored 4 of the proxy front after 2 fine-tuning steps" in s for s in said)
+    queued = main.get_trials(deepcopy=False)
+    assert all(t.user_attrs["proxy_finetune_steps"] == 2 for t in queued)
+    # each pick's proxy score is its fine-tuned one, computed again here independently
+    tuned = InheritedScorer.for_space(net, space, finetune_steps=2)
+    for t in queued:
+        spec = ArchSpec.from_dict(t.user_attrs["proxy_arch"])
+        assert t.user_attrs[PROXY_ATTR] == tuned(spec)["val_acc"]
+        assert t.user_attrs["proxy_inherited_val_acc"] == \
+            InheritedScorer.for_space(net, space)(spec)["val_acc"]
