@@ -25,7 +25,13 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from launch.ray_env import LOOPBACK_ENV, check_shared_storage, init_ray, refresh_ray_config
+from launch.ray_env import (
+    LOOPBACK_ENV,
+    check_shared_storage,
+    ensure_local_token,
+    init_ray,
+    refresh_ray_config,
+)
 from spvit.errors import ConfigError
 
 NODE_OBJECT_STORE_BYTES = 150 * 1024 * 1024
@@ -81,6 +87,8 @@ class LoopbackCluster:
         self._saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         refresh_ray_config()
+        if env["RAY_AUTH_MODE"].lower() == "token":
+            ensure_local_token()  # ray.init would create it; Cluster does not
         self._cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "resources": self.head_resources,
             "include_dashboard": False, "node_ip_address": "127.0.0.1",

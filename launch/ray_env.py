@@ -88,6 +88,38 @@ def _token_available() -> bool:
     return (Path.home() / ".ray" / "auth_token").is_file()
 
 
+def ensure_local_token() -> Path | None:
+    """The token a new local cluster in token mode needs, created if none is available.
+
+    `ray.init` creates ~/.ray/auth_token for the local instance it starts; a cluster started
+    another way (`ray.cluster_utils.Cluster`, as `launch.cluster_check.LoopbackCluster` does)
+    does not, and its GCS then exits for want of a token. This writes one the way Ray does (a
+    random token, in ~/.ray/auth_token, readable by the owner only; an existing token, file or
+    variable, is kept) and returns the path it wrote, or None.
+    """
+    if _token_available():
+        return None
+    import sys
+
+    from ray._private.authentication.authentication_token_generator import (
+        generate_new_authentication_token,
+    )
+
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".auth_token.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_new_authentication_token())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None:  # the token loader caches "no token"
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
+    return path
+
+
 def ensure_token_auth(*, joining: bool) -> None:
     """Keep Ray's token authentication on for this process and the Ray processes it starts.
 

@@ -16,6 +16,7 @@ import pytest
 from launch import ray_env
 from launch.ray_env import (
     _probe_marker,
+    ensure_local_token,
     ensure_token_auth,
     is_cloud_uri,
     is_loopback_address,
@@ -84,6 +85,41 @@ def test_turning_auth_off_explicitly_warns(auth_env, monkeypatch):
         ensure_token_auth(joining=True)
     assert any("token authentication is off" in str(w.message) for w in caught)
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+@pytest.fixture
+def fresh_token_cache():
+    """Ray's token loader caches what it read; forget it before and after (HOME changes)."""
+    def reset():
+        raylet = sys.modules.get("ray._raylet")
+        if raylet is not None:
+            raylet.AuthenticationTokenLoader.instance().reset_cache()
+    reset()
+    yield
+    reset()
+
+
+def test_a_local_token_is_created_once_and_kept(auth_env, monkeypatch, fresh_token_cache):
+    path = ensure_local_token()
+    assert path == auth_env / ".ray" / "auth_token"
+    token = path.read_text()
+    assert len(token) >= 32 and path.stat().st_mode & 0o777 == 0o600
+    assert ensure_local_token() is None and path.read_text() == token  # kept, not replaced
+    path.unlink()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123456789abcdef")
+    assert ensure_local_token() is None and not path.exists()  # the variable is the token
+
+
+@pytest.mark.slow
+def test_a_loopback_cluster_starts_on_a_machine_without_a_token(auth_env, fresh_token_cache):
+    """A fresh machine has no ~/.ray/auth_token; `ray.cluster_utils.Cluster` does not create
+    one, and its GCS exits without it. `LoopbackCluster` creates it as ray.init would."""
+    from launch.cluster_check import LoopbackCluster
+
+    with LoopbackCluster(head_cpus=1) as cluster:
+        assert cluster.address
+        assert (auth_env / ".ray" / "auth_token").is_file()
+        assert os.environ["RAY_AUTH_MODE"] == "token"
 
 
 def test_probe_tells_a_shared_file_from_a_lookalike(tmp_path):
