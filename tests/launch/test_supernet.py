@@ -15,19 +15,7 @@ from launch.supernet import train_supernet
 from nas.oneshot import SandwichSampler, open_supernet
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec, BlockSpec
-
-TINY = {
-    "name": "tiny",
-    "arch": {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10,
-             "stem": "linear", "head": "avg", "pos_embed": "learned", "pool_width_factor": 2},
-    "dimensions": {"depth": [1, 2], "embed_dim": [16, 32], "mlp_ratio": [1.0, 2.0],
-                   "heads": [1, 2], "prior": {"types": ["none", "mlp", "rpb"], "per_head": True},
-                   "pool": {"schedules": [[], [1]]}, "share": [False, True]},
-    "constraints": {"max_params": 30000},
-    "training": {"dataset": "digits", "epochs": 2, "batch_size": 256, "lr": 2.0e-3,
-                 "warmup_epochs": 0.0, "seed": 0},
-    "search": {"trials": 4, "concurrent": 1, "seed": 0},
-}
+from tests.tiny_space import TINY
 
 
 def _space_file(tmp_path, name="tiny.yaml", **changes):

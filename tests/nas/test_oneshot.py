@@ -31,6 +31,7 @@ from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from tests.messages import assert_names_value_and_fix
+from tests.tiny_space import tiny_space
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -171,18 +172,7 @@ def test_choices_of_the_shipped_spaces_follow_the_new_fields():
 
 
 # ---------------------------------------------------------------------------- fine-tuned scores
-TINY = {
-    "name": "tiny",
-    "arch": {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10,
-             "stem": "linear", "head": "avg", "pos_embed": "learned", "pool_width_factor": 2},
-    "dimensions": {"depth": [1, 2], "embed_dim": [16, 32], "mlp_ratio": [1.0, 2.0],
-                   "heads": [1, 2], "prior": {"types": ["none", "mlp", "rpb"], "per_head": True},
-                   "pool": {"schedules": [[], [1]]}, "share": [False, True]},
-    "constraints": {"max_params": 30000},
-    "training": {"dataset": "digits", "epochs": 2, "batch_size": 128, "lr": 2.0e-3,
-                 "weight_decay": 0.05, "warmup_epochs": 0.0, "seed": 0},
-    "search": {"trials": 4, "concurrent": 1, "seed": 0},
-}
+TINY = tiny_space(batch_size=128, weight_decay=0.05)
 
 
 def _plain_finetune_then_evaluate(net, spec, batches, *, steps, lr, weight_decay, seed):
