@@ -16,7 +16,6 @@ import pytest
 from launch import ray_env
 from launch.ray_env import (
     _probe_marker,
-    ensure_local_token,
     ensure_token_auth,
     is_cloud_uri,
     is_loopback_address,
@@ -87,39 +86,58 @@ def test_turning_auth_off_explicitly_warns(auth_env, monkeypatch):
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
 
 
-@pytest.fixture
-def fresh_token_cache():
-    """Ray's token loader caches what it read; forget it before and after (HOME changes)."""
-    def reset():
-        raylet = sys.modules.get("ray._raylet")
-        if raylet is not None:
-            raylet.AuthenticationTokenLoader.instance().reset_cache()
-    reset()
-    yield
-    reset()
+def _in_fresh_home(tmp_path: Path, code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter whose HOME is an empty folder and which has no token
+    variables (Ray's token loader caches what it read, so a process with a live Ray instance,
+    as this test worker may be, must not change HOME under it)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    import tempfile
+
+    # Ray's socket paths must stay under 108 bytes: a short folder of its own
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    clean.update(HOME=str(home), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), **env)
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=clean,
+                              cwd=REPO, capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_a_local_token_is_created_once_and_kept(auth_env, monkeypatch, fresh_token_cache):
-    path = ensure_local_token()
-    assert path == auth_env / ".ray" / "auth_token"
-    token = path.read_text()
-    assert len(token) >= 32 and path.stat().st_mode & 0o777 == 0o600
-    assert ensure_local_token() is None and path.read_text() == token  # kept, not replaced
-    path.unlink()
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123456789abcdef")
-    assert ensure_local_token() is None and not path.exists()  # the variable is the token
+def test_a_local_token_is_created_once_and_kept(tmp_path):
+    done = _in_fresh_home(tmp_path, """
+        import os, stat
+        from pathlib import Path
+        from launch.ray_env import ensure_local_token
+        path = ensure_local_token()
+        assert path == Path.home() / ".ray" / "auth_token", path
+        token = path.read_text()
+        assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert ensure_local_token() is None and path.read_text() == token  # kept
+        path.unlink()
+        os.environ["RAY_AUTH_TOKEN"] = "0123456789abcdef"
+        assert ensure_local_token() is None and not path.exists()  # the variable is the token
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_a_loopback_cluster_starts_on_a_machine_without_a_token(auth_env, fresh_token_cache):
+def test_a_loopback_cluster_starts_on_a_machine_without_a_token(tmp_path):
     """A fresh machine has no ~/.ray/auth_token; `ray.cluster_utils.Cluster` does not create
     one, and its GCS exits without it. `LoopbackCluster` creates it as ray.init would."""
-    from launch.cluster_check import LoopbackCluster
-
-    with LoopbackCluster(head_cpus=1) as cluster:
-        assert cluster.address
-        assert (auth_env / ".ray" / "auth_token").is_file()
-        assert os.environ["RAY_AUTH_MODE"] == "token"
+    done = _in_fresh_home(tmp_path, """
+        import os
+        from pathlib import Path
+        from launch.cluster_check import LoopbackCluster
+        with LoopbackCluster(head_cpus=1) as cluster:
+            assert cluster.address and os.environ["RAY_AUTH_MODE"] == "token"
+            assert (Path.home() / ".ray" / "auth_token").is_file()
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_probe_tells_a_shared_file_from_a_lookalike(tmp_path):
