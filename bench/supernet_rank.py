@@ -321,7 +321,6 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
         run_proxy_search,
         select_for_retrain,
         summarise_proxy,
-        validation_loader,
     )
     from spvit.arch import ArchSpec
     from spvit.cost import estimate
@@ -361,7 +360,7 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
         folder, supernet_s = _train_supernet(sub, root / f"supernet-{sn_tag}", sn_epochs,
                                              args.label_epochs, timed=True)
         start = time.perf_counter()
-        proxy = run_proxy_search(space, InheritedScorer(folder.net, validation_loader(space)),
+        proxy = run_proxy_search(space, InheritedScorer.for_space(folder.net, space),
                                  candidates=candidates, seed=seed)
         proxy_s = time.perf_counter() - start
         pool = proxy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

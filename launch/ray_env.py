@@ -99,8 +99,6 @@ def ensure_local_token() -> Path | None:
     """
     if _token_available():
         return None
-    import sys
-
     from ray._private.authentication.authentication_token_generator import (
         generate_new_authentication_token,
     )

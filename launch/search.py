@@ -252,18 +252,16 @@ def _check_flags(request: SearchRequest) -> None:
         for name in ("retrain", "candidates"):
             if getattr(request, name) is not None:
                 _positive_int(name, getattr(request, name))
+        from nas.oneshot import check_finetune_steps, rescore_count
+
         steps = request.finetune_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
-                                  or steps < 0):
-            raise ConfigError(f"--finetune-steps must be an integer >= 0, but got {steps!r}."
-                              " Use 0 (inherited weights as they are) or e.g. 20.")
+        if steps is not None:
+            check_finetune_steps(steps)
         if request.rescore is not None:
             if not steps:
                 raise ConfigError(f"--rescore {request.rescore} re-scores the proxy front after"
                                   " fine-tuning, but --finetune-steps is not set. Add"
                                   " --finetune-steps S (e.g. 60) or drop --rescore.")
-            from nas.oneshot import rescore_count
-
             rescore_count(request.retrain or 1, request.rescore)
     if request.study_name is not None and not str(request.study_name).strip():
         raise ConfigError("--study-name must be a non-empty name, but got ''. Drop --study-name"

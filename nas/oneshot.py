@@ -288,6 +288,15 @@ def write_supernet_info(path: Path, space: SearchSpace, sampler: SandwichSampler
     })
 
 
+def check_finetune_steps(steps: Any) -> int:
+    """`steps` if it is a valid number of fine-tuning steps (an integer >= 0), else
+    `ConfigError` naming `--finetune-steps`, the value and the fix."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"--finetune-steps must be an integer >= 0, but got {steps!r}."
+                          " Use 0 (inherited weights as they are) or e.g. 20.")
+    return steps
+
+
 class InheritedScorer:
     """Validation accuracy of a subnet with the supernet's weights.
 
@@ -312,11 +321,7 @@ class InheritedScorer:
     def __init__(self, net: SPViTSupernet, loader: Any, *, device: str = "cpu",
                  finetune_steps: int = 0, train_batches: Sequence[Any] = (),
                  lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0) -> None:
-        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) \
-                or finetune_steps < 0:
-            raise ConfigError(f"--finetune-steps must be an integer >= 0, but got"
-                              f" {finetune_steps!r}. Use 0 (inherited weights as they are)"
-                              " or e.g. 20.")
+        check_finetune_steps(finetune_steps)
         if finetune_steps and not train_batches:
             raise ConfigError("fine-tuning before scoring needs training batches, but none"
                               " were given. Pass train_batches=finetune_batches(space, steps).")
@@ -342,15 +347,14 @@ class InheritedScorer:
     def _finetuned(self, spec: ArchSpec) -> Any:
         import torch
         import torch.nn.functional as F
+        from timm.optim import param_groups_weight_decay
 
         device = torch.device(self.device)
         model = self.net.subnet(spec).to(device)
-        decay = [p for n, p in model.named_parameters()
-                 if p.ndim > 1 and n not in model.no_weight_decay()]
-        rest = [p for n, p in model.named_parameters()
-                if not (p.ndim > 1 and n not in model.no_weight_decay())]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": rest, "weight_decay": 0.0}], lr=self.lr)
+        # the trials' rule: no decay on norms, biases, embeddings and priors
+        groups = param_groups_weight_decay(model, self.weight_decay,
+                                           no_weight_decay_list=model.no_weight_decay())
+        opt = torch.optim.AdamW(groups, lr=self.lr)
         steps = self.finetune_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
