@@ -102,12 +102,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_device(name: str) -> str:
+    """`--device` if this machine has it, else `ConfigError` naming it and what it has."""
+    import torch
+
+    from spvit.errors import ConfigError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a torch device. Use cpu, cuda or cuda:N.")\
+            from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise ConfigError(f"--device {name!r} ({device.type}) is not supported for scoring. Use"
+                          " cpu, cuda or cuda:N.")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {name!r} needs a CUDA GPU, but torch sees none on this"
+                          " machine. Use --device cpu, or run on a machine with a GPU.")
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"--device {name!r} names GPU {device.index}, but this machine has"
+                          f" {count} (cuda:0..cuda:{count - 1}). Use one of them.")
+    return name
+
+
 def _score(args: argparse.Namespace) -> int:
     from nas.oneshot import InheritedScorer, open_supernet
     from spvit import resolve_arch
     from spvit.cost import estimate
     from spvit.errors import ConfigError
 
+    _score_device(args.device)
     folder = open_supernet(args.supernet, device=args.device)
     spec = resolve_arch(args.arch)
     why = folder.why_not(spec)

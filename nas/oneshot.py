@@ -43,7 +43,7 @@ from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec, BlockSpec
 from spvit.cost import estimate
 from spvit.errors import ConfigError
-from spvit.io import atomic_write_json
+from spvit.io import atomic_write_json, load_safetensors
 from spvit.supernet import SPViTSupernet, SupernetChoices
 
 SUPERNET_FILE = "supernet.json"
@@ -261,10 +261,10 @@ def open_supernet(path: str | Path, *, device: str = "cpu") -> SupernetFolder:
     if choices != supernet_choices(space):
         raise ConfigError(f"{path / SUPERNET_FILE} does not match {path / SPACE_FILE}; the"
                           " folder was edited. Train the supernet again into a new folder.")
-    from safetensors.torch import load_file
-
     net = SPViTSupernet(choices, seed=0)
-    state = load_file(str(path / WEIGHTS_FILE), device=device)
+    state = load_safetensors(path / WEIGHTS_FILE, what="supernet weights",
+                             hint="Restore it from a copy, or train the supernet again into"
+                                  " a new folder (spvit-nas supernet train).")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -32,7 +32,7 @@ from search_spaces.search_defaults import DEFAULT_MAX_CONSECUTIVE_FAILURES
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
-from spvit.io import atomic_write_json, read_json_lines
+from spvit.io import atomic_write_json, load_safetensors, read_json_lines
 
 # What a search study is: three objectives, in this order, with these directions.
 OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
@@ -425,20 +425,10 @@ def trial_spec(run_dir: str | os.PathLike, trial: FrozenTrial) -> ArchSpec:
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """A safetensors state dict, or a one-line `ConfigError` if it is missing or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"weights file {str(path)!r} is missing (the trial never finished"
-                          " writing its consolidated weights). Export another trial.")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"weights file {str(path)!r} is corrupt or not safetensors ({first})."
-                          " Export another trial or retrain this one.") from None
+    """A trial's safetensors state dict, or a one-line `ConfigError` if it is missing or damaged
+    (`spvit.io.load_safetensors`, the one reader of weights files)."""
+    return load_safetensors(path, what="weights",
+                            hint="Export another trial or retrain this one.")
 
 
 def build_with_weights(spec: ArchSpec, state: dict[str, Any], *, source: str = "weights"):

@@ -91,3 +91,30 @@ def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     return rows
+
+
+def load_safetensors(path: str | os.PathLike, *, what: str = "weights", hint: str,
+                     device: str = "cpu") -> dict[str, Any]:
+    """The tensors of a safetensors file, or one `ConfigError` line if it cannot be read.
+
+    Every reader of trained weights (a trial's or an export's `model.safetensors`, a supernet's
+    `supernet.safetensors`) comes through here, so a missing, truncated or foreign file reads the
+    same everywhere: `{what} file PATH is missing | is corrupt or not safetensors (REASON).
+    {hint}`. The tensors are
+    read on the CPU and moved to `device` afterwards by the caller's model; `device` is for
+    callers that want them there directly.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    shown = repr(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file {shown} is missing. {hint}")
+    try:
+        return load_file(os.fspath(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        first = first if len(first) <= 160 else first[:157] + "..."
+        raise ConfigError(f"{what} file {shown} is corrupt or not safetensors ({first})."
+                          f" {hint}") from None
