@@ -7,8 +7,14 @@ Two measurements, each writing a JSON summary (and a plot) to `--out`:
   full budget of the space's recipe (`launch.trial.run_candidate`, one in-process worker);
   report Kendall τ and Spearman ρ between the two accuracies with bootstrap 95% intervals, a
   scatter plot, and per dimension value the mean rank error (stand-alone rank minus proxy
-  rank), which shows what the supernet misranks. `--front RUN_DIR` computes the same over the
-  COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs stand-alone).
+  rank), which shows what the supernet misranks. Beside every supernet scoring
+  (`--finetune-steps`, `--untrained-control`) the same is reported for the free baselines on
+  the same architectures: parameters and GFLOPs (`spvit.cost`), synflow and NASWOT at
+  initialisation (`nas.zero_cost`), each with τ minus the parameter count's τ (paired
+  bootstrap); `rank.md` holds the table. Resumable per architecture: `rows/NNN.json` is
+  written as each score and stand-alone result arrives. `--front RUN_DIR` computes τ / ρ over
+  the COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs
+  stand-alone).
 * `time-to-front`: per seed, a full-budget search (the space's sampler, as the main job;
   `--trials` proposals, default the space's `search.trials`, each trained stand-alone) against
   the one-shot pipeline (supernet training + proxy study + `--retrain` stand-alone trainings),
@@ -174,8 +180,94 @@ def _summary(proxy: np.ndarray, real: np.ndarray, *, rounds: int, seed: int) -> 
 
 
 # ---------------------------------------------------------------------------- rank
+# Free baselines reported beside every supernet ranking, on the same architectures: the cost
+# model's counts (spvit.cost) and two zero-cost proxies at initialisation (nas.zero_cost).
+FREE_BASELINES = ("params", "gflops", "synflow", "naswot")
+ROWS_DIR = "rows"
+
+
+def proxy_label(name: str) -> str:
+    """Table label of a proxy: a free baseline, `N` (the supernet's weights after N fine-tuning
+    steps) or `untrained:N` (the same from the untrained supernet)."""
+    fixed = {"params": "parameters (spvit.cost)", "gflops": "GFLOPs (spvit.cost)",
+             "synflow": "synflow at init", "naswot": "NASWOT at init (one batch)"}
+    if name in fixed:
+        return fixed[name]
+    which, _, steps = name.rpartition(":")
+    weights = "untrained supernet" if which == "untrained" else "supernet"
+    return f"{weights}, inherited" if steps == "0" else f"{weights} + {steps} fine-tuning steps"
+
+
+def _file_key(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _write_row(path: Path, row: dict[str, Any]) -> None:
+    from spvit.io import atomic_write_json
+
+    atomic_write_json(path, row)
+
+
+def _read_row(path: Path, spec: Any) -> dict[str, Any]:
+    """The architecture's record from an earlier run (kept only if it is the same
+    architecture), else a fresh one."""
+    if path.is_file():
+        row = json.loads(path.read_text())
+        if row.get("arch") == spec.to_flat():
+            return row
+    return {"arch": spec.to_flat(), "scores": {}, "standalone": None}
+
+
+def bootstrap_tau_diff(x: np.ndarray, base: np.ndarray, y: np.ndarray, *, rounds: int,
+                       seed: int) -> list[float]:
+    """95% percentile interval of τ(x, y) - τ(base, y) over `rounds` paired resamples (the same
+    resampled architectures for both proxies)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    diffs = []
+    n = len(y)
+    for _ in range(rounds):
+        idx = rng.integers(0, n, n)
+        if min(len(set(x[idx])), len(set(base[idx])), len(set(y[idx]))) < 2:
+            continue
+        d = (stats.kendalltau(x[idx], y[idx]).statistic
+             - stats.kendalltau(base[idx], y[idx]).statistic)
+        if np.isfinite(d):
+            diffs.append(d)
+    if not diffs:
+        return [float("nan")] * 2
+    return [float(v) for v in np.percentile(diffs, [2.5, 97.5])]
+
+
+def rank_table(proxies: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of `cmd_rank`'s `proxies`, one row per proxy."""
+    def ci(v: list[float]) -> str:
+        return f"[{v[0]:.2f}, {v[1]:.2f}]"
+
+    lines = ["| proxy | s per candidate | Kendall τ [95% CI] | Spearman ρ [95% CI]"
+             " | τ − τ(parameters) [95% CI] |", "|---|---|---|---|---|"]
+    for name, p in proxies.items():
+        diff = ("-" if name == "params" else
+                f"{p['tau_minus_params']:+.2f} {ci(p['tau_minus_params_ci95'])}")
+        lines.append(f"| {proxy_label(name)} | {p['score_s_mean']:.3g} |"
+                     f" {p['kendall_tau']:.2f} {ci(p['ci95']['tau'])} |"
+                     f" {p['spearman_rho']:.2f} {ci(p['ci95']['rho'])} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
-    from nas.oneshot import InheritedScorer
+    """Score `--archs` architectures with every proxy and train each stand-alone.
+
+    Resumable per architecture: `rows/NNN.json` holds one architecture's scores and stand-alone
+    result, rewritten atomically as each arrives; a rerun over the same `--out` computes only
+    what is missing (a supernet score is recomputed when the supernet's weights changed).
+    """
+    from nas.oneshot import WEIGHTS_FILE, InheritedScorer
+    from nas.zero_cost import ZeroCostScorer
+    from spvit.cost import estimate
 
     space = _load_space(args)
     out = Path(args.out)
@@ -188,17 +280,24 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
                                          args.label_epochs)
     folder.check_space(space)
     steps_list = list(dict.fromkeys(args.finetune_steps))
-    scorers = {str(n): InheritedScorer.for_space(folder.net, space, finetune_steps=n)
-               for n in steps_list}
+    trained_key = _file_key(supernet_dir / WEIGHTS_FILE)
+    # name -> (what its scores depend on, scorer)
+    scorers: dict[str, tuple[str, Any]] = {
+        str(n): (f"{trained_key}-{n}", InheritedScorer.for_space(folder.net, space,
+                                                                finetune_steps=n))
+        for n in steps_list}
     if args.untrained_control:
         # the control: the same fine-tuning from the supernet's initial (untrained) weights
         from nas.oneshot import supernet_choices
         from spvit.supernet import SPViTSupernet
 
         blank = SPViTSupernet(supernet_choices(space), seed=space.training.seed)
-        scorers.update({f"untrained:{n}": InheritedScorer.for_space(blank, space,
-                                                                    finetune_steps=n)
+        scorers.update({f"untrained:{n}": (f"untrained-{space.training.seed}-{n}",
+                                           InheritedScorer.for_space(blank, space,
+                                                                     finetune_steps=n))
                         for n in steps_list})
+    zero_cost = ZeroCostScorer.for_space(space, batch_size=args.zero_cost_batch)
+    zero_key = f"seed{zero_cost.seed}-batch{len(zero_cost.images)}"
     rng = random.Random(args.seed)
     specs, seen = [], set()
     while len(specs) < (4 if args.quick else args.archs):
@@ -209,43 +308,92 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
             specs.append(spec)
     rows = []
     for i, spec in enumerate(specs):
-        scores = {n: scorer(spec) for n, scorer in scorers.items()}
-        acc, train_s = _standalone(space, spec, out / "standalone" / f"{i:03d}")
-        rows.append({"arch": spec.to_flat(),
-                     "proxy_val_acc": scores[str(steps_list[0])]["val_acc"],
-                     "score_s": scores[str(steps_list[0])]["seconds"],
-                     "proxy_by_finetune": {n: sc["val_acc"] for n, sc in scores.items()},
-                     "score_s_by_finetune": {n: sc["seconds"] for n, sc in scores.items()},
-                     "val_acc": acc, "train_s": train_s})
-        shown = "  ".join(f"proxy[{n} steps] {sc['val_acc']:.4f} ({sc['seconds']:.2f}s)"
-                          for n, sc in scores.items())
-        print(f"[{i + 1}/{len(specs)}] {shown}  stand-alone {acc:.4f} ({train_s:.0f}s)",
-              flush=True)
-    real = np.array([r["val_acc"] for r in rows])
+        path = out / ROWS_DIR / f"{i:03d}.json"
+        row = _read_row(path, spec)
+        scores = row["scores"]
+
+        def missing(name: str, key: str, scores: dict[str, Any] = scores) -> bool:
+            return name not in scores or scores[name]["key"] != key
+
+        if missing("params", "cost") or missing("gflops", "cost"):
+            start = time.perf_counter()
+            cost = estimate(spec)
+            seconds = time.perf_counter() - start
+            scores["params"] = {"value": float(cost.params), "seconds": seconds, "key": "cost"}
+            scores["gflops"] = {"value": cost.gflops, "seconds": seconds, "key": "cost"}
+        if missing("synflow", zero_key) or missing("naswot", zero_key):
+            z = zero_cost(spec)
+            for name in ("synflow", "naswot"):
+                scores[name] = {"value": z[name], "seconds": z[f"{name}_s"], "key": zero_key}
+        _write_row(path, row)
+        for name, (key, scorer) in scorers.items():
+            if missing(name, key):
+                sc = scorer(spec)
+                scores[name] = {"value": sc["val_acc"], "seconds": sc["seconds"], "key": key}
+                _write_row(path, row)
+        done = row["standalone"]
+        if done is None or done["epochs"] != space.training.epochs:
+            acc, train_s = _standalone(space, spec, out / "standalone" / f"{i:03d}")
+            row["standalone"] = {"val_acc": acc, "train_s": train_s,
+                                 "epochs": space.training.epochs}
+            _write_row(path, row)
+        rows.append(row)
+        shown = "  ".join(f"{n} {scores[n]['value']:.4g}" for n in (*FREE_BASELINES, *scorers))
+        print(f"[{i + 1}/{len(specs)}] {shown}  stand-alone {row['standalone']['val_acc']:.4f}"
+              f" ({row['standalone']['train_s']:.0f}s)", flush=True)
+    from scipy import stats
+
+    real = np.array([r["standalone"]["val_acc"] for r in rows])
     rounds = 200 if args.quick else args.bootstrap
+    names = [*FREE_BASELINES, *(n for n in scorers if n.startswith("untrained:")),
+             *(n for n in scorers if not n.startswith("untrained:"))]
+    # rank-transformed (τ and ρ depend on ranks only; NASWOT of a singular kernel is -inf)
+    values = {n: stats.rankdata([r["scores"][n]["value"] for r in rows]) for n in names}
+    proxies = {}
+    for n in names:
+        tau_params = kendall_spearman(values["params"], real)[0]
+        proxies[n] = {
+            **_summary(values[n], real, rounds=rounds, seed=args.seed),
+            "score_s_mean": float(np.mean([r["scores"][n]["seconds"] for r in rows])),
+            "tau_minus_params": kendall_spearman(values[n], real)[0] - tau_params,
+            "tau_minus_params_ci95": bootstrap_tau_diff(values[n], values["params"], real,
+                                                        rounds=rounds, seed=args.seed)}
+    params_high = proxies["params"]["ci95"]["tau"][1]
+    above = [n for n in scorers if proxies[n]["kendall_tau"] > params_high]
     by_steps = {}
     for n in scorers:
-        proxy = np.array([r["proxy_by_finetune"][n] for r in rows])
-        by_steps[n] = {
-            **_summary(proxy, real, rounds=rounds, seed=args.seed),
-            "score_s_mean": float(np.mean([r["score_s_by_finetune"][n] for r in rows])),
-            "misranking": misranking(specs, proxy, real)}
+        proxy = np.array([r["scores"][n]["value"] for r in rows])
+        by_steps[n] = {**proxies[n], "misranking": misranking(specs, proxy, real)}
         _scatter(out / ("rank_scatter.png" if n == str(steps_list[0])
                         else f"rank_scatter_finetune{n.replace(':', '-')}.png"), proxy, real,
                  f"{space.name}, {n} fine-tuning steps: τ={by_steps[n]['kendall_tau']:.2f},"
                  f" ρ={by_steps[n]['spearman_rho']:.2f}"
                  f" (n={len(rows)}{', quick' if args.quick else ''})")
+    table = rank_table(proxies)
+    claim = (f"supernet scorings with τ above the upper end of the parameter count's interval"
+             f" ({params_high:.2f}): {', '.join(proxy_label(n) for n in above) or 'none'}")
+    from spvit.io import atomic_write_text
+
+    atomic_write_text(out / "rank.md", f"{table}\n{claim}\n")
     first = by_steps[str(steps_list[0])]
+    flat_rows = [{"arch": r["arch"], "val_acc": r["standalone"]["val_acc"],
+                  "train_s": r["standalone"]["train_s"],
+                  "proxy_val_acc": r["scores"][str(steps_list[0])]["value"],
+                  "proxies": {n: r["scores"][n]["value"] for n in names},
+                  "proxy_s": {n: r["scores"][n]["seconds"] for n in names}} for r in rows]
     return {"mode": "rank", "quick": args.quick, "space": space.name,
             "label_epochs": args.label_epochs,
             "supernet": str(supernet_dir), "supernet_epochs": folder.epochs,
             "supernet_train_s": supernet_s,
             "standalone_epochs": space.training.epochs,
             "finetune_steps": steps_list[0],
+            "zero_cost": {"seed": zero_cost.seed, "batch": len(zero_cost.images)},
             "score_s_mean": first["score_s_mean"],
-            "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
+            "train_s_mean": float(np.mean([r["train_s"] for r in flat_rows])),
             **{k: first[k] for k in ("n", "kendall_tau", "spearman_rho", "ci95")},
-            "misranking": first["misranking"], "by_finetune_steps": by_steps, "rows": rows}
+            "misranking": first["misranking"], "proxies": proxies, "table": table,
+            "supernet_above_params_ci": above, "by_finetune_steps": by_steps,
+            "rows": flat_rows}
 
 
 def _front_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -462,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="score every architecture after each of these numbers of fine-tuning"
                            " steps from its inherited weights (default 0: none); the first is"
                            " the headline, the others are reported beside it")
+    rank.add_argument("--zero-cost-batch", type=int, default=128, metavar="N",
+                      help="images of the one batch NASWOT codes (default 128)")
     rank.add_argument("--untrained-control", action="store_true",
                       help="also score with the same fine-tuning from an untrained supernet"
                            " (does the supernet's training add anything to the ranking?)")
@@ -481,13 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"{args.mode}-{result['tag']}.json" if "tag" in result else f"{args.mode}.json")
-    path.write_text(json.dumps(result, indent=2))
+    from spvit.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2))
     keys = ("n", "kendall_tau", "spearman_rho", "ci95", "summary", "front_rank")
-    if "by_finetune_steps" in result:
-        for n, r in result["by_finetune_steps"].items():
-            print(f"{n} fine-tuning steps: tau {r['kendall_tau']:.3f} {r['ci95']['tau']},"
-                  f" rho {r['spearman_rho']:.3f} {r['ci95']['rho']},"
-                  f" {r['score_s_mean']:.2f} s per candidate")
+    if "table" in result:
+        print(result["table"])
+        print("above the parameter count's interval:", result["supernet_above_params_ci"])
     print(json.dumps({k: result[k] for k in keys if k in result}))
     print(f"wrote {path}")
     return 0

@@ -129,13 +129,14 @@ class ZeroCostScorer:
     @classmethod
     def for_space(cls, space: Any, *, batch_size: int = 128, seed: int | None = None
                   ) -> ZeroCostScorer:
-        """The first `batch_size` images of the space's first training batch
-        (`nas.oneshot.finetune_batches`), seed default the recipe's."""
+        """The first `batch_size` images of the space's first training batches
+        (`nas.oneshot.finetune_batches`: epoch 0's shuffle and augmentation); `seed` defaults
+        to the recipe's."""
         from .oneshot import finetune_batches
 
-        images, _ = finetune_batches(space, 1)[0]
-        return cls(images[:batch_size].float(),
-                   seed=space.training.seed if seed is None else seed)
+        batches = finetune_batches(space, math.ceil(batch_size / space.training.batch_size))
+        images = torch.cat([b[0] for b in batches])[:batch_size].float()
+        return cls(images, seed=space.training.seed if seed is None else seed)
 
     def __call__(self, spec: ArchSpec) -> dict[str, float]:
         from spvit.factory import create_model
