@@ -150,6 +150,7 @@ def training_preprocessing(training, spec: ArchSpec) -> dict[str, Any]:
     * digits: 8x8 scans upsampled bilinearly to `img_size`, normalised with the training
       split's pixel mean / std (computed by `nas.data.build_datasets`, so the numbers are the
       training's own);
+    * fashion-mnist: bilinear resize to `img_size`, Fashion-MNIST's pixel statistics;
     * cifar10 / cifar100: bilinear resize to `img_size`, the CIFAR channel statistics;
     * folder: timm's eval transform (bilinear, crop 0.875) with ImageNet statistics (their
       average for one channel).
@@ -166,6 +167,9 @@ def training_preprocessing(training, spec: ArchSpec) -> dict[str, Any]:
         datasets = data.build_datasets(dataclasses.replace(training, augment=False),
                                        spec.replace(num_classes=10))
         mean, std = tuple(datasets.mean), tuple(datasets.std)
+    elif kind == "fashion-mnist":
+        mean = data.FASHION_MNIST_MEAN * spec.in_chans
+        std = data.FASHION_MNIST_STD * spec.in_chans
     elif kind in ("cifar10", "cifar100"):
         mean, std = {"cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
                      "cifar100": (data.CIFAR100_MEAN, data.CIFAR100_STD)}[kind]
@@ -288,7 +292,7 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
     std = ", ".join(f"{v:.4f}" for v in preprocessing["std"])
     test_row = ([f"| test top-1 accuracy | {100 * test_acc:.2f}% |"] if test_acc is not None
                 else [])
-    retrain_dataset = ("" if kind == "digits" else
+    retrain_dataset = ("" if kind == "digits" or dataset == "fashion-mnist" else
                        f" --dataset {kind}:PATH/TO/{dataset.partition(':')[2]}")
     lines = [
         _front_matter(name=name, dataset_kind=kind, val_acc=acc, test_acc=test_acc),
@@ -376,7 +380,7 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
         "",
         "## Retrain",
         "The search's recipe, from inside this folder"
-        + (":" if kind == "digits" else " (point --dataset at your copy of the data):"),
+        + (":" if not retrain_dataset else " (point --dataset at your copy of the data):"),
         "```",
         f"spvit-nas train --arch {ARCH_FILE} --training {TRAINING_FILE}{retrain_dataset}"
         " --out retrain",

@@ -15,23 +15,32 @@ from typing import Any
 from spvit.errors import ConfigError, did_you_mean
 
 OPTIMIZERS = ("adamw",)
-DATASET_KINDS = ("digits", "folder", "cifar10", "cifar100")
+DATASET_KINDS = ("digits", "fashion-mnist", "folder", "cifar10", "cifar100")
+# Kinds whose path is optional (a packaged default location is used without one).
+OPTIONAL_PATH_KINDS = ("fashion-mnist",)
+
+
+_KINDS_HELP = ("digits, fashion-mnist, fashion-mnist:PATH, folder:PATH, cifar10:PATH or"
+               " cifar100:PATH")
 
 
 def parse_dataset(value: str) -> tuple[str, str | None]:
-    """Split a dataset string `digits` | `folder:PATH` | `cifar10:PATH` | `cifar100:PATH`."""
+    """Split a dataset string `digits` | `fashion-mnist[:PATH]` | `folder:PATH` | `cifar10:PATH`
+    | `cifar100:PATH`; the path is None where none is given."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"dataset must be a string like 'digits' or 'folder:PATH', but got"
-                          f" {value!r}. Use digits, folder:PATH, cifar10:PATH or cifar100:PATH.")
+                          f" {value!r}. Use {_KINDS_HELP}.")
     kind, _, path = value.partition(":")
     if kind not in DATASET_KINDS:
         hint = did_you_mean(kind, DATASET_KINDS)
         raise ConfigError(f"dataset kind must be one of {list(DATASET_KINDS)}, but got {kind!r}."
-                          f"{hint} Use digits, folder:PATH, cifar10:PATH or cifar100:PATH.")
+                          f"{hint} Use {_KINDS_HELP}.")
     if kind == "digits":
         if path:
             raise ConfigError(f"the digits dataset is embedded and takes no path, but got"
                               f" {value!r}. Write dataset: digits.")
+        return kind, None
+    if not path and kind in OPTIONAL_PATH_KINDS:
         return kind, None
     if not path:
         raise ConfigError(f"dataset {kind} needs a local folder, but got {value!r}."
@@ -59,6 +68,10 @@ class TrainingConfig:
         workers_per_trial: DeepSpeed/Ray Train workers per candidate.
         augment: standard train-split augmentation (random resized crop / flip where it fits).
         seed: seed for data split, init and shuffling.
+        train_subset: train on this many images of the training split, a stratified subset
+            fixed by the dataset's split seed (the same images for every candidate and seed);
+            None trains on all. For low-data studies and CPU budgets; validation and test
+            splits are unchanged.
     """
 
     dataset: str = "digits"
@@ -76,6 +89,7 @@ class TrainingConfig:
     workers_per_trial: int = 1
     augment: bool = True
     seed: int = 0
+    train_subset: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("lr", "min_lr", "warmup_epochs", "weight_decay", "label_smoothing",
@@ -91,6 +105,12 @@ class TrainingConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
                 raise ConfigError(f"training.{name} must be an integer >= {minimum}, but got"
                                   f" {v!r}. Set it to a whole number >= {minimum}.")
+        if self.train_subset is not None and (
+                isinstance(self.train_subset, bool) or not isinstance(self.train_subset, int)
+                or self.train_subset < 10):
+            raise ConfigError(f"training.train_subset must be an integer >= 10 or null, but got"
+                              f" {self.train_subset!r}. Set it to the number of training images"
+                              " to keep, or drop the key to train on all of them.")
         if self.zero_stage > 3:
             raise ConfigError(f"training.zero_stage must be 0, 1, 2 or 3, but got"
                               f" {self.zero_stage}. Pick a DeepSpeed ZeRO stage 0-3.")
