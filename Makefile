@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install search test test-fast lint bench clean
+.PHONY: install search search-fashion test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ RUN_DIR ?= runs/digits
 search: install
 	$(VENV)/bin/spvit-nas search --space search_spaces/digits.yaml --out $(RUN_DIR) \
 		$(if $(wildcard $(RUN_DIR)/run.json),--resume)
+
+## The real benchmark: Fashion-MNIST (installs Debian's dataset-fashion-mnist where it can).
+FASHION_RUN_DIR ?= runs/fashion
+search-fashion: install
+	scripts/fashion_mnist.sh install
+	$(VENV)/bin/spvit-nas search --space search_spaces/fashion.yaml --out $(FASHION_RUN_DIR) \
+		$(if $(wildcard $(FASHION_RUN_DIR)/run.json),--resume)
 
 lint: install
 	$(VENV)/bin/ruff check spvit search_spaces nas launch tests bench
