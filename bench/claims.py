@@ -24,6 +24,18 @@ CIFAR-10 (the cifar space's recipe, same epochs; not inside the 60-minute budget
         --variants trunc_normal/h2,mimetic/h2,impulse3/h2,impulse3_mimetic/h2
     .venv/bin/python bench/claims.py                    # all arms, <= 60 min on 2 cores
 
+`--dataset fashion-mnist` runs the arms on Fashion-MNIST with `search_spaces/fashion.yaml`'s
+recipe and fixed `arch:` (28 px, patch `--patch`, default 4: a 7x7 grid; 2 gives 14x14), width 48,
+depth 4; `--train-subset N` trains on a stratified N-image subset of the 54,000 training images (the
+low-data regime where SP-ViT makes its claim); the accuracy is always the standard 10,000-image
+test set's. `--max-epochs M` trains until the validation accuracy stops improving: a run whose
+validation curve still gained more than `--plateau` (accuracy points) over its last quarter is
+trained again from scratch with twice the epochs (the cosine schedule stretched with it), up to M;
+each entry records the epochs it ended with and whether its curve had flattened.
+
+    .venv/bin/python bench/claims.py --dataset fashion-mnist --train-subset 4000 --epochs 15 \
+        --max-epochs 60 --out runs/claims_fashion_4k
+
 Results go to `--out` (default `bench_claims/`): `results.json` (one entry per run, written
 atomically after each run; runs already there are skipped, so an interrupted benchmark resumes)
 and `summary.md` (mean +- std per arm, mean curves). Wall time is printed at the end.
@@ -66,26 +78,41 @@ def _base(space: SearchSpace, **changes: Any) -> dict[str, Any]:
     return {**fixed, "embed_dim": 48, "mlp_ratio": 2.0, "pos_embed": "learned_sincos", **changes}
 
 
+def plateaued(curve: list[float], tolerance: float) -> bool:
+    """Whether a validation curve gained at most `tolerance` over its last quarter (>= 2 epochs)."""
+    span = max(2, len(curve) // 4)
+    if len(curve) <= span:
+        return False
+    return max(curve[-span:]) - curve[-span - 1] <= tolerance
+
+
 def _blocks(depth: int, heads: int, *, prior: str = "none", pool_at: int | None = None,
             share_at: int | None = None) -> tuple[BlockSpec, ...]:
     return tuple(BlockSpec(heads=heads, prior="none" if i == share_at else prior,
                            pool=i == pool_at, share=i == share_at) for i in range(depth))
 
 
-def plan(space: SearchSpace, arms: list[str], *, quick: bool) -> list[dict[str, Any]]:
-    """The runs: `{arm, variant, spec (nested dict)}`, seeds added by the caller."""
-    depth, width = (2, 16) if quick else (3, 48)
+def plan(space: SearchSpace, arms: list[str], *, quick: bool, depth: int = 3,
+         **base: Any) -> list[dict[str, Any]]:
+    """The runs: `{arm, variant, spec (nested dict)}`, seeds added by the caller.
+
+    `base` adds fixed architecture fields (e.g. `patch_size` where the space searches it).
+    """
+    def fields(**changes: Any) -> dict[str, Any]:
+        return _base(space, **{**base, **changes})
+
+    depth, width = (2, 16) if quick else (depth, 48)
     runs = []
     if "priors" in arms:
         for prior in (("none", "decay") if quick else PRIOR_ARMS):
             spec = ArchSpec(blocks=_blocks(depth, 4 if not quick else 2, prior=prior),
-                            **_base(space, embed_dim=width))
+                            **fields(embed_dim=width))
             runs.append({"arm": "priors", "variant": prior, "spec": spec})
     if "init" in arms:
         for heads in ((2,) if quick else (2, 4)):
             for init in (("trunc_normal", "impulse3") if quick else INIT_ARMS):
                 spec = ArchSpec(blocks=_blocks(depth, heads),
-                                **_base(space, embed_dim=width, init=init))
+                                **fields(embed_dim=width, init=init))
                 runs.append({"arm": "init", "variant": f"{init}/h{heads}", "spec": spec})
     if "pool" in arms:
         for variant in (("none", "pool") if quick else POOL_ARMS):
@@ -93,7 +120,7 @@ def plan(space: SearchSpace, arms: list[str], *, quick: bool) -> list[dict[str, 
             share_at = depth - 1 if "share" in variant else None  # after the pool, if any
             spec = ArchSpec(blocks=_blocks(depth, 4 if not quick else 2, pool_at=pool_at,
                                            share_at=share_at),
-                            **_base(space, embed_dim=width, pool_width_factor=1))
+                            **fields(embed_dim=width, pool_width_factor=1))
             runs.append({"arm": "pool", "variant": variant, "spec": spec})
     return runs
 
@@ -123,15 +150,25 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     spec = ArchSpec.from_dict(job["spec"])
     training = TrainingConfig.from_dict(job["training"])
-    curve: list[float] = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="claims_") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        last = run_candidate(spec, training, Path(tmp) / "trial", path="inprocess",
-                             resume=False, on_epoch=lambda m: curve.append(m["val_acc"]))
+    epochs = training.epochs
+    while True:
+        curve: list[float] = []
+        with tempfile.TemporaryDirectory(prefix="claims_") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            last = run_candidate(spec, training.replace(epochs=epochs), Path(tmp) / "trial",
+                                 path="inprocess", resume=False,
+                                 on_epoch=lambda m, c=curve: c.append(m["val_acc"]))
+        flat = plateaued(curve, job.get("plateau", 0.005))
+        if flat or 2 * epochs > job.get("max_epochs", epochs):
+            break
+        epochs *= 2
     cost = estimate(spec)
     out = {k: job[k] for k in ("arm", "variant", "seed", "epochs", "dataset")}
     out.update({
+        "trained_epochs": epochs,
+        "plateaued": flat,
+        "train_subset": training.train_subset,
         "acc": last.get("test_acc", last["val_acc"]),
         "acc_split": "test" if "test_acc" in last else "val",
         "val_curve": curve,
@@ -144,7 +181,9 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _key(entry: dict[str, Any]) -> str:
-    return f"{entry['dataset']}|{entry['arm']}|{entry['variant']}|{entry['seed']}|{entry['epochs']}"
+    subset = entry.get("train_subset") or entry.get("training", {}).get("train_subset")
+    return (f"{entry['dataset']}|{entry['arm']}|{entry['variant']}|{entry['seed']}|"
+            f"{entry['epochs']}" + (f"|n{subset}" if subset else ""))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -168,9 +207,13 @@ def summarise(results: list[dict[str, Any]]) -> str:
         for variant, runs in variants.items():
             accs = [r["acc"] for r in runs]
             n = min(len(r["val_curve"]) for r in runs)
-            curve = " ".join(f"{statistics.mean(r['val_curve'][e] for r in runs):.2f}"
+            curve = " ".join(f"{statistics.mean(r['val_curve'][e] for r in runs):.3f}"
                              for e in range(n))
-            row = (f"| {variant} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['params']:,} |"
+            trained = sorted({r.get("trained_epochs", r["epochs"]) for r in runs})
+            flat = sum(bool(r.get("plateaued", True)) for r in runs)
+            epochs = "/".join(str(e) for e in trained) + (
+                f" ({flat}/{len(runs)} flat)" if any("plateaued" in r for r in runs) else "")
+            row = (f"| {variant} | {len(runs)} | {epochs} | {runs[0]['params']:,} |"
                    f" {_mean_std(accs)} | {curve} |")
             if arm == "pool":
                 ips = statistics.median(r["infer_images_per_s"] for r in runs)
@@ -193,6 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
     p.add_argument("--out", default="bench_claims")
     p.add_argument("--cifar", default=None, help="CIFAR-10 python folder: priors arm there too")
+    p.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"),
+                   help="the data of every arm (fashion-mnist: search_spaces/fashion.yaml)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="train on a stratified subset of this many training images")
+    p.add_argument("--patch", type=int, default=4, choices=(2, 4),
+                   help="fashion-mnist patch size: 4 (7x7 tokens) or 2 (14x14)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="retrain a run whose validation curve still rises with 2x the epochs,"
+                        " up to this many (default: --epochs, a fixed budget)")
+    p.add_argument("--plateau", type=float, default=0.005,
+                   help="largest validation gain over a curve's last quarter that counts as flat")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     bad = [a for a in arms if a not in ("priors", "init", "pool")]
@@ -200,23 +254,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claims: --arms must be a subset of priors,init,pool (got {bad or arms}) and"
               " --seeds/--epochs/--jobs >= 1. Fix the arguments.", file=sys.stderr)
         return 2
+    if args.max_epochs is not None and args.max_epochs < args.epochs:
+        print(f"claims: --max-epochs must be >= --epochs ({args.epochs}), but got"
+              f" {args.max_epochs}. Raise --max-epochs or drop it.", file=sys.stderr)
+        return 2
     seeds, epochs = (1, 1) if args.quick else (args.seeds, args.epochs)
 
-    datasets = [("digits", SearchSpace.load(ROOT / "search_spaces" / "digits.yaml"))]
+    plan_args: dict[str, Any] = {}
+    if args.dataset == "fashion-mnist":
+        datasets = [("fashion-mnist", SearchSpace.load(ROOT / "search_spaces" / "fashion.yaml"))]
+        plan_args = {"patch_size": args.patch, "depth": 4}
+    else:
+        datasets = [("digits", SearchSpace.load(ROOT / "search_spaces" / "digits.yaml"))]
     if args.cifar:
         cifar = SearchSpace.load(ROOT / "search_spaces" / "cifar.yaml", check_feasible=False)
         datasets.append((f"cifar10:{args.cifar}", cifar))
     jobs = []
     for dataset, space in datasets:
-        training = space.training.replace(epochs=epochs, bf16=False)
-        if dataset != "digits":
-            training = training.replace(dataset=dataset)
-        for run in plan(space, arms if dataset == "digits" else ["priors"], quick=args.quick):
+        training = space.training.replace(epochs=epochs, bf16=False,
+                                          train_subset=args.train_subset)
+        if not dataset.startswith("cifar"):
+            training = training.replace(dataset=space.training.dataset)
+        else:
+            training = training.replace(dataset=dataset, train_subset=None)
+        own = not dataset.startswith("cifar")
+        for run in plan(space, arms if own else ["priors"], quick=args.quick,
+                        **(plan_args if own else {})):
             if args.variants and run["variant"] not in args.variants.split(","):
                 continue
             for seed in range(seeds):
                 jobs.append({"arm": run["arm"], "variant": run["variant"], "seed": seed,
                              "epochs": epochs, "dataset": dataset.split(":")[0],
+                             "max_epochs": 1 if args.quick else (args.max_epochs or epochs),
+                             "plateau": args.plateau,
                              "spec": run["spec"].to_dict(),
                              "training": training.replace(seed=seed).to_dict()})
 
