@@ -32,9 +32,12 @@ def open_run_storage(run_dir: str, storage: str | None = None):
     import optuna
 
     from nas import pareto
+    from nas.journal import check_run_journal
     from spvit.errors import ConfigError
 
     info = pareto.read_run_info(run_dir)
+    check_run_journal(run_dir, storage or info.get("storage"),
+                      say=lambda line: print(line, file=sys.stderr))
     backend = pareto.make_run_storage(run_dir, info, storage=storage)
     label = pareto.storage_label(run_dir, info, storage=storage)
     name = info["study_name"]
@@ -42,6 +45,25 @@ def open_run_storage(run_dir: str, storage: str | None = None):
         raise ConfigError(f"study {name!r} is not in storage {label}. Check `study_name` and"
                           f" `storage` in {run_dir}/run.json.")
     return backend, name, label
+
+
+def check_port_free(port: int) -> None:
+    """`ConfigError` naming the port if something on this machine already listens on it (the
+    server would otherwise announce itself, then fail with a long `OSError`)."""
+    import errno
+    import socket
+
+    from spvit.errors import ConfigError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((HOST, port))
+        except OSError as e:
+            why = "is already in use" if e.errno == errno.EADDRINUSE else \
+                f"cannot be opened ({e.strerror})"
+            raise ConfigError(f"port {port} on {HOST} {why}. Pick a free one with --port, e.g."
+                              f" --port {port + 1 if port < 65535 else DEFAULT_PORT}.") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,9 +78,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError(f"optuna-dashboard is not installed. Install it with: {INSTALL}")\
             from None
+    check_port_free(args.port)
     print(f"optuna-dashboard for study {name!r} ({label}) at http://{HOST}:{args.port}/"
           " (Ctrl-C stops it)", flush=True)
-    optuna_dashboard.run_server(backend, host=HOST, port=args.port)
+    try:
+        optuna_dashboard.run_server(backend, host=HOST, port=args.port)
+    except OSError as e:  # taken between the check and the bind
+        raise ConfigError(f"optuna-dashboard could not listen on {HOST}:{args.port}"
+                          f" ({e.strerror or e}). Pick a free port with --port.") from None
     return 0
 
 

@@ -230,7 +230,9 @@ def run_journal(run_dir: str | os.PathLike, storage: str | None = None) -> Path 
     run_dir = Path(run_dir)
     if storage in (None, ""):
         return run_dir / "study.journal"
-    if "://" in str(storage):
+    from nas.storage import is_url
+
+    if is_url(storage):
         return None
     path = Path(str(storage)).expanduser()
     return path if path.is_absolute() else run_dir / path

@@ -48,12 +48,7 @@ WEIGHTS_FILE = "model.safetensors"
 LAST_VAL_ACC_ATTR = "val_acc_last"
 JOURNAL_NAME = run_storage.JOURNAL_NAME
 
-_URL = re.compile(r"^[a-z][a-z0-9+]*://")
-
-
-def is_url(value: Any) -> bool:
-    """True for a database URL (`postgresql://...`), False for a file path or None."""
-    return isinstance(value, str) and bool(_URL.match(value))
+is_url = run_storage.is_url  # "is this storage a database URL", decided in one place
 
 
 def _relative_to(run_dir: Path, value: str) -> str:
@@ -218,15 +213,22 @@ def training_config(run_dir: str | os.PathLike,
 
 
 # ---------------------------------------------------------------------------- the study
-def _journal_file(run_dir: Path, recorded: str | None) -> Path:
+def _journal_file(run_dir: Path, recorded: str | None, *, given: bool = False) -> Path:
     """The journal file of a run: the recorded path if it exists, else RUN_DIR/study.journal
-    (a run folder that was moved or copied keeps working)."""
+    (a run folder that was moved or copied keeps working). A path the user `given` with
+    --storage has no fallback: reading another file than the one named would hide the mistake."""
     default = run_storage.journal_path(run_dir)
     if recorded:
-        path = Path(recorded)
+        path = Path(recorded).expanduser()
         path = path if path.is_absolute() else run_dir / path
         if path.is_file():
             return path
+        if given:
+            raise ConfigError(
+                f"--storage {recorded!r} names the study journal {str(path)!r}, which does not"
+                " exist (a relative path counts from the run folder). Check the path, or omit"
+                " --storage to read the run's own study."
+            )
     if default.is_file():
         return default
     raise ConfigError(
@@ -246,13 +248,15 @@ def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None 
     info = read_run_info(run_dir) if info is None else info
     url = storage if storage is not None else info.get("storage")
     if not is_url(url):
-        path = _journal_file(run_dir, url or None)
+        path = _journal_file(run_dir, url or None, given=storage is not None)
         if path.resolve() == run_storage.journal_path(run_dir).resolve():
             return run_storage.make_storage(None, run_dir)
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(str(path)))
+    run_storage.check_database_exists(
+        str(url), flag="--storage" if storage is not None else f"the storage of {RUN_FILE}")
     return run_storage.make_storage(str(url), run_dir)
 
 

@@ -42,6 +42,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import threading
 import uuid
@@ -114,6 +115,36 @@ class RunJournalStorage(JournalStorage):
 
 
 # ---------------------------------------------------------------------------------------- storage
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: Any) -> bool:
+    """True for a database URL (`postgresql://...`, `sqlite:///x.db`), False for a journal file
+    path, None or "". The one test of "is this storage a URL" in the house."""
+    return isinstance(value, str) and bool(_URL.match(value.strip()))
+
+
+def check_database_exists(url: str, *, flag: str = "--storage") -> None:
+    """`ConfigError` if `url` is a SQLite URL whose database file does not exist (or an in-memory
+    one): readers of a finished search must not create an empty database where they expected the
+    study. Other databases live on a server and are checked when opened."""
+    parsed = _parse_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        raise ConfigError(f"{flag} {_masked(parsed)} is an in-memory SQLite database, which holds"
+                          " no study. Pass the URL of the search's database file, e.g."
+                          " sqlite:///path/to/study.db.")
+    path = Path(database.removeprefix("file:").split("?", 1)[0]).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{flag} {_masked(parsed)} names the database file {str(path)!r}, which"
+                          " does not exist (relative paths count from the current folder); the"
+                          " study is not there and nothing was created. Check the path"
+                          + (f", or omit {flag} to read the run's own storage." if
+                             flag == "--storage" else "."))
+
+
 def _parse_url(url: str):
     import sqlalchemy.engine
     import sqlalchemy.exc

@@ -164,3 +164,97 @@ def test_score_refuses_a_gpu_index_beyond_the_machine(capsys, monkeypatch, super
                              arch_file, "--device", "cuda:5")
     line = one_line(code, err, "names GPU 5")
     assert_names_value_and_fix(line, "cuda:5")
+
+
+# ---------------------------------------------------------------------------- dashboard
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (b'{"op_code": 99, "worker_id": "w"}\n', "unknown op_code 99"),
+    (b'{"op_code": 8, "worker_id": "w", "trial_id": 0, "user_attr": {"a": "\xff"}}\n',
+     "not UTF-8"),
+])
+def test_dashboard_reports_a_damaged_journal_as_pareto_does(capsys, tmp_path, damage, needle):
+    pytest.importorskip("optuna_dashboard")
+    run_dir = make_run(tmp_path / "runs")
+    journal = run_dir / "study.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:5]) + damage + b"".join(lines[5:]))
+    before = _snapshot(run_dir)
+    code, _, pareto_err = spvit_nas(capsys, "pareto", run_dir)
+    pareto_line = one_line(code, pareto_err, "is corrupt at line 6")
+    code, out, err = spvit_nas(capsys, "dashboard", run_dir, "--port", 1)
+    line = one_line(code, err, needle)
+    assert line.split(": error: ", 1)[1] == pareto_line.split(": error: ", 1)[1]
+    assert "optuna-dashboard for study" not in out
+    assert _snapshot(run_dir) == before
+
+
+def test_dashboard_refuses_a_taken_port_before_announcing_itself(capsys, tmp_path):
+    pytest.importorskip("optuna_dashboard")
+    import socket
+
+    run_dir = make_run(tmp_path / "runs")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = spvit_nas(capsys, "dashboard", run_dir, "--port", port)
+    line = one_line(code, err, "is already in use")
+    assert_names_value_and_fix(line, port, "--port")
+    assert out == ""
+
+
+# ---------------------------------------------------------------------------- --storage
+@pytest.mark.parametrize("verb", [("pareto",), ("export", "--trial", "0"),
+                                  ("pareto", "--plot")])
+def test_a_missing_storage_path_is_refused_not_replaced_by_the_runs_own(capsys, tmp_path, verb):
+    run_dir = make_run(tmp_path / "runs", weights=True)
+    before = _snapshot(tmp_path)
+    missing = tmp_path / "elsewhere" / "study.journal"
+    code, out, err = spvit_nas(capsys, verb[0], run_dir, *verb[1:], "--storage", missing)
+    line = one_line(code, err, "does not exist")
+    assert_names_value_and_fix(line, missing)
+    assert out == "" and _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("verb", [("pareto",), ("export", "--trial", "0"), ("dashboard",)])
+def test_a_missing_sqlite_database_is_refused_and_not_created(capsys, tmp_path, monkeypatch,
+                                                              verb):
+    run_dir = make_run(tmp_path / "runs", weights=True)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    for url in ("sqlite:///absent.db", f"sqlite:///{tmp_path}/sub/absent.db"):
+        code, out, err = spvit_nas(capsys, verb[0], run_dir, *verb[1:], "--storage", url)
+        line = one_line(code, err, "does not exist")
+        assert_names_value_and_fix(line, url)
+        assert out == "" and _snapshot(tmp_path) == before
+    assert not (tmp_path / "absent.db").exists() and not (tmp_path / "sub").exists()
+
+
+def test_a_missing_sqlite_database_in_run_json_is_refused_and_not_created(capsys, tmp_path):
+    import json
+
+    run_dir = make_run(tmp_path / "runs")
+    info = json.loads((run_dir / "run.json").read_text())
+    url = f"sqlite:///{tmp_path}/gone.db"
+    (run_dir / "run.json").write_text(json.dumps(dict(info, storage=url)))
+    code, _, err = spvit_nas(capsys, "pareto", run_dir)
+    one_line(code, err, "does not exist")
+    assert not (tmp_path / "gone.db").exists()
+
+
+@pytest.mark.parametrize("value, url", [
+    ("postgresql://u@h/db", True), ("sqlite:///x.db", True), ("postgresql+psycopg2://h/d", True),
+    ("study.journal", False), ("/abs/study.journal", False), ("", False), (None, False),
+    ("dir/with://inside", False),
+])
+def test_one_rule_says_whether_a_storage_is_a_url(value, url):
+    from nas import journal, run, storage
+
+    assert storage.is_url(value) is url
+    assert run.is_url(value) is url
+    assert (journal.run_journal("RUN", value) is None) is url
