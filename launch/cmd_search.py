@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from search_spaces.search_defaults import DEFAULT_SAMPLER
 from search_spaces.search_defaults import SAMPLERS as SAMPLER_CHOICES
 
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DeepSpeed workers per trial (default: training.workers_per_trial)")
     parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
                         help="Optuna sampler; auto: tpe below 250 trials, nsga2 from 250 on"
-                             " (default: search.sampler, else nsga2)")
+                             f" (default: search.sampler, else {DEFAULT_SAMPLER})")
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="study storage, e.g. postgresql://user@host/db (default: the"
                              " journal file RUN_DIR/study.journal)")
@@ -96,8 +97,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip exporting the knee trial to RUN_DIR/export")
 
 
+def check_scheduler_flags(asha: bool | None, scheduler: str | None) -> None:
+    """`--asha` is `--scheduler asha`; with another `--scheduler` the two flags contradict each
+    other, and neither may silently win."""
+    from spvit.errors import ConfigError
+
+    if asha and scheduler not in (None, "asha"):
+        raise ConfigError(f"--asha and --scheduler {scheduler} ask for two different"
+                          " early-stopping rules (--asha is --scheduler asha). Drop --asha, or"
+                          f" drop --scheduler {scheduler}.")
+
+
 def run(args: argparse.Namespace) -> int:
     from launch.search import SearchRequest, run_search
+
+    check_scheduler_flags(args.asha, args.scheduler)
 
     request = SearchRequest(
         out=args.out, space=args.space, trials=args.trials, concurrent=args.concurrent,

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--out", required=True, type=Path, metavar="DIR",
                        help="the supernet folder")
     train.add_argument("--epochs", type=int, default=None, metavar="N",
-                       help="training epochs (default: the space's training.epochs)")
+                       help="training epochs (default: the space's training.epochs; with"
+                            " --resume, the epochs the folder was started for)")
     train.add_argument("--workers", type=int, default=1, metavar="W",
                        help="DeepSpeed data-parallel workers (1: in this process; more: Ray"
                             " Train)")
@@ -65,11 +66,14 @@ def _train(args: argparse.Namespace) -> int:
 
     from search_spaces.space import SearchSpace
 
-    from .supernet import train_supernet
+    from .supernet import target_epochs, train_supernet
 
     space = SearchSpace.load(args.space)
-    if args.epochs is not None:
-        space = dataclasses.replace(space, training=space.training.replace(epochs=args.epochs))
+    epochs = args.epochs
+    if epochs is None and args.resume and Path(args.out).is_dir():
+        epochs = target_epochs(args.out)  # a resume trains to the folder's target, not the file's
+    if epochs is not None:
+        space = dataclasses.replace(space, training=space.training.replace(epochs=epochs))
     bars: list[Any] = []
 
     def on_start(first_epoch: int) -> None:

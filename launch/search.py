@@ -263,6 +263,13 @@ def _check_flags(request: SearchRequest) -> None:
                                   " fine-tuning, but --finetune-steps is not set. Add"
                                   " --finetune-steps S (e.g. 60) or drop --rescore.")
             rescore_count(request.retrain or 1, request.rescore)
+    if request.warm_start:
+        if request.resume:
+            raise ConfigError("--warm-start seeds a new study only; a resumed search already"
+                              " holds its trials. Drop --warm-start or --resume.")
+        from nas.warm_start import check_runs
+
+        check_runs(request.warm_start)  # missing, a file, no or a damaged run.json / journal
     if request.study_name is not None and not str(request.study_name).strip():
         raise ConfigError("--study-name must be a non-empty name, but got ''. Drop --study-name"
                           " (the run folder's name is used) or pass e.g. --study-name digits.")
@@ -637,9 +644,6 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
     if request.warm_start:
         from nas.warm_start import warm_start
 
-        if request.resume:
-            raise ConfigError("--warm-start seeds a new study only; a resumed search already"
-                              " holds its trials. Drop --warm-start or --resume.")
         warm_start(study, plan.space, request.warm_start, training=info.training,
                    budget=info.epochs, say=say)
     search_study = nas_study.SearchStudy(study, plan.space, run_dir=plan.run_dir,

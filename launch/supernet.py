@@ -22,7 +22,10 @@ largest / smallest subnets, epochs trained), `ds_config.json`, `metrics.jsonl` (
 epoch with its optimizer and schedule state, plus `state.json` with each worker's shard) and
 `supernet.safetensors` (fp32 weights, rewritten after every epoch so a partly trained supernet
 can already score).
-`--resume` continues at the epoch after the checkpoint's.
+`--resume` continues at the epoch after the checkpoint's, up to the epochs the folder records
+(`supernet.json`'s `epochs`) unless the caller changes them; it refuses a folder without a
+checkpoint. The `--out` is checked by `nas.outputs.check_output` first: a search's run folder,
+a trial folder, an export, or a folder inside one of them is refused.
 """
 
 from __future__ import annotations
@@ -97,13 +100,34 @@ def read_state(out: str | os.PathLike) -> SupernetState | None:
         return None
     try:
         state = SupernetState(**json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ConfigError(f"checkpoint state {path} is unreadable ({e}). Delete {ckpt} to"
-                          " train the supernet from scratch.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ConfigError(f"checkpoint state {path} is not a readable supernet checkpoint"
+                          f" ({e}); the folder cannot be continued. Choose another --out to"
+                          " train a supernet from scratch.") from None
     if not (ckpt / state.tag).is_dir():
-        raise ConfigError(f"checkpoint state {path} names tag {state.tag!r}, which is missing."
-                          f" Delete {ckpt} to train the supernet from scratch.")
+        raise ConfigError(f"checkpoint state {path} names tag {state.tag!r}, which is missing;"
+                          " the folder cannot be continued. Choose another --out to train a"
+                          " supernet from scratch.")
     return state
+
+
+def target_epochs(out: str | os.PathLike) -> int | None:
+    """The epochs a supernet folder was started for: `supernet.json`'s `epochs`, else (folders
+    written before it was recorded) its checkpoint's recipe; None if the folder records none."""
+    out = Path(out)
+    try:
+        info = json.loads((out / SUPERNET_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    epochs = info.get("epochs") if isinstance(info, dict) else None
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
+        return epochs
+    try:
+        state = read_state(out)
+    except ConfigError:
+        return None  # `train_supernet` refuses the folder with its reason
+    epochs = state.training.get("epochs") if state is not None else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def check_resumable(state: SupernetState, space: SearchSpace, world_size: int) -> None:
@@ -303,7 +327,8 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
                     if entry.is_dir() and entry.name != tag:
                         shutil.rmtree(entry, ignore_errors=True)
                 atomic_write_bytes(out / WEIGHTS_FILE, save_safetensors(weights))
-                write_supernet_info(out, space, sampler, epochs_trained=epoch)
+                write_supernet_info(out, space, sampler, epochs_trained=epoch,
+                                    extra={"epochs": training.epochs})
                 with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(json.dumps(line) + "\n")
             if report is not None:
@@ -348,8 +373,9 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
     """
     from nas.data import check_compatible, describe_dataset
     from nas.ds_config import micro_batch_size
+    from nas.outputs import check_output
 
-    out = Path(out).expanduser().resolve()
+    out = check_output(out, command="supernet", resume=resume)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be an integer >= 1, but got {workers!r}."
                           " Use e.g. --workers 2.")
@@ -368,15 +394,21 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
         raise ConfigError(f"--out {out} already holds a supernet checkpoint (epoch"
                           f" {state.epoch}). Pass --resume to continue it, or choose another"
                           " --out.")
-    if resume and state is not None:
+    if resume and state is None:
+        raise ConfigError(f"--resume: {out} holds no supernet checkpoint to resume (no"
+                          f" {CHECKPOINT_DIR}/{STATE_FILE}). Drop --resume to train from"
+                          " scratch, or pass the folder an earlier `spvit-nas supernet train`"
+                          " wrote.")
+    if resume:
         check_resumable(state, space, workers)
     out.mkdir(parents=True, exist_ok=True)
     (out / FAILURE_FILE).unlink(missing_ok=True)
     sampler = SandwichSampler(space, seed=space.training.seed, random_subnets=random_subnets)
     check_compatible(describe_dataset(space.training.dataset), sampler.largest)
     space.save(out / SPACE_FILE)
-    if not (out / SUPERNET_FILE).is_file() or state is None:
-        write_supernet_info(out, space, sampler, epochs_trained=state.epoch if state else 0)
+    # The target epochs are recorded, so that a resume without --epochs trains to them.
+    write_supernet_info(out, space, sampler, epochs_trained=state.epoch if state else 0,
+                        extra={"epochs": space.training.epochs})
     if on_start is not None:
         on_start(state.epoch + 1 if state else 1)
     if workers == 1:

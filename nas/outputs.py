@@ -1,19 +1,22 @@
 """Where a command may write: an `--out` never destroys what another command made.
 
-`export`, `train` and `search` call `check_output` before they write anything. It recognises
-three kinds of folders a user's work lives in:
+Every command that writes into an `--out` folder (`export`, `train`, `search` and `supernet
+train`) calls `check_output` before it writes anything. It recognises four kinds of folders a
+user's work lives in:
 
 * a run folder (`run.json` or `study.journal`: a search's study, trials and Tune state),
+* a supernet folder (`supernet.json`: a weight-sharing supernet of `spvit-nas supernet train`),
 * a trial folder (`metrics.jsonl`, `checkpoint/state.json` or `training.yaml`: one trained
   candidate, from a search or from `spvit-nas train`),
 * an export (the marker file `EXPORT_MARKER` written by `spvit-nas export`, or, for folders
   exported before the marker existed, nothing but the files an export consists of),
 
 and refuses an `--out` that is one of them, contains one, or lies inside one, except for the
-folder the command itself rewrites: a search resuming its own run folder, `train --resume` on its
-own training folder, and `export --overwrite` replacing a previous export (directly inside a run
-folder, like the default RUN_DIR/export, or anywhere else). Refusals are `ConfigError`s: one line
-with the rule, the path and the fix.
+folder the command itself rewrites: a search resuming its own run folder, `train` on its own
+training folder, `supernet train` on its own supernet folder (each command then asks for
+`--resume` before it continues a checkpoint), and `export --overwrite` replacing a previous
+export (directly inside a run folder, like the default RUN_DIR/export, or anywhere else).
+Refusals are `ConfigError`s: one line with the rule, the path and the fix.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ EXPORT_MARKER = ".spvit-export"
 EXPORT_FILES = frozenset({"arch.yaml", "config.json", "model.safetensors", "model.onnx",
                           "training.yaml", "README.md", EXPORT_MARKER})
 RUN_MARKERS = ("run.json", "study.journal")
+SUPERNET_MARKER = "supernet.json"  # `nas.oneshot.SUPERNET_FILE`
 TRIAL_MARKERS = ("metrics.jsonl", "checkpoint/state.json", "training.yaml")
-COMMANDS = ("export", "train", "search")
+# The writing commands, as their messages name them (`supernet` is `supernet train`).
+COMMANDS = ("export", "train", "search", "supernet")
 
 # How far below an existing --out the check looks for folders it would mix with.
 SCAN_DEPTH = 3
@@ -46,6 +51,10 @@ def _exists(path: Path) -> bool:
 
 def is_run_folder(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_MARKERS)
+
+
+def is_supernet_folder(path: Path) -> bool:
+    return (path / SUPERNET_MARKER).is_file()
 
 
 def is_trial_folder(path: Path) -> bool:
@@ -64,13 +73,15 @@ def is_export(path: Path) -> bool:
 
 
 def kind_of(path: Path) -> str | None:
-    """`run folder`, `trial folder`, `export` or None."""
+    """`run folder`, `supernet folder`, `trial folder`, `export` or None."""
     if not path.is_dir():
         return None
     if is_run_folder(path):
         return "run folder"
     if is_export(path):  # before trial folders: an export also holds its training.yaml
         return "export"
+    if is_supernet_folder(path):  # before trial folders: it holds metrics and a checkpoint
+        return "supernet folder"
     if is_trial_folder(path):
         return "trial folder"
     return None
@@ -118,6 +129,7 @@ def _a(kind: str) -> str:
 
 def _what_it_holds(kind: str) -> str:
     return {"run folder": "its study, trials and exports",
+            "supernet folder": "its checkpoint, metrics and supernet weights",
             "trial folder": "its checkpoint, metrics and weights",
             "export": "its weights, ONNX model and model card"}[kind]
 
@@ -128,9 +140,10 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
 
     Args:
         out: the folder the command is about to write.
-        command: `export`, `train` or `search`.
+        command: `export`, `train`, `search` or `supernet` (`supernet train`).
         overwrite: `export --overwrite`: a previous export at `out` may be replaced.
-        resume: `search --resume` / `train --resume`: `out` is the command's own folder.
+        resume: `--resume` of a search, `train` or `supernet train`: `out` is the command's
+            own folder (whether it holds a checkpoint is the command's to check).
 
     Returns the resolved `out`. Raises `ConfigError` (one line) otherwise; checks only, never
     writes.
@@ -143,6 +156,7 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
                           " new or empty folder.")
     out = given.resolve()
     own = kind_of(out)
+    verb = "supernet train" if command == "supernet" else command
 
     # 1. inside someone's folder
     for ancestor in out.parents:
@@ -160,6 +174,7 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
     if own is not None:
         allowed = ((command == "export" and own == "export" and overwrite)
                    or (command == "search" and own == "run folder")
+                   or (command == "supernet" and own == "supernet folder")
                    or (command == "train" and own == "trial folder"
                        and (out / "training.yaml").is_file()))
         if not allowed:
@@ -170,7 +185,7 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
                        f" {out / 'arch.yaml'}).")
             else:
                 fix = "Choose a new or empty --out."
-            raise ConfigError(f"--out {out} already exists and is {_a(own)}; `{command}` there"
+            raise ConfigError(f"--out {out} already exists and is {_a(own)}; `{verb}` there"
                               f" would overwrite"
                               f" {_what_it_holds(own)}. {fix}")
         if own == "export":
@@ -186,7 +201,7 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
         found = _contained(out)
         if found is not None:
             path, kind = found
-            raise ConfigError(f"--out {out} contains the {kind} {path}; `{command}` there"
+            raise ConfigError(f"--out {out} contains the {kind} {path}; `{verb}` there"
                               f" could overwrite {_what_it_holds(kind)}. Choose a new or empty"
                               " --out.")
     if own is None and command == "export" and overwrite and _exists(out) \
@@ -202,6 +217,7 @@ __all__ = [
     "check_output",
     "is_export",
     "is_run_folder",
+    "is_supernet_folder",
     "is_trial_folder",
     "kind_of",
     "write_export_marker",

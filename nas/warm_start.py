@@ -79,13 +79,63 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--warm-start {path.parent}: {path.name} does not exist, so it holds"
                           " no search. Pass the run folder of an earlier `spvit-nas search`.")\
             from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--warm-start {path.parent}: {path} is not valid JSON ({e.msg})."
-                          " Restore it from the run.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--warm-start {path.parent}: {path} must hold a JSON object."
-                          " Restore it from the run.")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ConfigError(f"--warm-start {path.parent}: {path} is not valid JSON ({why})."
+                          " Restore it from the run, or drop this --warm-start.") from None
+    except OSError as e:
+        raise ConfigError(f"--warm-start {path.parent}: {path} cannot be read"
+                          f" ({e.strerror or type(e).__name__}). Check the path and its"
+                          " permissions.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("study_name"), str):
+        raise ConfigError(f"--warm-start {path.parent}: {path} must hold a JSON object with a"
+                          " string `study_name`. Restore it from the run, or drop this"
+                          " --warm-start.")
     return data
+
+
+def check_runs(runs: Iterable[str | os.PathLike]) -> tuple[Path, ...]:
+    """The `--warm-start` run folders, resolved, each checked to hold a readable search: a
+    folder with a valid run.json and an intact study journal. Only reads (a torn last journal
+    line of a run still being written is left for its own driver); `ConfigError` (one line:
+    the flag, the path, the fix) otherwise. The search driver calls it before Ray starts or a
+    file of the new run is written."""
+    from nas.journal import JournalCorrupt, describe, run_journal, scan_journal
+    from nas.run import DIRECTIONS, open_run_study
+
+    checked: list[Path] = []
+    for run in runs:
+        given = Path(run).expanduser()
+        fix = "Pass the run folder of an earlier `spvit-nas search` (the folder with run.json)."
+        if not given.exists():
+            raise ConfigError(f"--warm-start {given} does not exist. {fix}")
+        if not given.is_dir():
+            raise ConfigError(f"--warm-start {given} is a file, not a run folder. {fix}")
+        run_dir = given.resolve()
+        if run_dir in checked:
+            raise ConfigError(f"--warm-start {given} is given twice. Remove the repeat.")
+        info = _read_json(run_dir / "run.json")
+        storage = info.get("storage")
+        journal = run_journal(run_dir, storage if isinstance(storage, str) else None)
+        if journal is not None and not journal.is_file():
+            journal = run_journal(run_dir, None)  # a moved run keeps RUN_DIR/study.journal
+        if journal is not None:
+            if not journal.is_file():
+                raise ConfigError(f"--warm-start {given}: its study journal {journal} does not"
+                                  f" exist, so it holds no trials. {fix}")
+            scan = scan_journal(journal)
+            if not scan.ok and not scan.torn:
+                raise JournalCorrupt(f"--warm-start {given}: {describe(scan)}")
+        try:
+            old = open_run_study(run_dir)
+        except ConfigError as e:
+            raise ConfigError(f"--warm-start {given}: {e}") from None
+        if tuple(d.name.lower() for d in old.directions) != DIRECTIONS:
+            raise ConfigError(f"--warm-start {given}: its study optimises"
+                              f" {[d.name.lower() for d in old.directions]}, not the search's"
+                              f" objectives. {fix}")
+        checked.append(run_dir)
+    return tuple(checked)
 
 
 def _recipe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
