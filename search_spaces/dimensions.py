@@ -16,7 +16,9 @@ import numpy as np
 from spvit.arch import PRIOR_TYPES, can_pool, pooled_side
 
 from .fields import (
+    MAXIMA,
     FieldError,
+    at_most,
     bool_value,
     check_keys,
     choice_list,
@@ -120,8 +122,12 @@ def parse_pool(value: Any) -> PoolDimension:
             raise FieldError(path + ("schedules",),
                               "dimensions.pool has both free: true and schedules. Keep one:"
                               " a list of schedules, or free per-block pooling.")
-        max_pools = int_value(path + ("max_pools",), data.get("max_pools", 1), 0)
-        from_block = int_value(path + ("from_block",), data.get("from_block", 1), 0)
+        max_pools = at_most(path + ("max_pools",),
+                            int_value(path + ("max_pools",), data.get("max_pools", 1), 0),
+                            "max_pools")
+        from_block = at_most(path + ("from_block",),
+                             int_value(path + ("from_block",), data.get("from_block", 1), 0),
+                             "block_index")
         return PoolDimension(schedules=(), free=True, max_pools=max_pools, from_block=from_block)
     for key in ("max_pools", "from_block"):
         if key in data:
@@ -135,7 +141,12 @@ def parse_pool(value: Any) -> PoolDimension:
         if not isinstance(v, list):
             raise FieldError(p, f"{dotted(p)} must be a list of block indices that pool, but"
                                  f" got {v!r}. Write [] for never, or e.g. [2, 5].")
-        idx = tuple(int_value(p + (j,), x, 0) for j, x in enumerate(v))
+        if len(v) > MAXIMA["depth"]:
+            raise FieldError(p, f"{dotted(p)} names {len(v)} blocks, more than a space's"
+                                 f" deepest depth {MAXIMA['depth']} can hold. Keep at most"
+                                 f" {MAXIMA['depth']} block indices.")
+        idx = tuple(at_most(p + (j,), int_value(p + (j,), x, 0), "block_index")
+                    for j, x in enumerate(v))
         if len(set(idx)) != len(idx):
             raise FieldError(p, f"{dotted(p)} names a block twice ({list(idx)}); a block pools"
                                  " at most once. Remove the duplicate.")

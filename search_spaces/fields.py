@@ -25,6 +25,27 @@ SEARCHABLE: tuple[str, ...] = (
     "conv_pos", "qkv_bias", "drop_path_rate",
 )
 BLOCK_DIMENSIONS: tuple[str, ...] = ("heads", "prior", "pool", "share")
+
+# Generous upper bounds of a space's values, checked as each value is read, before anything is
+# built or counted: the loader builds the architectures a space can produce (and counts, and
+# samples them), so an unbounded value (depth: [1000000000]) would keep it busy for hours. Each
+# is well beyond what a vision transformer of this family uses.
+MAXIMA: dict[str, int | float] = {
+    "depth": 64,
+    "embed_dim": 8192,
+    "heads": 64,
+    "mlp_ratio": 16.0,
+    "img_size": 4096,
+    "patch_size": 1024,
+    "in_chans": 64,
+    "num_classes": 100_000,
+    "pool_width_factor": 8,
+    "cls_block": 64,  # |cls_block|: a block index, or counted from the end
+    "block_index": 63,  # a block named in a pool schedule, or `pool.from_block`
+    "max_pools": 64,
+}
+# The most choices one list (`depth: [...]`, `pool.schedules: [...]`) may offer.
+MAX_CHOICES = 256
 ARCH_KEYS = FIXED_ONLY + SEARCHABLE
 DIMENSION_KEYS = SEARCHABLE + BLOCK_DIMENSIONS
 
@@ -73,6 +94,23 @@ def int_value(path: tuple, value: Any, minimum: int | None = 1) -> int:
     if minimum is not None and value < minimum:
         raise FieldError(path, f"{dotted(path)} must be >= {minimum}, but got {value}. Raise it.")
     return value
+
+
+def at_most(path: tuple, value: int | float, name: str) -> int | float:
+    """`value` if it is within `MAXIMA[name]` (in absolute value), else a `FieldError`."""
+    limit = MAXIMA[name]
+    if abs(value) > limit:
+        raise FieldError(path, f"{dotted(path)} must be at most {limit} ({name} is bounded so"
+                                f" that the space can be checked and searched), but got {value}."
+                                f" Use a value of at most {limit}.")
+    return value
+
+
+def bounded(name: str, check: Callable[[tuple, Any], Any]) -> Callable[[tuple, Any], Any]:
+    """`check`, then `at_most(..., name)`."""
+    def check_bounded(path: tuple, value: Any) -> Any:
+        return at_most(path, check(path, value), name)
+    return check_bounded
 
 
 def number(path: tuple, value: Any) -> float:
@@ -126,15 +164,15 @@ def any_int(path: tuple, value: Any) -> int:
 
 
 FIELD_CHECKS: dict[str, Callable[[tuple, Any], Any]] = {
-    "img_size": int_value,
-    "patch_size": int_value,
-    "in_chans": int_value,
-    "num_classes": int_value,
-    "embed_dim": int_value,
-    "depth": int_value,
-    "pool_width_factor": int_value,
-    "cls_block": any_int,
-    "mlp_ratio": positive,
+    "img_size": bounded("img_size", int_value),
+    "patch_size": bounded("patch_size", int_value),
+    "in_chans": bounded("in_chans", int_value),
+    "num_classes": bounded("num_classes", int_value),
+    "embed_dim": bounded("embed_dim", int_value),
+    "depth": bounded("depth", int_value),
+    "pool_width_factor": bounded("pool_width_factor", int_value),
+    "cls_block": bounded("cls_block", any_int),
+    "mlp_ratio": bounded("mlp_ratio", positive),
     "drop_path_rate": drop_path,
     "stem": one_of(STEMS),
     "head": one_of(HEADS),
@@ -154,6 +192,10 @@ def choice_list(path: tuple, value: Any, check: Callable[[tuple, Any], Any]) -> 
     if not value:
         raise FieldError(path, f"{name} is an empty choice list, so nothing can be sampled."
                                 " List at least one choice or remove the key.")
+    if len(value) > MAX_CHOICES:
+        raise FieldError(path, f"{name} offers {len(value)} choices, more than the"
+                                f" {MAX_CHOICES} one list may offer (the loader checks their"
+                                f" combinations). Keep at most {MAX_CHOICES} choices.")
     out = tuple(check(path + (i,), v) for i, v in enumerate(value))
     for i, v in enumerate(out):
         if v in out[:i]:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .fields import check_keys, int_value, mapping, one_of
+from .fields import FieldError, check_keys, int_value, mapping, one_of
 
 # `nas.samplers.SAMPLER_NAMES` (a test keeps them equal; this package cannot import nas).
 SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc", "auto")
@@ -21,6 +21,7 @@ SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random", "qmc", "auto")
 DEFAULT_SAMPLER = "auto"
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 3
 DEFAULT_MAX_INFEASIBLE = 200
+MAX_INFEASIBLE = 10_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class SearchDefaults:
         for name in ("trials", "concurrent", "max_consecutive_failures", "max_infeasible"):
             if name in data:
                 kwargs[name] = int_value(path + (name,), data[name], 1)
+        if "max_infeasible" in kwargs and kwargs["max_infeasible"] > MAX_INFEASIBLE:
+            # A space is loaded by drawing up to this many samples (about 3 ms each for the
+            # largest space the bounds allow).
+            raise FieldError(path + ("max_infeasible",),
+                             f"{'.'.join(path)}.max_infeasible must be at most {MAX_INFEASIBLE}"
+                             f" (each rejection is a sample drawn, also when the space is"
+                             f" loaded), but got {kwargs['max_infeasible']}. Use a value of at"
+                             f" most {MAX_INFEASIBLE}.")
         if "seed" in data:
             kwargs["seed"] = int_value(path + ("seed",), data["seed"], 0)
         if "sampler" in data:

@@ -61,6 +61,7 @@ from .fields import (
     SEARCHABLE,
     FieldError,
     bool_value,
+    bounded,
     check_keys,
     choice_list,
     int_value,
@@ -198,7 +199,8 @@ class SearchSpace:
         if "heads" not in dims:
             raise FieldError(("dimensions",), "the space has no head counts. Add heads: [1, 2, 4]"
                                                " (choices per block) under `dimensions:`.")
-        heads = choice_list(("dimensions", "heads"), dims["heads"], int_value)
+        heads = choice_list(("dimensions", "heads"), dims["heads"],
+                            bounded("heads", int_value))
         prior = parse_prior(dims.get("prior", ["none"]))
         pool = parse_pool(dims.get("pool"))
         share = choice_list(("dimensions", "share"), dims.get("share", [False]), bool_value)
