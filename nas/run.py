@@ -387,11 +387,13 @@ def check_exportable(trial: FrozenTrial) -> None:
     if kind == "infeasible":
         raise ConfigError(f"trial {n} was rejected by a constraint before training (infeasible),"
                           " so it has no weights. Export a trial from the Pareto set.")
-    if kind == "failed":
+    if trial.state == TrialState.FAIL:  # "failed", and duplicates (told FAIL, never trained)
         reason = " ".join(str(attrs.get("fail_reason") or "no reason recorded").split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
-        raise ConfigError(f"trial {n} failed ({reason}), so it has no trained weights."
-                          " Export a trial from the Pareto set.")
+        original = attrs.get("duplicate_of")
+        fix = (f"Export trial {original}, which trained this architecture (--trial {original})."
+               if kind == "duplicate" else "Export a trial from the Pareto set.")
+        raise ConfigError(f"trial {n} failed ({reason}), so it has no trained weights. {fix}")
     if kind == "pruned":
         raise ConfigError(f"trial {n} was pruned after {attrs.get('fidelity', '?')} of"
                           f" {attrs.get('budget', '?')} epochs; only full-budget trials are"

@@ -258,3 +258,24 @@ def test_one_rule_says_whether_a_storage_is_a_url(value, url):
     assert storage.is_url(value) is url
     assert run.is_url(value) is url
     assert (journal.run_journal("RUN", value) is None) is url
+
+
+# ---------------------------------------------------------------------------- export of a FAIL
+def test_export_of_a_failed_duplicate_says_why_and_names_the_original(capsys, tmp_path):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from tests.nas.test_pareto import ARCHS, STUDY
+
+    run_dir = make_run(tmp_path / "runs", weights=True)
+    study = optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal"))))
+    reason = "duplicate of trial 0 (same architecture, never trained twice)"
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={
+        "arch": ARCHS[0].to_flat(), "duplicate_of": 0, "fail_reason": reason}))
+    number = len(study.trials) - 1
+    code, out, err = spvit_nas(capsys, "export", run_dir, "--trial", number)
+    line = one_line(code, err, f"trial {number} failed ({reason})")
+    assert "still" not in line and "wait" not in line.lower()
+    assert_names_value_and_fix(line, "--trial 0")
+    assert out == "" and not (run_dir / "export").exists()
