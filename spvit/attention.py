@@ -11,13 +11,18 @@ of type `none`. Paths, for training and inference alike:
   by default on CUDA for head widths >= 16): FlexAttention, compiled, with the priors applied
   inside its score function from the per-offset tables (`spvit.flex.fused_attention`); the
   `(B, H, N, N)` logits are never materialised;
+* priors, no attention map requested, float32 on CPU and the `cpu` backend (the default there):
+  the C kernel of `spvit.cpu_attention`, forward and backward in blocks of query rows, the priors
+  gathered into `(H, N, N)` tables (`SpatialPrior.forward`) but no `(B, H, N, N)` tensor made;
+  without a multiplicative prior its forward, and all of inference, is torch's flash kernel
+  with the bias as a `(1, H, N, N)` mask;
 * otherwise the eager path: logits, one elementwise multiply by `scale * SP` (scale folded into
-  the `(H, N, N)` multiplier), optional bias, softmax, matmul. This is the CPU path, and the
-  path of any block whose probabilities a following block shares. Without a multiplicative
-  prior and without maps requested, the bias rides into `F.scaled_dot_product_attention` as
-  `attn_mask` instead.
+  the `(H, N, N)` multiplier), optional bias, softmax, matmul. This is the path of any block
+  whose probabilities a following block shares, and of other dtypes on CPU. Without a
+  multiplicative prior and without maps requested, the bias rides into
+  `F.scaled_dot_product_attention` as `attn_mask` instead.
 
-Override the choice with `SPVIT_ATTENTION=auto|fused|eager` or `Attention(backend=...)`.
+Override the choice with `SPVIT_ATTENTION=auto|fused|cpu|eager` or `Attention(backend=...)`.
 
 `SharedAttention` has no Q/K projections and computes no Q Kᵀ: it applies the attention
 probabilities it is handed to its own V and output projection.
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_attention import cpu_attention
 from .flex import fused_attention, requested_backend, resolve_backend
 from .priors import SpatialPrior
 
@@ -44,8 +50,8 @@ class Attention(nn.Module):
         head_types: prior type per head (length H); all `none` means plain attention.
         grid_size: the block's patch-grid side in the architecture (sizes `rpb` tables).
         qkv_bias: bias on the Q/K/V projection.
-        backend: `auto`, `fused` or `eager` (see `spvit.flex`); None: `$SPVIT_ATTENTION`, else
-            `auto`. Not part of the state dict.
+        backend: `auto`, `fused`, `cpu` or `eager` (see `spvit.flex`); None: `$SPVIT_ATTENTION`,
+            else `auto`. Not part of the state dict.
 
     Parameters: `qkv.weight (3C, C)`, `qkv.bias (3C,)` if qkv_bias, `proj.weight (C, C)`,
     `proj.bias (C,)`, plus `prior.*` (see `SpatialPrior`) when any head has a prior.
@@ -83,8 +89,16 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # An FX trace (timm's feature extraction) records the eager path: the fused choice
         # reads the device, which a traced proxy does not have.
-        if self.prior is not None and not need_weights and not isinstance(x, torch.fx.Proxy) \
-                and resolve_backend(self.backend, x.device, self.head_dim) == "fused":
+        path = "eager"
+        if self.prior is not None and not need_weights and not isinstance(x, torch.fx.Proxy):
+            path = resolve_backend(self.backend, x.device, self.head_dim)
+        if path == "cpu" and qkv.dtype == torch.float32:
+            q, k, v = qkv.contiguous().unbind(0)  # (B, H, N, d) each contiguous
+            mult, bias = self.prior(grid, num_prefix)  # (H, N, N) or None
+            out = cpu_attention(q, k, v, mult=mult * self.scale if mult is not None else None,
+                                bias=bias, scale=self.scale)
+            return self.proj(out.transpose(1, 2).reshape(B, N, C)), None
+        if path == "fused":
             q, k, v = qkv.unbind(0)  # (B, H, N, d)
             mult, bias = self.prior.offset_values(grid)  # (H, K) over unique offsets, or None
             out = fused_attention(q, k, v, mult=mult, bias=bias, grid=grid,

@@ -18,11 +18,14 @@ kernels, forward and backward. FlexAttention has no backward on CPU, so on CPU i
 a forward reference (uncompiled, as tests use it).
 
 Attention path (`resolve_backend`): `auto` (default) picks `fused` on CUDA when the head width is
-at least 16 (the Triton kernel's tile floor) and FlexAttention exists in this torch, else `eager`.
-Override per process with the environment variable `SPVIT_ATTENTION=auto|fused|eager`, per layer
-with `Attention(backend=...)`, or for a whole model with `set_attention_backend(model, ...)`; the
-argument wins over the environment. The eager path is also taken whenever the attention
-probabilities are requested (a following block shares them).
+at least 16 (the Triton kernel's tile floor) and FlexAttention exists in this torch; on CPU it
+picks `cpu`, the C kernel of `spvit.cpu_attention` (forward and backward without the
+`(B, H, N, N)` logits), when that kernel builds; else `eager`. Override per process with the
+environment variable `SPVIT_ATTENTION=auto|fused|cpu|eager`, per layer with
+`Attention(backend=...)`, or for a whole model with `set_attention_backend(model, ...)`; the
+argument wins over the environment. `fused` forced on CPU runs FlexAttention uncompiled, forward
+only (a reference). The eager path is also taken whenever the attention probabilities are
+requested (a following block shares them).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from collections.abc import Callable
 
 import torch
 
+from . import cpu_attention
 from .errors import ConfigError
 
 Grid = tuple[int, int]
 
-BACKENDS: tuple[str, ...] = ("auto", "fused", "eager")
+BACKENDS: tuple[str, ...] = ("auto", "fused", "cpu", "eager")
 ENV_VAR = "SPVIT_ATTENTION"
 MIN_FUSED_HEAD_DIM = 16  # the CUDA FlexAttention kernel's tl.dot needs head widths >= 16
 GATHERS: tuple[str, ...] = ("offset", "pair")
@@ -59,23 +63,34 @@ def requested_backend(backend: str | None = None) -> str:
     value = value.strip().lower()
     if value not in BACKENDS:
         raise ConfigError(f"attention {source} must be one of {list(BACKENDS)}, but got"
-                          f" {value!r}. Set {ENV_VAR}=auto (fused on CUDA, eager elsewhere).")
+                          f" {value!r}. Set {ENV_VAR}=auto (fused on CUDA, the cpu kernel on CPU).")
     return value
 
 
 def resolve_backend(backend: str | None, device: torch.device | str, head_dim: int) -> str:
-    """`fused` or `eager` for a layer of head width `head_dim` running on `device`.
+    """`fused`, `cpu` or `eager` for a layer of head width `head_dim` running on `device`.
 
-    `auto`: fused on CUDA for head widths >= 16 when FlexAttention exists, eager otherwise.
-    `fused` forced where it cannot run raises `ConfigError` naming the rule.
+    `auto`: fused on CUDA for head widths >= 16 when FlexAttention exists; cpu on CPU when the
+    CPU kernel builds (`spvit.cpu_attention.kernel_available`); eager otherwise.
+    `fused` or `cpu` forced where it cannot run raises `ConfigError` naming the rule.
     """
     value = requested_backend(backend)
     device = torch.device(device)
     if value == "eager":
         return "eager"
     if value == "auto":
+        if device.type == "cpu":
+            return "cpu" if cpu_attention.kernel_available() else "eager"
         fits = device.type == "cuda" and head_dim >= MIN_FUSED_HEAD_DIM and flex_available()
         return "fused" if fits else "eager"
+    if value == "cpu":
+        if device.type != "cpu":
+            raise ConfigError(f"attention backend 'cpu' runs on CPU tensors, but the layer runs"
+                              f" on {device}. Use {ENV_VAR}=auto (fused on CUDA).")
+        if not cpu_attention.kernel_available():
+            raise ConfigError(f"attention backend 'cpu' needs its C kernel, which is unavailable:"
+                              f" {cpu_attention.kernel_error()}. Use {ENV_VAR}=eager.")
+        return "cpu"
     if not flex_available():
         raise ConfigError(f"attention backend 'fused' needs torch.nn.attention.flex_attention,"
                           f" which torch {torch.__version__} lacks. Use {ENV_VAR}=eager.")

@@ -12,7 +12,7 @@ import torch
 
 import spvit
 from spvit import attention as attention_module
-from spvit import flex
+from spvit import cpu_attention, flex
 from spvit.attention import Attention, set_attention_backend
 from spvit.errors import ConfigError
 from tests.spvit.test_attention import _make, _reference_attention
@@ -124,7 +124,7 @@ def test_fused_path_refuses_cpu_backward_and_auto_trains_on_cpu():
     attn = Attention(32, 2, head_types=("mlp", "rpb"), grid_size=3, backend="fused")
     with pytest.raises(ConfigError, match="no backward on CPU"):
         attn(x, (3, 3))
-    attn.backend = None  # auto: eager on CPU
+    attn.backend = None  # auto: the CPU kernel, or eager where it cannot be built
     out, _ = attn(x, (3, 3))
     out.sum().backward()
     assert attn.prior.mlp_fc1.weight.grad is not None and x.grad is not None
@@ -140,7 +140,8 @@ def test_fused_attention_checks_the_grid():
 # ---------------------------------------------------------------------- choice of path
 def test_backend_by_device_and_head_width(monkeypatch):
     monkeypatch.delenv(flex.ENV_VAR, raising=False)
-    assert flex.resolve_backend(None, "cpu", 64) == "eager"
+    assert flex.resolve_backend(None, "cpu", 64) == ("cpu" if cpu_attention.kernel_available()
+                                                      else "eager")
     assert flex.resolve_backend(None, "cuda", 64) == "fused"
     assert flex.resolve_backend(None, torch.device("cuda", 1), 16) == "fused"
     assert flex.resolve_backend(None, "cuda", 8) == "eager"  # below the kernel's tile width
