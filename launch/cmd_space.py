@@ -1,8 +1,10 @@
 """`spvit-nas cost` and `spvit-nas check-space`: price one architecture, validate a space file.
 
-Both are analytic (no model build, no torch import): `cost` prints an `ArchSpec`'s parameters and
-GMACs from `spvit.cost`, `check-space` loads a search-space file through `SearchSpace.load` (every
-rule checked there), then prints its dimensions, its size and the cost range of random samples.
+Both are analytic (no model build): `cost` prints an `ArchSpec`'s parameters and GMACs from
+`spvit.cost`; `check-space` loads a search-space file through `SearchSpace.load` (every rule
+checked there), checks that its dataset exists and fits it (`nas.data.describe_dataset`: folder
+listings and metadata files only), then prints its dimensions, its size and the cost range of
+random samples.
 Bad input raises `ConfigError`, which the CLI turns into one line on stderr and exit code 2.
 """
 
@@ -26,11 +28,40 @@ def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object (params, gflops, macs, parts)")
 
 
+# The fields that set an architecture's size and have no default a reader could guess: pricing
+# a file without them would price numbers its author never wrote (e.g. ArchSpec's width 192).
+COST_REQUIRED = ("img_size", "patch_size", "embed_dim", "num_classes")
+
+
+def _check_required_fields(value: str) -> None:
+    """`ConfigError` naming the fields of COST_REQUIRED that the --arch file leaves out."""
+    import yaml
+
+    from search_spaces.arch_refs import arch_path
+
+    path = arch_path(value)
+    if path is None:  # a registered model: complete by construction
+        return
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    missing = [k for k in COST_REQUIRED if k not in data]
+    if missing:
+        import dataclasses
+
+        from spvit.arch import ArchSpec
+
+        defaults = {f.name: f.default for f in dataclasses.fields(ArchSpec)}
+        guessed = ", ".join(f"{k} {defaults[k]}" for k in missing)
+        raise ConfigError(f"{path} does not set {', '.join(missing)}, on which the cost depends;"
+                          f" pricing it would price defaults its author never wrote ({guessed})."
+                          f" Add {', '.join(f'{k}: N' for k in missing)} to the file.")
+
+
 def run_cost(args: argparse.Namespace) -> int:
     from search_spaces.arch_refs import resolve_arch
     from spvit.cost import estimate
 
-    spec = resolve_arch(args.arch)
+    spec = resolve_arch(args.arch)  # a readable, valid architecture first
+    _check_required_fields(args.arch)
     if args.img_size is not None:
         if args.img_size < 1:
             raise ConfigError(f"--img-size must be a positive integer, but got {args.img_size}."
@@ -67,6 +98,33 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
 
 
+def _check_dataset(space, path: str):
+    """The space's dataset (`nas.data.DatasetInfo`): it exists and fits the space's fixed
+    classes, channels and image size, as a search would check before starting. Reads only
+    folder listings and metadata files."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from nas.data import check_compatible, describe_dataset
+    from search_spaces.training import parse_dataset
+
+    fixed = space.fixed
+    dataset = space.training.dataset
+    kind, root = parse_dataset(dataset)
+    if root is not None and not Path(root).expanduser().exists():
+        raise ConfigError(f"{path}: training.dataset {dataset!r} names the folder"
+                          f" {str(Path(root).expanduser())!r}, which does not exist. Point it at"
+                          f" the data's folder (dataset: {kind}:PATH), or fix the path.")
+    try:
+        info = describe_dataset(dataset)
+        check_compatible(info, SimpleNamespace(num_classes=fixed["num_classes"],
+                                               in_chans=fixed["in_chans"],
+                                               img_size=fixed["img_size"]))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: training.dataset {dataset!r}: {e}") from None
+    return info
+
+
 def run_check_space(args: argparse.Namespace) -> int:
     import random
 
@@ -77,6 +135,7 @@ def run_check_space(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples must be >= 1, but got {args.samples}. Pass e.g."
                           " --samples 200.")
     space = SearchSpace.load(args.path)
+    dataset = _check_dataset(space, args.path)
     rng = random.Random(args.seed)
     params, gflops, feasible = [], [], 0
     for _ in range(args.samples):
@@ -99,6 +158,8 @@ def run_check_space(args: argparse.Namespace) -> int:
         "gflops": _quantiles(gflops),
         "constraints": space.constraints.to_dict(),
         "training": space.training.to_dict(),
+        "dataset": {"kind": dataset.kind, "root": dataset.root,
+                    "num_classes": dataset.num_classes},
         "search": space.search.to_dict(),
     }
     if args.json:
@@ -119,7 +180,9 @@ def run_check_space(args: argparse.Namespace) -> int:
     print(f"  feasible under constraints {space.constraints.to_dict()}:"
           f" {feasible}/{args.samples}")
     t = space.training
-    print(f"training: dataset {t.dataset}, {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}")
+    where = f" (found: {dataset.root}, {dataset.num_classes} classes)" if dataset.root else ""
+    print(f"training: dataset {t.dataset}{where}, {t.epochs} epochs, batch {t.batch_size},"
+          f" lr {t.lr:g}")
     s = space.search
     print(f"search: {s.trials} trials, {s.concurrent} concurrent, sampler {s.sampler},"
           f" seed {s.seed}")

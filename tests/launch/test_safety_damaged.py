@@ -279,3 +279,62 @@ def test_export_of_a_failed_duplicate_says_why_and_names_the_original(capsys, tm
     assert "still" not in line and "wait" not in line.lower()
     assert_names_value_and_fix(line, "--trial 0")
     assert out == "" and not (run_dir / "export").exists()
+
+
+# ---------------------------------------------------------------------------- cost, check-space
+@pytest.mark.parametrize("text, missing", [
+    ("blocks: [{heads: 2}, {heads: 2}]\nimg_size: 32\npatch_size: 4\nnum_classes: 10\n",
+     "embed_dim"),
+    ("depth: 1\nheads_0: 2\nembed_dim: 16\n", "img_size, patch_size"),
+])
+def test_cost_refuses_an_arch_without_its_size_fields(capsys, tmp_path, text, missing):
+    path = tmp_path / "arch.yaml"
+    path.write_text(text, encoding="utf-8")
+    code, out, err = spvit_nas(capsys, "cost", "--arch", path)
+    line = one_line(code, err, f"does not set {missing}")
+    assert_names_value_and_fix(line, path)
+    assert out == ""
+    assert "192" not in line or missing == "embed_dim"  # a default is named only if left out
+
+
+def test_cost_of_a_complete_arch_file_still_prices_it(capsys, tmp_path):
+    path = tmp_path / "arch.yaml"
+    path.write_text("blocks: [{heads: 2}]\nimg_size: 32\npatch_size: 4\nnum_classes: 10\n"
+                    "embed_dim: 16\n", encoding="utf-8")
+    code, out, err = spvit_nas(capsys, "cost", "--arch", path)
+    assert code == 0, err
+    assert "width 16" in out
+
+
+@pytest.mark.parametrize("dataset, needle", [
+    ("folder:{tmp}/nonexistent", "which does not exist"),
+    ("folder:{tmp}/empty", "needs train/ and val/"),
+    ("cifar10:{tmp}/nonexistent", "which does not exist"),
+])
+def test_check_space_refuses_a_dataset_that_is_not_there(capsys, tmp_path, dataset, needle):
+    (tmp_path / "empty").mkdir()
+    dataset = dataset.format(tmp=tmp_path)
+    data = tiny_space(dataset=dataset)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    code, out, err = spvit_nas(capsys, "check-space", path)
+    line = one_line(code, err, needle)
+    assert dataset in line and str(path) in line
+    assert "valid" not in out
+
+
+def test_check_space_names_the_folder_it_found(capsys, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(folder / "0.png")
+    data = tiny_space(dataset=f"folder:{tmp_path / 'data'}")
+    data["arch"].update(in_chans=3, num_classes=2)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    code, out, err = spvit_nas(capsys, "check-space", path)
+    assert code == 0, err
+    assert f"found: {tmp_path / 'data'}, 2 classes" in out
