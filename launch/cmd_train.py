@@ -1,7 +1,9 @@
 """`spvit-nas train --arch PATH --out DIR`: train one architecture, e.g. an exported choice.
 
 The recipe is `--training FILE` (a YAML `TrainingConfig`, or a search-space file whose `training:`
-block is used; default: `TrainingConfig()`), with `--dataset`, `--epochs` and `--workers` on top.
+block is used; default: `TrainingConfig()`, and with `--resume` the folder's own `training.yaml`,
+so a resumed run trains to the epochs it was started for), with `--dataset`, `--epochs` and
+`--workers` on top.
 The resolved recipe is saved as `DIR/training.yaml`; training goes through
 `launch.trial.run_candidate`, so DIR is a trial folder (metrics.jsonl, checkpoint/, ds_config.json,
 model.safetensors and arch.yaml at the end). A folder that already holds a checkpoint is only
@@ -28,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="digits | folder:PATH | cifar10:PATH | cifar100:PATH"
                              " (default: the recipe's)")
     parser.add_argument("--epochs", type=int, default=None, metavar="N",
-                        help="training epochs (default: the recipe's)")
+                        help="training epochs (default: the recipe's; with --resume, the"
+                             " folder's training.yaml)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="DeepSpeed workers (default: the recipe's workers_per_trial); one"
                              " trains in this process, several under Ray Train")
@@ -135,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
     from .worker import CHECKPOINT_DIR, check_resumable, read_checkpoint_state
 
     out = check_output(args.out, command="train", resume=args.resume)
-    training = load_training(args.training)
+    if args.resume and args.training is None and (out / "training.yaml").is_file():
+        # A resume continues the folder's own recipe (its epochs included), not the default.
+        training = load_training(str(out / "training.yaml"))
+    else:
+        training = load_training(args.training)
     changes: dict[str, Any] = {}
     if args.dataset is not None:
         changes["dataset"] = args.dataset
@@ -160,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
                           f" {CHECKPOINT_DIR}/state.json). Drop --resume to train from scratch,"
                           " or pass the folder an earlier `spvit-nas train` wrote.")
     if args.resume:
+        if args.training is None and not (out / "training.yaml").is_file() \
+                and args.epochs is None:
+            # No recipe file (e.g. removed): the checkpoint's recipe keeps its target.
+            training = training.replace(epochs=state.training.get("epochs", training.epochs))
         check_resumable(state, spec, training, training.workers_per_trial)
     if args.resume and state.epoch >= training.epochs:
         print(f"{out} is already trained for {state.epoch} epochs (of {training.epochs});"

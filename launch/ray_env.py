@@ -2,11 +2,14 @@
 
 One place decides how the driver meets Ray: a local instance bound to loopback (the default), or
 an existing cluster given by `--address` / `RAY_ADDRESS` (`auto` finds the cluster of the machine
-the driver runs on, as under `ray job submit`). Token authentication stays on: a local instance
-gets Ray's default (token mode, token in ~/.ray/auth_token, created if missing) and a driver that
-joins a cluster runs in token mode too, with the cluster's token from RAY_AUTH_TOKEN,
-RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Nothing binds beyond loopback unless the user passes an
-address (and then the cluster, not this module, chose its interfaces).
+the driver runs on, as under `ray job submit`). A local instance is always a new one of this
+driver's own (`ray.init(address="local")`), even when another Ray instance runs on the machine:
+without being told to, a driver never joins a cluster it happens to find. Token authentication
+stays on: a local instance gets Ray's default (token mode, token in ~/.ray/auth_token, created
+if missing) and a driver that joins a cluster runs in token mode too, with the cluster's token
+from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Nothing binds beyond loopback
+unless the user passes an address (and then the cluster, not this module, chose its
+interfaces).
 
 Why the environment variable: by default (Linux) a new Ray node registers the machine's
 interface address and its servers listen on all interfaces, and a driver given `127.0.0.1:PORT`
@@ -151,6 +154,14 @@ def refresh_ray_config() -> None:
         raylet.Config.initialize("")
 
 
+def local_init_kwargs(*, num_cpus: int | None = None, num_gpus: int | None = None,
+                      **kwargs: Any) -> dict[str, Any]:
+    """The `ray.init` arguments of a new local instance: `address="local"` makes Ray start one
+    even when another instance runs on this machine (Ray's own default, `address=None`, would
+    join that one)."""
+    return {**kwargs, "address": "local", "num_cpus": num_cpus, "num_gpus": num_gpus}
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              num_gpus: int | None = None, storage_path: str | os.PathLike | None = None,
              **kwargs: Any):
@@ -172,7 +183,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         kwargs.setdefault("include_dashboard", False)
         kwargs.setdefault("log_to_driver", True)
         if target is None:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            # `local`, never None: `ray.init()` without an address joins the Ray instance
+            # last started on this machine (someone else's, say) instead of starting one.
+            ray.init(**local_init_kwargs(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs))
         else:  # num_cpus/num_gpus size a new instance only; a cluster has its nodes' resources
             try:
                 ray.init(address=target, **kwargs)

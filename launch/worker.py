@@ -5,8 +5,9 @@
 or as the `train_loop_per_worker` of a Ray Train `TorchTrainer` (`ray_train_loop`), where DeepSpeed
 reuses the process group Ray Train set up. Per epoch it trains, evaluates on the validation shards,
 saves a DeepSpeed checkpoint, appends a line to `metrics.jsonl` (rank 0) and calls `report` (every
-rank; Ray Train's `report` is a barrier). At the end it writes the consolidated fp32 weights
-(`model.safetensors`) and `arch.yaml`.
+rank; Ray Train's `report` is a barrier). After the last epoch, before reporting it, it writes
+the consolidated fp32 weights (`model.safetensors`) and `arch.yaml`: a scheduler that stops the
+trial on its last report must not leave a full-budget trial without weights.
 
 Checkpoints (`TRIAL/checkpoint/`): DeepSpeed writes tag folder `epoch_NNNN`; only when every
 rank has finished (DeepSpeed's closing barrier) does rank 0 replace `state.json` (the epoch, the
@@ -428,7 +429,9 @@ def _restore(run: _Run, engine: Any, state: CheckpointState | None
 def _train_epochs(run: _Run, engine: Any, loaders: Any, shards: list[Any], start_epoch: int,
                   history: list[dict[str, Any]]) -> None:
     """Train, evaluate, checkpoint, log and report each remaining epoch (appends to
-    `history`)."""
+    `history`); the final weights are written before the last epoch is reported, because a
+    scheduler may stop the trial on that report (ASHA stops every trial that reaches its
+    `max_t`) and nothing after it would run."""
     training, setup = run.training, run.setup
     input_dtype = model_input_dtype(training.bf16, run.device)
     # The attention mass an impulse init reached per head (empty for other inits), kept in every
@@ -472,11 +475,16 @@ def _train_epochs(run: _Run, engine: Any, loaders: Any, shards: list[Any], start
                          history, shards, setup.rank)
         if run.rank0:
             _append_metrics(run.trial_dir, line)
+        if epoch == training.epochs:
+            _write_final(run, engine)
         if run.report is not None:
             run.report({**line, "fidelity": epoch})
-    if start_epoch >= training.epochs and history and run.report is not None:
-        # Nothing left to train: tell the caller where the trial stands.
-        run.report({**history[-1], "fidelity": history[-1]["epoch"]})
+    if start_epoch >= training.epochs and history:
+        # Nothing left to train: write the weights of the checkpoint and tell the caller where
+        # the trial stands.
+        _write_final(run, engine)
+        if run.report is not None:
+            run.report({**history[-1], "fidelity": history[-1]["epoch"]})
 
 
 def _write_final(run: _Run, engine: Any) -> None:
@@ -526,8 +534,7 @@ def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.P
         loaders, ds_config, shards = _build_data(run)
         engine = _build_engine(run, ds_config)
         start_epoch, history = _restore(run, engine, state)
-        _train_epochs(run, engine, loaders, shards, start_epoch, history)
-        _write_final(run, engine)
+        _train_epochs(run, engine, loaders, shards, start_epoch, history)  # + final weights
         del engine
         gc.collect()
         return history[-1] if history else None
