@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster-check": ("launch.cluster_check", "check a Ray cluster and run folder before a search"),
     "dashboard": ("launch.cmd_dashboard", "browse a search's study in optuna-dashboard"),
     "supernet": ("launch.cmd_supernet", "train a weight-sharing supernet or score an architecture"),
-    "repair-journal": ("launch.cmd_journal", "truncate a damaged study journal to its last good"
-                                             " line (keeps a backup)"),
+    "repair-journal": ("launch.cmd_journal", "drop the damaged records of a study journal, keep the"
+                                             " rest (keeps a backup)"),
 }
 
 

@@ -1,10 +1,12 @@
 """`spvit-nas repair-journal RUN_DIR`: make a damaged study journal readable again.
 
-The journal (`RUN_DIR/study.journal`, Optuna's `JournalFileBackend`) is truncated to its last
-complete, valid line; the original is kept beside it as `study.journal.bak-STAMP`. Operations
-after the damage are lost from the study, but every trial folder keeps its metrics, checkpoint
-and weights: `spvit-nas search --out RUN_DIR --resume` then trains or records what the study is
-missing. See `nas.journal`.
+The journal (`RUN_DIR/study.journal`, Optuna's `JournalFileBackend`) is an operation log: the
+damaged records are dropped, with the records that update a trial whose creation was lost (that
+trial stays as a FAIL placeholder so later trials keep their numbers), and every other record is
+kept. The result is replayed with Optuna before it replaces the file; the original is kept beside
+it as `study.journal.bak-STAMP`. The command says which lines were dropped and which trials they
+touched; every trial folder keeps its metrics, checkpoint and weights, and `spvit-nas search
+--out RUN_DIR --resume` trains or records what the study is missing. See `nas.journal`.
 """
 
 from __future__ import annotations
@@ -43,16 +45,32 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"no study journal at {path}. Pass the RUN_DIR of a search, or the"
                           " journal with --storage PATH.")
-    scan, backup = repair_journal(path)
-    if backup is None:
-        print(f"{path} is intact ({scan.good_lines} line(s)); nothing to repair.")
+    repair = repair_journal(path)
+    if not repair.changed:
+        print(f"{path} is intact ({repair.lines} line(s)); nothing to repair.")
         return 0
-    print(f"repaired {path}: kept {scan.good_lines} line(s) ({scan.good_bytes} bytes), dropped"
-          f" {scan.size - scan.good_bytes} byte(s) from line {scan.good_lines + 1} on"
-          f" ({scan.problem}); the original is {backup}. Continue with `spvit-nas search --out"
-          f" {run_dir} --resume` to retrain or record what the study lost.")
+    print(f"repaired {path}: dropped {_lines([n for n, _ in repair.damaged])} (damaged:"
+          f" {repair.damaged[0][1]}{', ...' if len(repair.damaged) > 1 else ''})"
+          + (f" and {_lines(repair.dependent)}, which updated a lost trial"
+             if repair.dependent else "")
+          + f"; kept {repair.kept} of {repair.lines} record(s); Optuna replays "
+          + ", ".join(f"{n} trial(s) of study {name!r}" for name, n in repair.trials.items())
+          + ".")
+    affected = [f"{n} (created on a lost line: now a FAIL placeholder, so later trials keep"
+                " their numbers)" for n in sorted(repair.placeholders)]
+    affected += [f"{n} (lost an update on {_lines(lines)}: its state or attributes may be"
+                 " behind)" for n, lines in repair.touched.items()]
+    print("trials affected: " + ("; ".join(affected) if affected else
+                                 "none that the damaged lines name"))
+    print(f"the original is {repair.backup}. Continue with `spvit-nas search --out {run_dir}"
+          " --resume` to retrain or record what the study lost.")
     return 0
 
+
+def _lines(numbers) -> str:
+    numbers = list(numbers)
+    shown = ", ".join(str(n) for n in numbers[:10]) + (", ..." if len(numbers) > 10 else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}"
 
 if __name__ == "__main__":  # pragma: no cover
     from launch.cli import main

@@ -1,4 +1,5 @@
-"""Integrity of a run's Optuna journal file (`RUN_DIR/study.journal`), checked before it is read.
+"""Integrity of a run's Optuna journal file (`RUN_DIR/study.journal`), checked before it is read,
+and its repair.
 
 Optuna's `JournalFileBackend` keeps one JSON object per line, each an operation with an integer
 `op_code` (`optuna.storages.journal.JournalOperation`) and the keys that operation needs. Optuna
@@ -6,8 +7,17 @@ replays the file on open and fails deep inside with a `JSONDecodeError`, `Unicod
 `KeyError` or `AssertionError` on a damaged line, or silently skips a last line that lacks its
 newline. `scan_journal` reads the file the same way and says exactly where it stops being
 readable; `check_journal` turns that into one line naming the file, the line and byte offset and
-the way out (`spvit-nas repair-journal RUN_DIR`), and `repair_journal` truncates the file to its
-last good line, keeping the original as a backup.
+the way out (`spvit-nas repair-journal RUN_DIR`).
+
+`repair_journal` drops the damaged records and keeps every intact one, because the file is an
+operation log: the records after a damaged line still replay. Trials and studies are numbered by
+the order of their creation records, so a lost creation would renumber every later trial (and
+point their updates at the wrong trials); where later records show that a damaged line created a
+trial (they update a trial id that no surviving record creates), it is replaced by a FAIL
+placeholder trial in the same place, so later trials keep their numbers, and the records that
+update the lost trial are dropped with it. The repaired file is replayed with Optuna's own
+`JournalStorage` and its trial counts compared with the plan before it replaces the original (a
+backup copy is kept); the result names the dropped lines and the trials they touched.
 
 A torn last line (a writer killed in the middle of an append: bytes that start a record but never
 reach their newline) is the one case recovered without asking: Optuna wrote nothing after it, so
@@ -19,9 +29,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spvit.errors import ConfigError
@@ -91,6 +102,57 @@ def _line_problem(raw: bytes) -> str | None:
     missing = [key for key in ("worker_id", *REQUIRED_KEYS[op]) if key not in log]
     if missing:
         return f"op_code {op} without {', '.join(missing)}"
+    return _value_problem(op, log)
+
+
+def _value_problem(op: int, log: dict) -> str | None:
+    """Why Optuna's replay would fail on the values of an otherwise well-formed record."""
+    from datetime import datetime
+
+    from optuna.distributions import json_to_distribution
+
+    def bad_time(key: str, required: bool) -> bool:
+        value = log.get(key)
+        if value is None:
+            return required
+        try:
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            return True
+        return False
+
+    for key in ("study_id", "trial_id"):
+        if key in log and (isinstance(log[key], bool) or not isinstance(log[key], int)):
+            return f"op_code {op} with a {key} that is not an integer ({log[key]!r})"
+    for key in ("user_attr", "system_attr"):
+        if key in log and not (isinstance(log[key], dict) and len(log[key]) == 1):
+            return f"op_code {op} whose {key} is not one key and value"
+    try:
+        if op == 0:
+            if not isinstance(log["directions"], list) or not all(
+                    d in (0, 1, 2) and not isinstance(d, bool) for d in log["directions"]):
+                return f"op_code 0 with directions {log['directions']!r}"
+        elif op == 4:
+            if bad_time("datetime_start", False) or bad_time("datetime_complete", False):
+                return "op_code 4 with a date that is not ISO 8601"
+            distributions = {k: json_to_distribution(v)
+                             for k, v in (log.get("distributions") or {}).items()}
+            if not set(log.get("params") or {}) <= set(distributions):
+                return "op_code 4 with params that have no distribution"
+            if log.get("state", 0) not in (0, 1, 2, 3, 4):
+                return f"op_code 4 with state {log.get('state')!r}"
+        elif op == 5:
+            json_to_distribution(log["distribution"])
+        elif op == 6:
+            state = log["state"]
+            if isinstance(state, bool) or state not in (0, 1, 2, 3, 4):
+                return f"op_code 6 with state {state!r}"
+            if state == 0 and bad_time("datetime_start", True):
+                return "op_code 6 (RUNNING) without a valid datetime_start"
+            if state in (1, 2, 3) and bad_time("datetime_complete", True):
+                return "op_code 6 (finished) without a valid datetime_complete"
+    except (TypeError, ValueError, KeyError, AttributeError, json.JSONDecodeError) as e:
+        return f"op_code {op} with values Optuna cannot read ({type(e).__name__})"
     return None
 
 
@@ -133,9 +195,9 @@ def describe(scan: JournalScan) -> str:
     lost = scan.size - scan.good_bytes
     return (f"study journal {scan.path} is corrupt at line {scan.good_lines + 1} (byte offset"
             f" {scan.good_bytes}): {scan.problem}; the {scan.good_lines} line(s) before it are"
-            f" intact. Run `spvit-nas repair-journal {scan.path.parent}` to truncate it to"
-            f" them ({lost} byte(s) dropped, the original kept as a backup), or restore the file"
-            " from a copy.")
+            f" intact. Run `spvit-nas repair-journal {scan.path.parent}` to drop the damaged"
+            f" record(s) and keep every intact one (the {lost} byte(s) from there on are"
+            " checked; the original is kept as a backup), or restore the file from a copy.")
 
 
 class _JournalLock:
@@ -175,19 +237,223 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def repair_journal(path: str | os.PathLike) -> tuple[JournalScan, Path | None]:
-    """Truncate `path` to its last good line, keeping the original as `NAME.bak-STAMP`.
+PLACEHOLDER_WORKER = "spvit-nas-repair-journal"
+_TRIAL_ID = re.compile(rb'"trial_id"\s*:\s*(\d+)')
 
-    Returns the scan before the repair and the backup (None if the file was intact).
+
+@dataclass(frozen=True)
+class JournalRepair:
+    """What `repair_journal` did.
+
+    Attributes:
+        path: the journal file.
+        backup: the copy of the original (None: the file was intact and is unchanged).
+        lines: records (lines) in the original.
+        kept: records in the repaired file (placeholders included).
+        damaged: 1-based numbers of the lines that could not be read, each with why.
+        dependent: 1-based numbers of intact lines dropped because they update a lost trial.
+        placeholders: trial number -> the damaged line that created it (a FAIL placeholder now).
+        touched: trial number -> damaged lines that probably updated it (their `trial_id`).
+        trials: trials per study name after the repair (as Optuna's replay reads them).
+    """
+
+    path: Path
+    backup: Path | None
+    lines: int
+    kept: int
+    damaged: tuple[tuple[int, str], ...] = ()
+    dependent: tuple[int, ...] = ()
+    placeholders: dict[int, int] = field(default_factory=dict)
+    touched: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    trials: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return self.backup is not None
+
+
+@dataclass
+class _Line:
+    number: int                # 1-based
+    raw: bytes                 # without its newline
+    record: dict | None        # None: damaged
+    problem: str | None = None
+
+
+def _split(data: bytes) -> list[_Line]:
+    lines: list[_Line] = []
+    parts = data.split(b"\n")
+    tail = parts.pop()  # after the last newline: b"" unless the last line is torn
+    for i, raw in enumerate(parts, start=1):
+        problem = _line_problem(raw + b"\n")
+        lines.append(_Line(i, raw, None if problem else json.loads(raw), problem))
+    if tail:
+        lines.append(_Line(len(parts) + 1, tail, None, "a last line without its newline (torn)"))
+    return lines
+
+
+def _placeholder(study_id: int, when: str, line: int) -> dict:
+    return {"op_code": 4, "worker_id": PLACEHOLDER_WORKER, "study_id": study_id,
+            "datetime_start": when, "datetime_complete": when, "state": 3, "value": None,
+            "values": None, "params": {}, "distributions": {}, "system_attrs": {},
+            "intermediate_values": {},
+            "user_attrs": {"fail_reason": f"lost: its record on line {line} of the study journal"
+                                          " was damaged (spvit-nas repair-journal)"}}
+
+
+class _Studies:
+    """Study ids as Optuna's replay gives them: in creation order, a name at most once alive."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}   # alive study id -> name
+        self.next_id = 0
+
+    def apply(self, log: dict) -> None:
+        if log["op_code"] == 0 and log["study_name"] not in self.names.values():
+            self.names[self.next_id] = log["study_name"]
+            self.next_id += 1
+        elif log["op_code"] == 1:
+            self.names.pop(log["study_id"], None)
+
+    def lost(self, log: dict) -> bool:
+        """The record names a study id that was never created."""
+        return log["op_code"] in (1, 2, 3, 4) and log["study_id"] >= self.next_id
+
+
+def _plan_repair(lines: list[_Line]) -> tuple[list[bytes], dict[int, int], set[int],
+                                              dict[str, int]]:
+    """(the lines to write, intact ones byte for byte; placeholder trial id -> its damaged
+    line; the numbers of dependent lines to drop; trials per study name after the replay)."""
+    # Pass 1: which damaged lines created trials. Trial ids are given in creation order, so an
+    # update of an id that no surviving record has created yet belongs to a trial whose creation
+    # is among the damaged lines before it: the nearest one (Optuna writes a trial's updates
+    # right after creating it).
+    studies = _Studies()
+    created = 0
+    last_study = 0
+    open_damage: list[int] = []
+    lost: dict[int, list[int]] = {}  # damaged line number -> study ids of the trials it created
+    for line in lines:
+        log = line.record
+        if log is None:
+            open_damage.append(line.number)
+            continue
+        if studies.lost(log) and any(x.record is None for x in lines[:line.number - 1]):
+            raise ConfigError(
+                f"line {line.number} of the journal refers to study id {log['study_id']}, whose"
+                " creation record is among the damaged lines; every record of that study"
+                " depends on it, so no repair keeps it. Restore the file from a copy.")
+        studies.apply(log)
+        op = log["op_code"]
+        if op == 4 and log["study_id"] in studies.names:
+            created += 1
+            last_study = log["study_id"]
+        elif op in (5, 6, 7, 8, 9) and log["trial_id"] >= created and open_damage:
+            need = log["trial_id"] - created + 1
+            lost.setdefault(open_damage.pop(), []).extend([last_study] * need)
+            created += need
+    # Pass 2: the records to keep, placeholders in the places of the lost creations.
+    studies = _Studies()
+    out: list[bytes] = []
+    trial_study: list[int] = []
+    placeholder_ids: dict[int, int] = {}
+    dependent: set[int] = set()
+    when = "1970-01-01T00:00:00+00:00"
+    for line in lines:
+        log = line.record
+        if log is None:
+            for study_id in lost.get(line.number, []):
+                placeholder_ids[len(trial_study)] = line.number
+                trial_study.append(study_id)
+                out.append(json.dumps(_placeholder(study_id, when, line.number),
+                                      separators=(",", ":")).encode() + b"\n")
+            continue
+        when = log.get("datetime_complete") or log.get("datetime_start") or when
+        studies.apply(log)
+        op = log["op_code"]
+        if op == 4 and log["study_id"] in studies.names:
+            trial_study.append(log["study_id"])
+        elif op in (5, 6, 7, 8, 9) and log["trial_id"] in placeholder_ids:
+            dependent.add(line.number)
+            continue
+        out.append(line.raw + b"\n")
+    expected = dict.fromkeys(studies.names.values(), 0)
+    for study_id in trial_study:
+        if study_id in studies.names:
+            expected[studies.names[study_id]] += 1
+    return out, placeholder_ids, dependent, expected
+
+
+def _replay(path: Path) -> tuple[dict[str, int], dict[int, int]]:
+    """(trials per study, trial id -> number) as Optuna's own `JournalStorage` reads `path`."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from nas import optuna_compat
+
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    counts: dict[str, int] = {}
+    numbers: dict[int, int] = {}
+    for study in storage.get_all_studies():
+        trials = optuna.load_study(study_name=study.study_name,
+                                   storage=storage).get_trials(deepcopy=False)
+        counts[study.study_name] = len(trials)
+        numbers.update({optuna_compat.trial_id(t): t.number for t in trials})
+    return counts, numbers
+
+
+def repair_journal(path: str | os.PathLike) -> JournalRepair:
+    """Drop the damaged records of `path` and those that depend on them, keep every other one.
+
+    The repaired file is written beside the original, replayed with Optuna's `JournalStorage`
+    (its trial counts must be those planned), then moved over the original, which is kept as
+    `NAME.bak-STAMP`; all under Optuna's lock of the file. `ConfigError` (and the file
+    unchanged) when no consistent repair exists.
     """
     path = Path(path)
     with _JournalLock(path):
-        scan = scan_journal(path)
-        if scan.ok:
-            return scan, None
-        backup = _backup(path)
-        _truncate(path, scan.good_bytes)
-    return scan, backup
+        data = path.read_bytes()
+        lines = _split(data)
+        damaged = [line for line in lines if line.record is None]
+        if not damaged:
+            return JournalRepair(path, None, len(lines), len(lines))
+        records, placeholder_ids, dependent, expected = _plan_repair(lines)
+        text = b"".join(records)
+        tmp = path.with_name(f".{path.name}.repair-{os.getpid()}")
+        try:
+            tmp.write_bytes(text)
+            try:
+                counts, numbers = _replay(tmp)
+            except Exception as e:  # Optuna's replay raises many kinds; report, change nothing
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"the repaired journal of {path} does not replay in Optuna"
+                                  f" ({type(e).__name__}: {first}); the file is unchanged."
+                                  " Restore it from a copy.") from None
+            if counts != expected:
+                raise ConfigError(f"the repaired journal of {path} replays to {counts} trials,"
+                                  f" not the {expected} planned; the file is unchanged. Restore"
+                                  " it from a copy.")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            backup = _backup(path)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    touched: dict[int, list[int]] = {}
+    for line in damaged:
+        if line.number in placeholder_ids.values():
+            continue
+        match = _TRIAL_ID.search(line.raw)
+        if match and int(match.group(1)) in numbers:
+            touched.setdefault(numbers[int(match.group(1))], []).append(line.number)
+    return JournalRepair(
+        path, backup, len(lines), len(records),
+        damaged=tuple((line.number, line.problem or "") for line in damaged),
+        dependent=tuple(sorted(dependent)),
+        placeholders={numbers[i]: n for i, n in placeholder_ids.items()},
+        touched={k: tuple(v) for k, v in sorted(touched.items())},
+        trials=counts)
 
 
 def check_journal(path: str | os.PathLike, *,
@@ -247,6 +513,7 @@ def check_run_journal(run_dir: str | os.PathLike, storage: str | None = None, *,
 
 __all__ = [
     "JournalCorrupt",
+    "JournalRepair",
     "JournalScan",
     "check_journal",
     "check_run_journal",

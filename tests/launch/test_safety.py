@@ -259,13 +259,13 @@ def test_a_corrupt_journal_is_reported_with_its_place(run_dir, tmp_path, capsys,
     assert f"spvit-nas repair-journal {run_dir}" in line
     assert out == "" and not (tmp_path / "x").exists()
 
-    # repair: truncate to the last good line, keep the original
+    # repair: drop the damaged record, keep every intact one (and the original)
     damaged = journal.read_bytes()
     code, out, _ = spvit_nas(capsys, "repair-journal", run_dir)
-    assert code == 0 and "kept 5 line(s)" in out
+    assert code == 0 and "dropped line 6 (damaged:" in out
     backups = list(run_dir.glob("study.journal.bak-*"))
     assert len(backups) == 1 and backups[0].read_bytes() == damaged
-    assert journal.read_bytes() == b"".join(lines[:5])
+    assert journal.read_bytes() == b"".join(lines)
     assert scan_journal(journal).ok
 
 
