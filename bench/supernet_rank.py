@@ -306,8 +306,11 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         if key not in seen:
             seen.add(key)
             specs.append(spec)
+    shard, shards = args.shard
     rows = []
     for i, spec in enumerate(specs):
+        if i % shards != shard:
+            continue
         path = out / ROWS_DIR / f"{i:03d}.json"
         row = _read_row(path, spec)
         scores = row["scores"]
@@ -341,6 +344,9 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         shown = "  ".join(f"{n} {scores[n]['value']:.4g}" for n in (*FREE_BASELINES, *scorers))
         print(f"[{i + 1}/{len(specs)}] {shown}  stand-alone {row['standalone']['val_acc']:.4f}"
               f" ({row['standalone']['train_s']:.0f}s)", flush=True)
+    if shards > 1:  # a later run without --shard over the same --out reports all of them
+        return {"mode": "rank", "tag": f"shard{shard}of{shards}", "n": len(rows),
+                "rows": rows}
     from scipy import stats
 
     real = np.array([r["standalone"]["val_acc"] for r in rows])
@@ -585,6 +591,18 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
             "front_rank": front, "seeds": per_seed}
 
 
+def _shard(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    try:
+        shard, shards = int(k), int(n)
+    except ValueError:
+        shard, shards = -1, 0
+    if not 0 <= shard < shards:
+        raise argparse.ArgumentTypeError(f"--shard must be K/N with 0 <= K < N, but got"
+                                         f" {text!r}. Use e.g. 0/2 and 1/2.")
+    return shard, shards
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -610,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="score every architecture after each of these numbers of fine-tuning"
                            " steps from its inherited weights (default 0: none); the first is"
                            " the headline, the others are reported beside it")
+    rank.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                      help="work on architectures i with i %% N == K only (several processes"
+                           " over one --out); a run without it then reports them all")
     rank.add_argument("--zero-cost-batch", type=int, default=128, metavar="N",
                       help="images of the one batch NASWOT codes (default 128)")
     rank.add_argument("--untrained-control", action="store_true",
