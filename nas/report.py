@@ -4,10 +4,14 @@
 `RUN_DIR/reports/`:
 
 * `pareto.csv`      the full-fidelity Pareto set, one row per trial (`nas.pareto.to_csv`);
-* `pareto.png`      accuracy vs GFLOPs of every trial with known objectives; colour and marker
-                    size grow with parameters; the Pareto set is drawn bold, outlined and labelled
-                    with trial numbers; partial (COMPLETE below budget) and pruned trials faintly;
-* `pareto.html`     the same picture, interactive (plotly, with plotly.js embedded: it opens
+* `pareto.png`      accuracy vs GFLOPs and accuracy vs parameters (the two projections of the
+                    three objectives) of every trial with known objectives; colour and marker
+                    size grow with the third objective; the members of the 3-objective Pareto
+                    set are outlined and labelled with trial numbers, and the staircase of each
+                    panel joins only the trials no other beats on that panel's two axes (a
+                    front member off it is there thanks to the hidden objective); partial
+                    (COMPLETE below budget) and pruned trials faintly;
+* `pareto.html`     accuracy vs GFLOPs, interactive (plotly, with plotly.js embedded: it opens
                     offline), hover text with each trial's key choices;
 * `hypervolume.png` hypervolume of the full-fidelity front after each trial (see
                     `hypervolume_history` for the reference point);
@@ -26,6 +30,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -161,16 +166,32 @@ def _marker_sizes(params: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return 30.0 + 170.0 * (params - lo) / (hi - lo)
 
 
-def pareto_png(points: Sequence[tuple[FrozenTrial, str, tuple[float, float, float]]],
-               front: Sequence[FrozenTrial], *, title: str = "") -> bytes:
-    """PNG bytes of accuracy vs GFLOPs (see the module docstring)."""
-    plt = _pyplot()
+# The two projections of the three objectives that pareto.png draws: (axis, its label, colour
+# axis, colour label). Accuracy (objective 0) is the y axis of both.
+PROJECTIONS = ((1, "GFLOPs (GMACs per image)", 2, "parameters"),
+               (2, "parameters", 1, "GFLOPs"))
+
+
+def front_2d(front: Sequence[FrozenTrial], axis: int) -> list[FrozenTrial]:
+    """The members of `front` that no other member beats on both accuracy (objective 0, higher
+    is better) and objective `axis` (a cost, lower is better): the non-dominated set of that 2-D
+    projection, by increasing cost. A 3-objective front member can be missing from it (it is on
+    the front thanks to the third objective), so only this set draws the staircase."""
+    ordered = sorted(front, key=lambda t: (t.values[axis], -t.values[0]))
+    out: list[FrozenTrial] = []
+    for t in ordered:
+        if not out or t.values[0] > out[-1].values[0]:
+            out.append(t)
+    return out
+
+
+def _pareto_panel(ax, points, front, *, axis: int, label: str, colour: int, colour_label: str,
+                  fig) -> None:
     from matplotlib.colors import Normalize
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
     front_numbers = {t.number for t in front}
-    params_all = np.array([p[2][2] for p in points] or [0.0], dtype=float)
-    lo, hi = float(params_all.min()), float(params_all.max())
+    values_all = np.array([p[2][colour] for p in points] or [0.0], dtype=float)
+    lo, hi = float(values_all.min()), float(values_all.max())
     norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
     styles = {
         "pruned": dict(alpha=0.18, marker="x", label="pruned (last accuracy)"),
@@ -183,32 +204,47 @@ def pareto_png(points: Sequence[tuple[FrozenTrial, str, tuple[float, float, floa
         if not sel:
             continue
         acc = np.array([p[2][0] for p in sel]) * 100
-        gfl = np.array([p[2][1] for p in sel])
-        prm = np.array([p[2][2] for p in sel])
-        mappable = ax.scatter(gfl, acc, s=_marker_sizes(prm, lo, hi), c=prm, cmap="viridis",
+        x = np.array([p[2][axis] for p in sel])
+        c = np.array([p[2][colour] for p in sel])
+        mappable = ax.scatter(x, acc, s=_marker_sizes(c, lo, hi), c=c, cmap="viridis",
                               norm=norm, **style)
     if front:
-        ordered = sorted(front, key=lambda t: t.values[1])
-        gfl = np.array([t.values[1] for t in ordered])
-        acc = np.array([t.values[0] for t in ordered]) * 100
-        prm = np.array([t.values[2] for t in ordered])
-        ax.step(gfl, acc, where="post", color="crimson", lw=1.2, alpha=0.7, zorder=2)
-        mappable = ax.scatter(gfl, acc, s=_marker_sizes(prm, lo, hi), c=prm, cmap="viridis",
+        stairs = front_2d(front, axis)
+        ax.step([t.values[axis] for t in stairs], [100 * t.values[0] for t in stairs],
+                where="post", color="crimson", lw=1.2, alpha=0.7, zorder=2,
+                label="non-dominated in this view")
+        on_stairs = {t.number for t in stairs}
+        x = np.array([t.values[axis] for t in front])
+        acc = np.array([t.values[0] for t in front]) * 100
+        c = np.array([t.values[colour] for t in front])
+        mappable = ax.scatter(x, acc, s=_marker_sizes(c, lo, hi), c=c, cmap="viridis",
                               norm=norm, edgecolors="crimson", linewidths=2.0, zorder=3,
-                              label="Pareto set (full budget)")
-        for t, x, y in zip(ordered, gfl, acc, strict=True):
-            ax.annotate(str(t.number), (x, y), textcoords="offset points", xytext=(6, 6),
-                        fontsize=9, color="crimson", weight="bold")
+                              label="Pareto set, 3 objectives (full budget)")
+        for t, xi, yi in zip(front, x, acc, strict=True):
+            ax.annotate(str(t.number), (xi, yi), textcoords="offset points", xytext=(6, 6),
+                        fontsize=9, color="crimson",
+                        weight="bold" if t.number in on_stairs else "normal")
     if mappable is not None:
-        fig.colorbar(mappable, ax=ax, label="parameters")
-        ax.legend(loc="lower right", fontsize=8)
+        fig.colorbar(mappable, ax=ax, label=colour_label)
+        ax.legend(loc="lower right", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no trial with known accuracy yet", ha="center", va="center",
                 transform=ax.transAxes)
-    ax.set_xlabel("GFLOPs (GMACs per image)")
+    ax.set_xlabel(label)
     ax.set_ylabel("validation top-1 accuracy (%)")
-    ax.set_title(title or "accuracy vs GFLOPs")
     ax.grid(alpha=0.3)
+
+
+def pareto_png(points: Sequence[tuple[FrozenTrial, str, tuple[float, float, float]]],
+               front: Sequence[FrozenTrial], *, title: str = "") -> bytes:
+    """PNG bytes of accuracy vs GFLOPs and accuracy vs parameters (see the module docstring)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(PROJECTIONS), figsize=(15, 5.5))
+    for ax, (axis, label, colour, colour_label) in zip(axes, PROJECTIONS, strict=True):
+        _pareto_panel(ax, points, front, axis=axis, label=label, colour=colour,
+                      colour_label=colour_label, fig=fig)
+    fig.suptitle(title or "accuracy vs cost")
+    fig.tight_layout()
     return _png_bytes(fig)
 
 
@@ -251,10 +287,15 @@ def pareto_html(points: Sequence[tuple[FrozenTrial, str, tuple[float, float, flo
             text=[_hover(*p) for p in sel], hoverinfo="text",
             customdata=[p[0].number for p in sel]))
     if front:
+        stairs = front_2d(front, 1)
+        fig.add_trace(go.Scatter(
+            x=[t.values[1] for t in stairs], y=[100 * t.values[0] for t in stairs],
+            mode="lines", line=dict(shape="hv", color="crimson", width=1),
+            name="non-dominated in this view", hoverinfo="skip"))
         ordered = sorted(front, key=lambda t: t.values[1])
         fig.add_trace(go.Scatter(
             x=[t.values[1] for t in ordered], y=[100 * t.values[0] for t in ordered],
-            mode="markers+text+lines", line=dict(shape="hv", color="crimson", width=1),
+            mode="markers+text",
             name="Pareto set (full budget)", text=[str(t.number) for t in ordered],
             textposition="top right",
             marker=dict(size=list(np.sqrt(_marker_sizes(np.array([t.values[2] for t in ordered]),
@@ -362,6 +403,7 @@ def _space_lines(run_dir: Path, info: dict[str, Any]) -> list[str]:
     `SearchSpace`)."""
     path = run_dir / run.SPACE_FILE
     source = info.get("space") if isinstance(info.get("space"), str) else None
+    source = _from_run_dir(run_dir, source) if source else None
     if not path.is_file():
         return [f"- space: `{source}` (no space.yaml in the run folder)" if source
                 else "- space: unknown (no space.yaml in the run folder)"]
@@ -460,7 +502,8 @@ def write_reports(run_dir: str | os.PathLike, *, trial: int | None = None,
     title = f"{study.study_name}: accuracy vs GFLOPs ({len(front)} on the Pareto set)"
     points = plotted_points(study, run_dir)
     put("pareto.csv", pareto.to_csv(front))
-    put("pareto.png", pareto_png(points, front, title=title))
+    put("pareto.png", pareto_png(points, front, title=f"{study.study_name}: accuracy vs GFLOPs"
+                                 f" and parameters ({len(front)} on the Pareto set)"))
     put("pareto.html", pareto_html(points, front, title=title))
     numbers, hv, reference = hypervolume_history(trials)
     put("hypervolume.png", hypervolume_png(numbers, hv, reference))
@@ -472,7 +515,19 @@ def write_reports(run_dir: str | os.PathLike, *, trial: int | None = None,
 
     put("report.md", _report_md(run_dir, info, study, trials, front, numbers, hv, reference,
                                 prior_trial, prior_file, prior_note, storage))
+    # The priors of a trial drawn by an earlier report would read as this report's.
+    for stale in out.glob("priors_*.png"):
+        if stale.name != prior_file and re.fullmatch(r"priors_\d+\.png", stale.name):
+            stale.unlink(missing_ok=True)
     return written
+
+
+def _from_run_dir(run_dir: Path, value: str) -> str:
+    """A path written relative to the run folder (absolute paths and paths through the folder
+    the report was made from are not the reader's); URLs and relative paths unchanged."""
+    if run.is_url(value) or not os.path.isabs(value):
+        return value
+    return os.path.relpath(value, run_dir.resolve())
 
 
 def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
@@ -487,6 +542,8 @@ def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
     budget = info.get("budget", budgets[-1] if budgets
                       else training.epochs if training is not None else None)
     where = run.storage_label(run_dir, info, storage=storage)
+    if not run.is_url(where):
+        where = _from_run_dir(run_dir, str(Path(where).resolve()))
     objectives = ", ".join(f"{o} ({d.name.lower()})"
                            for o, d in zip(run.OBJECTIVES, study.directions, strict=True))
     sampler = info.get("sampler")
@@ -495,7 +552,8 @@ def _report_md(run_dir: Path, info: dict[str, Any], study: optuna.Study,
     lines = [
         f"# Search report: {study.study_name}",
         "",
-        f"Generated {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} from `{run_dir}`.",
+        f"Generated {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} from its run folder"
+        " (`..`); paths below are relative to the run folder.",
         "",
         "## Run",
         f"- study: `{study.study_name}` in `{where}`",
