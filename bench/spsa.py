@@ -4,7 +4,9 @@ and vanilla fused attention, and a full SP-ViT-S training step with and without 
 The SP-SA layer evaluates the prior MLP once per unique offset ((2S-1)^2 of them) and gathers it
 into an (H, N, N) multiplier. The naive formulation (the SP-ViT release's) evaluates the MLP on all
 N^2 token pairs and repeats it over the batch. All three layers include their Q/K/V and output
-projections. Times are medians of `--repeats` runs after warm-up, forward + backward.
+projections. Times are medians of `--repeats` runs after warm-up, forward + backward. The SP-SA
+layer runs the default path (on CPU the C kernel of `spvit.cpu_attention`); `SPVIT_ATTENTION=eager`
+times the formula as written. `bench/spsa_cpu.py` compares whole training steps per prior family.
 
     .venv/bin/python bench/spsa.py    # 14x14 grid, dim 384, 6 heads, batch 8; spvit_s batch 8
     .venv/bin/python bench/spsa.py --skip-model --repeats 20

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 KERNEL_DIR_VAR = "SPVIT_KERNEL_DIR"
 _CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
@@ -116,11 +117,13 @@ static inline void row_logits(const float *s, const float *mrow, const float *br
     for (int j = n; j < np; j++) l[j] = -1e30f;
 }
 
-void spsa_forward(const float *q, const float *k, const float *v, const float *mult,
+/* Both entry points return 0, or 1 when their scratch memory cannot be allocated. */
+int spsa_forward(const float *q, const float *k, const float *v, const float *mult,
                   const float *bias, float scale, int bh0, int bh1, int heads, int n, int d,
                   float *out, float *lse) {
     const int np = (n + 7) & ~7;
     float *kt = aligned_alloc(32, sizeof(float) * ((size_t)2 * np * d + 2 * R * np));
+    if (!kt) return 1;
     float *vt = kt + (size_t)np * d, *s = vt + (size_t)np * d, *p = s + (size_t)R * np;
     for (int bh = bh0; bh < bh1; bh++) {
         const size_t off = (size_t)bh * n * d;
@@ -188,15 +191,17 @@ void spsa_forward(const float *q, const float *k, const float *v, const float *m
         }
     }
     free(kt);
+    return 0;
 }
 
 /* dmult, dbias: (heads, n, n) accumulators of this call (summed over its rows bh), or NULL */
-void spsa_backward(const float *q, const float *k, const float *v, const float *mult,
+int spsa_backward(const float *q, const float *k, const float *v, const float *mult,
                    const float *bias, float scale, int bh0, int bh1, int heads, int n, int d,
                    const float *out, const float *lse, const float *dout,
                    float *dq, float *dk, float *dv, float *dmult, float *dbias) {
     const int np = (n + 7) & ~7;
     float *kt = aligned_alloc(32, sizeof(float) * ((size_t)4 * np * d + 3 * R * np));
+    if (!kt) return 1;
     float *vt = kt + (size_t)np * d, *dkt = vt + (size_t)np * d, *dvt = dkt + (size_t)np * d;
     float *s = dvt + (size_t)np * d, *p = s + (size_t)R * np, *dp = p + (size_t)R * np;
     for (int bh = bh0; bh < bh1; bh++) {
@@ -276,6 +281,7 @@ void spsa_backward(const float *q, const float *k, const float *v, const float *
             }
     }
     free(kt);
+    return 0;
 }
 """
 
@@ -321,9 +327,9 @@ class _Kernel:
         lib = ctypes.CDLL(str(path))
         ptr, flt, i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
         lib.spsa_forward.argtypes = [ptr] * 5 + [flt] + [i32] * 5 + [ptr] * 2
-        lib.spsa_forward.restype = None
+        lib.spsa_forward.restype = ctypes.c_int
         lib.spsa_backward.argtypes = [ptr] * 5 + [flt] + [i32] * 5 + [ptr] * 8
-        lib.spsa_backward.restype = None
+        lib.spsa_backward.restype = ctypes.c_int
         self.forward = lib.spsa_forward
         self.backward = lib.spsa_backward
         self.path = path
@@ -364,6 +370,7 @@ def kernel_error() -> str | None:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
@@ -372,15 +379,18 @@ def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _run(calls: list) -> None:
-    """Run thunks, on torch's thread count (the kernel calls release the GIL)."""
-    global _pool
+    """Run kernel calls, one per thread of torch's thread count (ctypes releases the GIL)."""
+    global _pool, _pool_pid
     if len(calls) == 1:
-        calls[0]()
-        return
-    if _pool is None or _pool._max_workers < len(calls):
-        _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="spsa")
-    for future in [_pool.submit(call) for call in calls]:
-        future.result()
+        failed = calls[0]()
+    else:
+        # A forked child inherits the pool object but not its threads: make a new one there.
+        if _pool is None or _pool._max_workers < len(calls) or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="spsa")
+            _pool_pid = os.getpid()
+        failed = any([future.result() for future in [_pool.submit(call) for call in calls]])
+    if failed:
+        raise MemoryError("the SP-SA CPU kernel could not allocate its scratch rows")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -412,6 +422,7 @@ class _SPSAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, mult, bias, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
