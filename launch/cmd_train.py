@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster for several workers (default: a local instance)")
 
 
-def load_training(path: str | None) -> Any:
-    """The `TrainingConfig` in `path`: a recipe mapping or a space file's `training:` block."""
+def load_training(path: str | None, *, what: str = "--training file") -> Any:
+    """The `TrainingConfig` in `path`: a recipe mapping or a space file's `training:` block.
+    `what` names the file in errors."""
     import yaml
 
     from search_spaces.training import TrainingConfig
@@ -59,16 +60,17 @@ def load_training(path: str | None) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"--training file {path!r} does not exist. Check the path.") from None
+        raise ConfigError(f"{what} {path!r} does not exist. Check the path.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--training file {path} is not valid YAML: {e}. Fix the syntax.")\
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}. Fix"
+                          " the syntax.")\
             from None
     if isinstance(data, dict) and "training" in data:
         data = data["training"]
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--training file {path} must hold a mapping of training fields (or a"
+        raise ConfigError(f"{what} {path} must hold a mapping of training fields (or a"
                           f" `training:` block), but got {type(data).__name__}. Write e.g."
                           " `epochs: 10`.")
     try:
@@ -102,8 +104,11 @@ def check_before_training(spec: Any, training: Any, *, workers: int, use_gpu: bo
 
 
 def check_local_resources(*, workers: int, cpus_per_worker: float, use_gpu: bool, flag: str,
-                          num_cpus: int | None = None) -> None:
-    """Refuse a request this machine cannot hold (a local Ray instance would wait forever)."""
+                          num_cpus: int | None = None,
+                          cpus_flag: str | None = "--cpus-per-worker") -> None:
+    """Refuse a request this machine cannot hold (a local Ray instance would wait forever).
+    `flag` and `cpus_flag` are the command's flags for the workers and their CPUs (None: the
+    command has none for the CPUs)."""
     import os as _os
 
     from spvit.errors import ConfigError
@@ -113,8 +118,8 @@ def check_local_resources(*, workers: int, cpus_per_worker: float, use_gpu: bool
     if workers > 1 and need_cpus > have_cpus:
         raise ConfigError(f"{flag} {workers} x {cpus_per_worker:g} CPU(s) needs {need_cpus:g}"
                           f" CPUs, but this machine has {have_cpus}; Ray would wait for them"
-                          f" forever. Lower {flag} or --cpus-per-worker, or join a cluster with"
-                          " --address.")
+                          f" forever. Lower {flag}{f' or {cpus_flag}' if cpus_flag else ''}, or"
+                          " join a cluster with --address.")
     if use_gpu:
         import torch
 
@@ -140,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.out, command="train", resume=args.resume)
     if args.resume and args.training is None and (out / "training.yaml").is_file():
         # A resume continues the folder's own recipe (its epochs included), not the default.
-        training = load_training(str(out / "training.yaml"))
+        training = load_training(str(out / "training.yaml"),
+                                 what="--resume: the folder's recipe")
     else:
         training = load_training(args.training)
     changes: dict[str, Any] = {}

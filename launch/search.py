@@ -307,7 +307,7 @@ def _check_local_resources(plan: _Plan, request: SearchRequest) -> None:
     info = plan.info
     check_local_resources(workers=info.workers_per_trial, cpus_per_worker=1.0,
                           use_gpu=info.gpus_per_worker > 0, flag="--workers-per-trial",
-                          num_cpus=request.num_cpus)
+                          num_cpus=request.num_cpus, cpus_flag=None)
 
 
 def _plan_new(request: SearchRequest, run_dir: Path) -> _Plan:
@@ -658,6 +658,7 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
         say(f"resuming: {dict(finished)} in the study; {len(adopt)} interrupted trial(s)"
             f" continue from their checkpoints, {max(0, info.trials - counted)} new trial(s)"
             " to go")
+        _repair_weights(plan, study, request, say)
     searcher = None
     lease = DriverLease(study, plan.run_dir)
     with lease:
@@ -693,6 +694,45 @@ def _search(plan: _Plan, request: SearchRequest, say: Callable[[str], None],
     if outcome.message:
         say(outcome.message)
     return outcome
+
+
+def _repair_weights(plan: _Plan, study: Any, request: SearchRequest,
+                    say: Callable[[str], None]) -> None:
+    """Write the weights of COMPLETE trials that lack them from their final checkpoint.
+
+    Trials once wrote their weights only after reporting their last epoch, so a scheduler that
+    stopped them on that report (ASHA does, at the budget) left them COMPLETE without
+    `model.safetensors`; their checkpoint holds the trained state. One worker in this process
+    does it (the checkpoint's workers under Ray Train where ZeRO shards need them)."""
+    from launch.trial import TrialFailed, run_candidate
+    from launch.worker import WEIGHTS_FILE, read_checkpoint_state
+    from nas.pareto import trial_dir
+    from nas.warm_start import is_warm_start
+    from search_spaces.training import TrainingConfig
+    from spvit.arch import ArchSpec
+
+    info = plan.info
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name != "COMPLETE" or is_warm_start(t):
+            continue
+        folder = trial_dir(plan.run_dir, t)
+        if (folder / WEIGHTS_FILE).is_file():
+            continue
+        try:
+            state = read_checkpoint_state(folder)
+            if state is None or state.epoch < info.epochs:
+                raise ConfigError(f"its folder {folder} holds no checkpoint of epoch"
+                                  f" {info.epochs}")
+            training = TrainingConfig.from_dict(state.training)
+            run_candidate(ArchSpec.from_dict(state.arch), training, folder,
+                          workers=1 if training.zero_stage == 0 else state.world_size,
+                          use_gpu=info.gpus_per_worker > 0, resume=True,
+                          ray_address=request.address)
+        except (ConfigError, TrialFailed) as e:
+            say(f"note: trial {t.number} is COMPLETE but has no {WEIGHTS_FILE}, and it cannot"
+                f" be written: {e}")
+            continue
+        say(f"trial {t.number}: wrote its missing {WEIGHTS_FILE} from its final checkpoint")
 
 
 def _check_success(plan: _Plan, study: Any, searcher: Any, outcome: SearchOutcome) -> None:

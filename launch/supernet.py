@@ -375,6 +375,9 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
     from nas.ds_config import micro_batch_size
     from nas.outputs import check_output
 
+    from .cmd_train import check_local_resources
+    from .ray_env import resolve_address
+
     out = check_output(out, command="supernet", resume=resume)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be an integer >= 1, but got {workers!r}."
@@ -388,7 +391,16 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
     if random_subnets < 2:
         raise ConfigError(f"the sandwich rule trains at least 2 random subnets per step, but"
                           f" got {random_subnets}. Use --random-subnets 2 or more.")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, (int, float)) \
+            or not math.isfinite(cpus_per_worker) or cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker must be > 0, but got {cpus_per_worker!r}. Pass"
+                          " e.g. --cpus-per-worker 1.")
     micro_batch_size(space.training, workers)
+    if workers == 1 or resolve_address(ray_address) is None:
+        # One worker trains in this process; several on a local instance need this machine's
+        # CPUs/GPUs (Ray would wait for missing ones forever).
+        check_local_resources(workers=workers, cpus_per_worker=cpus_per_worker,
+                              use_gpu=use_gpu, flag="--workers")
     state = read_state(out)
     if state is not None and not resume:
         raise ConfigError(f"--out {out} already holds a supernet checkpoint (epoch"
@@ -437,10 +449,18 @@ def _train_ray(space: SearchSpace, out: Path, *, workers: int, resume: bool, use
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .ray_env import init_ray
+    from .trial import check_cluster_resources
 
     started = not ray.is_initialized()
     if started:
         init_ray(ray_address)
+    try:
+        check_cluster_resources(workers=workers, cpus_per_worker=cpus_per_worker,
+                                use_gpu=use_gpu)
+    except ConfigError:
+        if started:
+            ray.shutdown()
+        raise
     trainer = TorchTrainer(
         ray_supernet_loop,
         train_loop_config={"space": space.to_dict(), "out": str(out), "resume": resume,

@@ -182,3 +182,57 @@ def test_an_asha_search_exports_and_every_complete_trial_has_weights(tmp_path, r
     for t in complete:
         assert (run_dir / t.user_attrs["trial_dir"] / "model.safetensors").is_file(), t.number
     assert outcome.export_dir is not None and (outcome.export_dir / "model.safetensors").is_file()
+
+    # A run from before trials wrote their weights first: --resume writes them from the final
+    # checkpoint.
+    lost = run_dir / complete[0].user_attrs["trial_dir"] / "model.safetensors"
+    lost.unlink()
+    said: list[str] = []
+    outcome = run_search(SearchRequest(out=run_dir, resume=True), say=said.append)
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    assert lost.is_file() and any("wrote its missing model.safetensors" in s for s in said)
+
+
+# ---------------------------------------------------------------------------- before training
+@pytest.mark.parametrize("flags, needle", [
+    (["--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
+    (["--workers", "64"], "needs 64 CPUs"),
+    (["--use-gpu"], "need 1 GPU(s), but this machine has 0"),
+])
+def test_supernet_train_checks_this_machine_before_writing(tmp_path, space_file, capsys,
+                                                          monkeypatch, flags, needle):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "sn"
+    code, _, err = spvit_nas(capsys, "supernet", "train", "--space", space_file, "--out", out,
+                             *flags)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not out.exists()  # no space.yaml, no supernet.json, no Ray waiting forever
+
+
+def test_a_broken_recipe_is_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("epochs: [\n")
+    code, _, err = spvit_nas(capsys, "train", "--arch", "spvit_test", "--out",
+                             tmp_path / "out", "--training", bad)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"--training file {bad}" in lines[0], err
+    # with --resume the folder's own recipe is read, and named as such
+    folder = tmp_path / "resumed"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "training.yaml").write_text("- 1\n")
+    code, _, err = spvit_nas(capsys, "train", "--arch", "spvit_test", "--out", folder,
+                             "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--resume: the folder's recipe" in lines[0], err
+    assert "--training" not in lines[0]
+
+
+def test_search_names_only_its_own_flags_when_the_machine_is_too_small(tmp_path, space_file,
+                                                                       capsys):
+    code, _, err = spvit_nas(capsys, "search", "--space", space_file, "--out", tmp_path / "r",
+                             "--workers-per-trial", 64)
+    assert code == 2 and "needs 64 CPUs" in err and "--cpus-per-worker" not in err
