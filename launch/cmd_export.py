@@ -44,18 +44,29 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--max-gflops/--max-params apply to --pick, but got them with"
                               f" --trial {args.trial}. Drop the budgets or use --pick.")
     check_output(out, command="export", overwrite=args.overwrite)  # before reading anything
+    above = out.expanduser().absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"--out {out} lies under {above}, which is a file, so no folder can be"
+                          " made there. Pass another --out.")
     info = pareto.read_run_info(args.run_dir)
     check_run_journal(args.run_dir, args.storage or info.get("storage"),
                       say=lambda line: print(line, file=sys.stderr))
-    if args.trial is not None:
-        path = export.export_trial(args.run_dir, args.trial, out, overwrite=args.overwrite,
-                                   storage=args.storage)
-        print(f"exported trial {args.trial} to {path}")
-        return 0
-    path, trial, why = export.export_pick(args.run_dir, out, method=args.pick,
-                                          max_gflops=args.max_gflops,
-                                          max_params=args.max_params,
-                                          overwrite=args.overwrite, storage=args.storage)
+    try:
+        if args.trial is not None:
+            path = export.export_trial(args.run_dir, args.trial, out,
+                                       overwrite=args.overwrite, storage=args.storage)
+            print(f"exported trial {args.trial} to {path}")
+            return 0
+        path, trial, why = export.export_pick(args.run_dir, out, method=args.pick,
+                                              max_gflops=args.max_gflops,
+                                              max_params=args.max_params,
+                                              overwrite=args.overwrite, storage=args.storage)
+    except OSError as e:  # the export folder appears whole or not at all: nothing is left
+        where = f" ({e.filename})" if e.filename else ""
+        raise ConfigError(f"cannot write the export to --out {out}: {e.strerror or e}{where}."
+                          " Pass an --out in a folder you can write to.") from None
     print(f"pick ({args.pick}): {why}")
     print(f"exported trial {trial.number} to {path}")
     return 0

@@ -51,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     where = pareto.storage_label(args.run_dir, info, storage=args.storage)
     front = pareto.pareto_trials(study)
     shown = pareto.within_budget(front, max_gflops=args.max_gflops, max_params=args.max_params)
+    paths = []
+    if args.plot:  # before any output: a trial whose priors cannot be drawn stops it here
+        from nas.report import write_reports
+
+        paths = write_reports(args.run_dir, trial=args.priors_trial, storage=args.storage)
     chosen = why = None
     if args.pick:
         chosen, why = pareto.pick(front, max_gflops=args.max_gflops,
@@ -73,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
         if chosen is not None:
             print(f"\npick ({args.pick}): {why}")
     if args.plot:
-        from nas.report import write_reports
-
-        paths = write_reports(args.run_dir, trial=args.priors_trial, storage=args.storage)
         out = sys.stderr if (args.json or args.csv) else sys.stdout
         print("reports: " + ", ".join(str(p) for p in paths), file=out)
     return 0

@@ -187,6 +187,12 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
             f" {type(info).__name__ if not isinstance(info, dict) else sorted(info)}."
             " Add \"study_name\": \"NAME\"."
         )
+    if info.get("storage") is not None and not isinstance(info["storage"], str):
+        raise ConfigError(
+            f"{path}: `storage` must be a journal path, a database URL or null, but got"
+            f" {info['storage']!r}. Fix it in {RUN_FILE}, or pass the study's storage with"
+            " --storage."
+        )
     return info
 
 
@@ -246,6 +252,9 @@ def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None 
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir) if info is None else info
+    if storage is not None and not str(storage).strip():
+        raise ConfigError("--storage is empty. Pass the study's journal file or database URL,"
+                          " or omit --storage to read the run's own study.")
     url = storage if storage is not None else info.get("storage")
     if not is_url(url):
         path = _journal_file(run_dir, url or None, given=storage is not None)

@@ -131,14 +131,15 @@ def check_database_exists(url: str, *, flag: str = "--storage") -> None:
     parsed = _parse_url(url)
     if parsed.get_backend_name() != "sqlite":
         return
+    shown = _masked(parsed) if parsed.password else url
     database = parsed.database or ""
     if database in ("", ":memory:") or database.startswith("file::memory:"):
-        raise ConfigError(f"{flag} {_masked(parsed)} is an in-memory SQLite database, which holds"
+        raise ConfigError(f"{flag} {shown} is an in-memory SQLite database, which holds"
                           " no study. Pass the URL of the search's database file, e.g."
                           " sqlite:///path/to/study.db.")
     path = Path(database.removeprefix("file:").split("?", 1)[0]).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{flag} {_masked(parsed)} names the database file {str(path)!r}, which"
+        raise ConfigError(f"{flag} {shown} names the database file {str(path)!r}, which"
                           " does not exist (relative paths count from the current folder); the"
                           " study is not there and nothing was created. Check the path"
                           + (f", or omit {flag} to read the run's own storage." if

@@ -338,3 +338,44 @@ def test_check_space_names_the_folder_it_found(capsys, tmp_path):
     code, out, err = spvit_nas(capsys, "check-space", path)
     assert code == 0, err
     assert f"found: {tmp_path / 'data'}, 2 classes" in out
+
+
+# ---------------------------------------------------------------------------- more bad input
+def test_export_under_a_file_or_unwritable_is_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import nas.export
+
+    run_dir = make_run(tmp_path / "runs", weights=True)
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = spvit_nas(capsys, "export", run_dir, "--trial", 0, "--out",
+                             tmp_path / "a_file" / "x" / "y")
+    line = one_line(code, err, "which is a file")
+    assert_names_value_and_fix(line, tmp_path / "a_file")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(nas.export, "export_trial", denied)
+    code, _, err = spvit_nas(capsys, "export", run_dir, "--trial", 0, "--out", tmp_path / "ro")
+    line = one_line(code, err, "Permission denied")
+    assert_names_value_and_fix(line, tmp_path / "ro")
+
+
+def test_pareto_plot_of_an_unusable_priors_trial_prints_nothing_but_the_error(capsys, tmp_path):
+    run_dir = make_run(tmp_path / "runs", weights=True)
+    code, out, err = spvit_nas(capsys, "pareto", run_dir, "--plot", "--priors-trial", 5)
+    one_line(code, err, "trial 5 was pruned")
+    assert out == ""
+
+
+def test_an_empty_or_non_text_storage_is_refused(capsys, tmp_path):
+    import json
+
+    run_dir = make_run(tmp_path / "runs")
+    code, out, err = spvit_nas(capsys, "pareto", run_dir, "--storage", "")
+    assert_names_value_and_fix(one_line(code, err, "--storage is empty"))
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(dict(info, storage=5)))
+    code, out, err = spvit_nas(capsys, "pareto", run_dir)
+    assert_names_value_and_fix(one_line(code, err, "`storage` must be"), "5")
