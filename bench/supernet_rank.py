@@ -12,9 +12,10 @@ Two measurements, each writing a JSON summary (and a plot) to `--out`:
   the same architectures: parameters and GFLOPs (`spvit.cost`), synflow and NASWOT at
   initialisation (`nas.zero_cost`), each with τ minus the parameter count's τ (paired
   bootstrap); `rank.md` holds the table. Resumable per architecture: `rows/NNN.json` is
-  written as each score and stand-alone result arrives. `--front RUN_DIR` computes τ / ρ over
-  the COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs
-  stand-alone).
+  written as each score and stand-alone result arrives; `--shard K/N` splits the
+  architectures over processes, `--report-only` reports over the complete records so far.
+  `--front RUN_DIR` computes τ / ρ over the COMPLETE trials of a one-shot search run (their
+  `proxy_val_acc` user attr vs stand-alone).
 * `time-to-front`: per seed, a full-budget search (the space's sampler, as the main job;
   `--trials` proposals, default the space's `search.trials`, each trained stand-alone) against
   the one-shot pipeline (supernet training + proxy study + `--retrain` stand-alone trainings),
@@ -70,24 +71,47 @@ def kendall_spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(stats.kendalltau(x, y).statistic), float(stats.spearmanr(x, y).statistic)
 
 
+def _resamples(n: int, *, rounds: int, seed: int) -> np.ndarray:
+    """`(rounds, n)` indices, each row n draws with replacement."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, n, n) for _ in range(rounds)])
+
+
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's τ-b of every row pair of `x`, `y` `(R, n)` (scipy's; nan for a constant row)."""
+    n = x.shape[1]
+    i, j = np.triu_indices(n, 1)
+    sx, sy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+    den = np.sqrt((sx * sx).sum(1) * (sy * sy).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (sx * sy).sum(1) / den, np.nan)
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's ρ of every row pair (Pearson over average ranks; nan for a constant row)."""
+    from scipy import stats
+
+    rx = stats.rankdata(x, axis=1)
+    ry = stats.rankdata(y, axis=1)
+    rx -= rx.mean(1, keepdims=True)
+    ry -= ry.mean(1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(1) / den, np.nan)
+
+
 def bootstrap_ci(x: np.ndarray, y: np.ndarray, *, rounds: int, seed: int
                  ) -> dict[str, list[float]]:
-    """95% percentile intervals of τ and ρ over `rounds` resamples of the (x, y) pairs."""
-    rng = np.random.default_rng(seed)
-    taus, rhos = [], []
-    n = len(x)
-    for _ in range(rounds):
-        idx = rng.integers(0, n, n)
-        if len(set(x[idx])) < 2 or len(set(y[idx])) < 2:
-            continue
-        t, r = kendall_spearman(x[idx], y[idx])
-        if np.isfinite(t) and np.isfinite(r):
-            taus.append(t)
-            rhos.append(r)
-    if not taus:
+    """95% percentile intervals of τ and ρ over `rounds` resamples of the (x, y) pairs
+    (resamples where either side is constant are left out)."""
+    idx = _resamples(len(x), rounds=rounds, seed=seed)
+    taus = _kendall_rows(x[idx], y[idx])
+    rhos = _spearman_rows(x[idx], y[idx])
+    ok = np.isfinite(taus) & np.isfinite(rhos)
+    if not ok.any():
         return {"tau": [float("nan")] * 2, "rho": [float("nan")] * 2}
-    return {"tau": [float(v) for v in np.percentile(taus, [2.5, 97.5])],
-            "rho": [float(v) for v in np.percentile(rhos, [2.5, 97.5])]}
+    return {"tau": [float(v) for v in np.percentile(taus[ok], [2.5, 97.5])],
+            "rho": [float(v) for v in np.percentile(rhos[ok], [2.5, 97.5])]}
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
@@ -224,20 +248,10 @@ def bootstrap_tau_diff(x: np.ndarray, base: np.ndarray, y: np.ndarray, *, rounds
                        seed: int) -> list[float]:
     """95% percentile interval of τ(x, y) - τ(base, y) over `rounds` paired resamples (the same
     resampled architectures for both proxies)."""
-    from scipy import stats
-
-    rng = np.random.default_rng(seed)
-    diffs = []
-    n = len(y)
-    for _ in range(rounds):
-        idx = rng.integers(0, n, n)
-        if min(len(set(x[idx])), len(set(base[idx])), len(set(y[idx]))) < 2:
-            continue
-        d = (stats.kendalltau(x[idx], y[idx]).statistic
-             - stats.kendalltau(base[idx], y[idx]).statistic)
-        if np.isfinite(d):
-            diffs.append(d)
-    if not diffs:
+    idx = _resamples(len(y), rounds=rounds, seed=seed)
+    diffs = _kendall_rows(x[idx], y[idx]) - _kendall_rows(base[idx], y[idx])
+    diffs = diffs[np.isfinite(diffs)]
+    if not len(diffs):
         return [float("nan")] * 2
     return [float(v) for v in np.percentile(diffs, [2.5, 97.5])]
 
@@ -307,7 +321,8 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
             seen.add(key)
             specs.append(spec)
     shard, shards = args.shard
-    rows = []
+    rows: list[dict[str, Any]] = []
+    used: list[Any] = []  # the specs of `rows`
     for i, spec in enumerate(specs):
         if i % shards != shard:
             continue
@@ -318,6 +333,13 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         def missing(name: str, key: str, scores: dict[str, Any] = scores) -> bool:
             return name not in scores or scores[name]["key"] != key
 
+        if args.report_only:
+            needed = [("params", "cost"), ("gflops", "cost"), ("synflow", zero_key),
+                      ("naswot", zero_key), *((n, k) for n, (k, _) in scorers.items())]
+            done = row["standalone"]
+            if (any(missing(n, k) for n, k in needed) or done is None
+                    or done["epochs"] != space.training.epochs):
+                continue
         if missing("params", "cost") or missing("gflops", "cost"):
             start = time.perf_counter()
             cost = estimate(spec)
@@ -341,6 +363,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
                                  "epochs": space.training.epochs}
             _write_row(path, row)
         rows.append(row)
+        used.append(spec)
         shown = "  ".join(f"{n} {scores[n]['value']:.4g}" for n in (*FREE_BASELINES, *scorers))
         print(f"[{i + 1}/{len(specs)}] {shown}  stand-alone {row['standalone']['val_acc']:.4f}"
               f" ({row['standalone']['train_s']:.0f}s)", flush=True)
@@ -369,7 +392,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     by_steps = {}
     for n in scorers:
         proxy = np.array([r["scores"][n]["value"] for r in rows])
-        by_steps[n] = {**proxies[n], "misranking": misranking(specs, proxy, real)}
+        by_steps[n] = {**proxies[n], "misranking": misranking(used, proxy, real)}
         _scatter(out / ("rank_scatter.png" if n == str(steps_list[0])
                         else f"rank_scatter_finetune{n.replace(':', '-')}.png"), proxy, real,
                  f"{space.name}, {n} fine-tuning steps: τ={by_steps[n]['kendall_tau']:.2f},"
@@ -388,7 +411,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
                   "proxies": {n: r["scores"][n]["value"] for n in names},
                   "proxy_s": {n: r["scores"][n]["seconds"] for n in names}} for r in rows]
     return {"mode": "rank", "quick": args.quick, "space": space.name,
-            "label_epochs": args.label_epochs,
+            "report_only": args.report_only, "label_epochs": args.label_epochs,
             "supernet": str(supernet_dir), "supernet_epochs": folder.epochs,
             "supernet_train_s": supernet_s,
             "standalone_epochs": space.training.epochs,
@@ -631,6 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     rank.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                       help="work on architectures i with i %% N == K only (several processes"
                            " over one --out); a run without it then reports them all")
+    rank.add_argument("--report-only", action="store_true",
+                      help="compute nothing: report over the architectures whose records"
+                           " in --out are complete")
     rank.add_argument("--zero-cost-batch", type=int, default=128, metavar="N",
                       help="images of the one batch NASWOT codes (default 128)")
     rank.add_argument("--untrained-control", action="store_true",
