@@ -418,6 +418,10 @@ def repair_journal(path: str | os.PathLike) -> JournalRepair:
         damaged = [line for line in lines if line.record is None]
         if not damaged:
             return JournalRepair(path, None, len(lines), len(lines))
+        if len(damaged) == len(lines):
+            raise ConfigError(f"{path} holds no intact journal record ({len(lines)} damaged"
+                              " line(s)): it is not a study journal or is damaged throughout;"
+                              " the file is unchanged. Restore it from a copy.")
         records, placeholder_ids, dependent, expected = _plan_repair(lines)
         text = b"".join(records)
         tmp = path.with_name(f".{path.name}.repair-{os.getpid()}")

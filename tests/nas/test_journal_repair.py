@@ -209,3 +209,13 @@ def test_repair_journal_says_what_was_lost(run_dir, capsys):
     assert "study.journal.bak-" in third and "--resume" in third
     code = cli.main(["pareto", str(run_dir)])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_file_without_one_intact_record_is_refused_and_kept(tmp_path):
+    journal = tmp_path / "study.journal"
+    junk = bytes(range(256)) * 8 + b"\n" + b"\x00\x01\n"
+    journal.write_bytes(junk)
+    with pytest.raises(ConfigError) as info:
+        repair_journal(journal)
+    assert_names_value_and_fix(str(info.value), journal, "no intact journal record")
+    assert journal.read_bytes() == junk and not list(tmp_path.glob("*.bak-*"))
