@@ -134,7 +134,7 @@ def _score_device(name: str) -> str:
 
 def _score(args: argparse.Namespace) -> int:
     from nas.oneshot import InheritedScorer, open_supernet
-    from spvit import resolve_arch
+    from search_spaces.arch_refs import resolve_arch  # files, references, registered names
     from spvit.cost import estimate
     from spvit.errors import ConfigError
 
