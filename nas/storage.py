@@ -273,7 +273,7 @@ def _make_rdb(url: str, *, heartbeat_interval: int, grace_period: int,
         raise ConfigError(f"no database driver for the storage URL {shown} ({_first_line(e)})."
                           " Install the driver (psycopg2-binary for postgresql://) or use"
                           " another URL.") from None
-    except sqlalchemy.exc.OperationalError as e:
+    except sqlalchemy.exc.DatabaseError as e:  # OperationalError, and "file is not a database"
         raise ConfigError(f"cannot open the study database {shown}: {_first_line(e.orig or e)}."
                           " Start the server / check host, port, database name and credentials,"
                           " or omit --storage for the run's journal file.") from None

@@ -385,3 +385,13 @@ def test_score_reads_reference_architectures_as_cost_does(capsys, supernet):
     code, _, err = spvit_nas(capsys, "supernet", "score", "--supernet", supernet, "--arch",
                              "deit_tiny")
     one_line(code, err, "is outside the space of supernet")
+
+
+def test_a_sqlite_url_to_a_file_that_is_no_database_is_one_line(capsys, tmp_path):
+    run_dir = make_run(tmp_path / "runs")
+    url = f"sqlite:///{run_dir / 'study.journal'}"
+    before = _snapshot(run_dir)
+    code, _, err = spvit_nas(capsys, "pareto", run_dir, "--storage", url)
+    line = one_line(code, err, "cannot open the study database")
+    assert "file is not a database" in line
+    assert _snapshot(run_dir) == before
