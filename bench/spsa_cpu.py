@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,9 +92,14 @@ def time_grid(grid: int, threads: int, batch: int, rounds: int, paths: tuple[str
                    "wall_min": min(w for w, _ in s)} for name, s in samples.items()}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """`VmRSS` (now) or `VmHWM` (peak) of this process. The peak of /proc is this address
+    space's own; `getrusage`'s ru_maxrss would carry over the parent's peak through fork+exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_child(family: str, path: str, grid: int, batch: int) -> None:
@@ -103,10 +107,10 @@ def memory_child(family: str, path: str, grid: int, batch: int) -> None:
     RSS once the model, optimizer and batch exist (the training step's working set)."""
     torch.set_num_threads(1)
     step = _train_step(family, path, grid, batch)
-    built = _rss_bytes()
+    built = _status_bytes("VmRSS")
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     print(json.dumps({"peak": peak, "step": peak - built}))
 
 
