@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from nas import study as nas_study
-from nas.storage import JOURNAL_NAME
+from nas.storage import JOURNAL_NAME, is_url
 from spvit.errors import ConfigError
 
 TUNE_EXPERIMENT = "tune"
@@ -206,10 +206,6 @@ def _with_training(space: Any, *, epochs: int | None, workers: int | None) -> An
     if not changes:
         return space
     return dataclasses.replace(space, training=space.training.replace(**changes))
-
-
-def _is_url(text: str | None) -> bool:
-    return isinstance(text, str) and "://" in text
 
 
 def plan_search(request: SearchRequest) -> _Plan:
@@ -407,7 +403,7 @@ def _plan_resume(request: SearchRequest, run_dir: Path) -> _Plan:
                               f" {space_file}; a resumed search keeps its space. Drop --space"
                               " (the run's copy is used) or start a new search with another"
                               " --out.")
-    if _is_url(info.storage):
+    if is_url(info.storage):
         url = request.storage or info.storage
         if storage_url(url, run_dir) != info.storage:
             raise ConfigError(f"--storage {storage_url(url, run_dir)} is not the run's storage"

@@ -581,7 +581,7 @@ def _folder_root(path: str) -> Path:
     if missing:
         raise ConfigError(
             f"image folder {str(root)!r} needs train/ and val/ subfolders with one folder per"
-            f" class, but {'/ and '.join(missing)}/ is missing. Arrange the images as"
+            f" class, but {'/ and '.join(missing)}/ is missing. Put the images in"
             " PATH/train/<class>/*.png and PATH/val/<class>/*.png."
         )
     return root
