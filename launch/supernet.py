@@ -7,13 +7,15 @@ on its own data shard (`nas.data.build_loaders`), DeepSpeed reusing Ray Train's 
 ZeRO stage and bf16 come from the space's `training:` block (ZeRO-3 is refused: it partitions
 the very tensors the supernet slices).
 
-Each optimizer step trains the subnets of `nas.oneshot.SandwichSampler.step(epoch, step)` on the
-same batch, every one of them feasible: the largest with cross-entropy on the labels, the
-smallest and the random ones against the largest's (detached) soft predictions (in-place
-distillation), or on the labels too during the first `label_epochs` epochs (a teacher near
-chance teaches nothing but uniform predictions). DeepSpeed accumulates their gradients
-(`gradient_accumulation_steps` = subnets per step, so the loss is their mean) and steps the
-optimizer and the cosine schedule once.
+A worker is the checkpointed-epoch harness of trials (`launch.harness.run_epochs`: the folder,
+the engine on the worker's own device, bf16 only where the device computes it, the checkpoints,
+the per-epoch RNG and the resume) with the supernet's epoch (`_SupernetJob`):
+`nas.sandwich.train_sandwich_epoch` trains the subnets of
+`nas.oneshot.SandwichSampler.step(epoch, step)` on each batch, every one of them feasible: the
+largest with cross-entropy on the labels, the smallest and the random ones against the largest's
+(detached) soft predictions (in-place distillation), or on the labels too during the first
+`label_epochs` epochs. DeepSpeed accumulates their gradients (`gradient_accumulation_steps` =
+subnets per step, so the loss is their mean) and steps the optimizer and the cosine schedule once.
 
 The folder (`--out`): `space.yaml` (the resolved space), `supernet.json` (choices, the sandwich's
 largest / smallest subnets, epochs trained), `ds_config.json`, `metrics.jsonl` (per epoch:
@@ -30,23 +32,19 @@ a trial folder, an export, or a folder inside one of them is refused.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from torch import nn
 
+from nas.engine import evaluate
 from nas.oneshot import (
     METRICS_FILE,
     SPACE_FILE,
@@ -57,22 +55,24 @@ from nas.oneshot import (
     supernet_choices,
     write_supernet_info,
 )
+from nas.sandwich import ActiveSubnet, SandwichStats, train_sandwich_epoch
 from search_spaces.space import SearchSpace
+from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
-from spvit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_lines
+from spvit.io import read_json_lines
 
-from .worker import (
+from .harness import (
     CHECKPOINT_DIR,
-    DS_CONFIG_FILE,
     FAILURE_FILE,
-    LATEST_FILE,
     STATE_FILE,
+    EpochContext,
+    EpochJob,
     WorkerSetup,
-    _weights_only_checkpoint_engine,
     consolidated_state_dict,
     ensure_local_process_group,
-    failure_reason,
-    write_failure,
+    remove_other_tags,
+    run_epochs,
+    save_weights,
 )
 
 # Recipe fields that may change between a checkpoint and the run resuming it.
@@ -148,42 +148,74 @@ def check_resumable(state: SupernetState, space: SearchSpace, world_size: int) -
                           f" {world_size}. Resume with {state.world_size} workers.")
 
 
-@contextlib.contextmanager
-def _epoch_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Drop-path draws of one epoch from torch's default generator seeded with `seed`, inside
-    `torch.random.fork_rng` (the process's RNG state is as before afterwards), so a resumed
-    run repeats what an uninterrupted one would have drawn."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+class _SupernetJob(EpochJob):
+    """The supernet of `space` as the harness runs it: sandwich epochs, both extremes
+    evaluated, the weights and `supernet.json` rewritten after every epoch."""
 
+    def __init__(self, space: SearchSpace, out: Path, *, random_subnets: int,
+                 label_epochs: int) -> None:
+        self.space, self.training, self.folder = space, space.training, out
+        self.sampler = SandwichSampler(space, seed=space.training.seed,
+                                       random_subnets=random_subnets)
+        self.label_epochs = label_epochs
+        self.subnets_per_step = self.sampler.per_step
+        self.checkpoint_name, self.start_over = "supernet checkpoint", "train from scratch"
 
-def _distill_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the teacher's probabilities (in-place distillation)."""
-    return -(teacher * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    def read_state(self) -> SupernetState | None:
+        return read_state(self.folder)
 
+    def check_resumable(self, state: SupernetState, world_size: int) -> None:
+        check_resumable(state, self.space, world_size)
 
-def _sum(values: list[float], device: torch.device) -> list[float]:
-    if dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    def state_fields(self) -> dict[str, Any]:
+        return {"space": space_identity(self.space)}
 
+    def clear(self) -> None:
+        # The space, supernet.json and failure.json are the caller's (`train_supernet`); only
+        # the training state of an earlier, checkpoint-less start goes.
+        remove_other_tags(self.folder / CHECKPOINT_DIR, keep=None)
+        (self.folder / METRICS_FILE).unlink(missing_ok=True)
 
-class _ActiveEngine:
-    """The engine with one subnet active, shaped for `nas.engine.evaluate`."""
+    def data_spec(self) -> ArchSpec:
+        return self.sampler.largest
 
-    def __init__(self, engine: Any, spec: Any) -> None:
-        self.engine, self.spec = engine, spec
+    def build_model(self) -> nn.Module:
+        from spvit.supernet import SPViTSupernet
 
-    def eval(self) -> None:
-        self.engine.eval()
+        return SPViTSupernet(supernet_choices(self.space), seed=self.training.seed)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.engine.module.set_active(self.spec)
-        return self.engine(x)
+    def train_epoch(self, ctx: EpochContext, epoch: int) -> SandwichStats:
+        return train_sandwich_epoch(ctx.engine, ctx.loaders.train, self.sampler, epoch=epoch,
+                                    device=ctx.device, input_dtype=ctx.input_dtype,
+                                    label_smoothing=self.training.label_smoothing,
+                                    distill=epoch > self.label_epochs)
+
+    def epoch_line(self, ctx: EpochContext, epoch: int, stats: SandwichStats,
+                   wall_s: float) -> dict[str, Any]:
+        val = {which: evaluate(ActiveSubnet(ctx.engine, spec), ctx.loaders.val,
+                               device=ctx.device, input_dtype=ctx.input_dtype)
+               for which, spec in (("largest", self.sampler.largest),
+                                   ("smallest", self.sampler.smallest))}
+        return {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            "distill_loss": stats.distill_loss,
+            "val_acc_largest": val["largest"].acc1,
+            "val_acc_smallest": val["smallest"].acc1,
+            "lr": float(ctx.engine.get_lr()[0]),
+            "subnets_per_step": stats.subnets_per_step,
+            "distilled": epoch > self.label_epochs,
+            "images_per_s": stats.images_per_s,
+            "wall_s": wall_s,
+        }
+
+    def after_checkpoint(self, ctx: EpochContext, epoch: int) -> None:
+        # Every epoch, so that a partly trained supernet can already score.
+        weights = consolidated_state_dict(ctx.engine)
+        if ctx.rank0:
+            save_weights(self.folder / WEIGHTS_FILE, weights)
+            write_supernet_info(self.folder, self.space, self.sampler, epochs_trained=epoch,
+                                extra={"epochs": self.training.epochs})
 
 
 def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
@@ -197,147 +229,14 @@ def train_supernet_worker(space: SearchSpace, out: str | os.PathLike, *,
     smaller ones learn from the largest's predictions (in-place distillation).
 
     Returns the last epoch's metrics line (None if no epoch ran and none is recorded).
+
+    Raises:
+        ConfigError: bf16 on a GPU without bf16 arithmetic, or a checkpoint of another run.
+        TrainingDiverged: a loss became NaN/inf (`failure.json` is written first).
     """
-    import deepspeed
-    from safetensors.torch import save as save_safetensors
-    from timm.optim import param_groups_weight_decay
-
-    from nas.data import build_datasets, build_loaders
-    from nas.ds_config import build_ds_config, micro_batch_size
-    from nas.engine import TrainingDiverged, evaluate
-    from spvit.supernet import SPViTSupernet
-
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    training = space.training
-    torch.set_num_threads(max(1, setup.threads))
-    out = Path(out)
-    rank0 = setup.rank == 0
-    device = torch.device(setup.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    ckpt = out / CHECKPOINT_DIR
-    try:
-        state = read_state(out) if resume else None
-        if state is not None:
-            check_resumable(state, space, setup.world_size)
-        sampler = SandwichSampler(space, seed=training.seed, random_subnets=random_subnets)
-        data = build_datasets(training, sampler.largest)
-        micro = micro_batch_size(training, setup.world_size)
-        loaders = build_loaders(data, micro_batch_size=micro, rank=setup.rank,
-                                world_size=setup.world_size, seed=training.seed)
-        ds_config = build_ds_config(training, world_size=setup.world_size,
-                                    steps_per_epoch=loaders.steps_per_epoch)
-        # One micro-step per subnet: DeepSpeed averages their gradients and steps once.
-        ds_config["gradient_accumulation_steps"] = sampler.per_step
-        ds_config["train_batch_size"] = micro * sampler.per_step * setup.world_size
-        # What each worker trains on, recorded in the checkpoint state for inspection.
-        shards: list[Any] = [None] * setup.world_size
-        dist.all_gather_object(shards, {
-            "rank": setup.rank, "train_images": len(loaders.train_sampler),
-            "steps_per_epoch": loaders.steps_per_epoch,
-            "val_images": len(loaders.val.dataset.indices)})
-        if rank0:
-            atomic_write_json(out / DS_CONFIG_FILE, ds_config)
-        net = SPViTSupernet(supernet_choices(space), seed=training.seed)
-        groups = param_groups_weight_decay(net, training.weight_decay,
-                                           no_weight_decay_list=net.no_weight_decay())
-        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups,
-                                               config=ds_config, dist_init_required=False)
-        input_dtype = torch.bfloat16 if training.bf16 else torch.float32
-        history: list[dict[str, Any]] = []
-        start_epoch = 0
-        if state is not None:
-            engine.checkpoint_engine = _weights_only_checkpoint_engine()
-            path, client = engine.load_checkpoint(str(ckpt), tag=state.tag)
-            if path is None or (client or {}).get("epoch") != state.epoch:
-                raise ConfigError(f"the supernet checkpoint {ckpt / state.tag} could not be"
-                                  f" loaded. Delete {ckpt} to train from scratch.")
-            start_epoch, history = state.epoch, list(state.metrics)
-            if rank0:
-                atomic_write_text(out / METRICS_FILE,
-                                  "".join(json.dumps(m) + "\n" for m in history))
-        elif rank0:
-            (out / METRICS_FILE).unlink(missing_ok=True)
-        wall_before = history[-1]["wall_s"] if history else 0.0
-        run_start = time.perf_counter()
-        for epoch in range(start_epoch + 1, training.epochs + 1):
-            loaders.set_epoch(epoch)
-            engine.train()
-            started = time.perf_counter()
-            seed = (training.seed * 1_000_003 + epoch * 7_919 + setup.rank * 104_729)
-            with _epoch_rng(seed % (2**63 - 1), device):
-                sums = [0.0, 0.0, 0.0]  # largest CE * n, distillation * n, n
-                for step, (images, labels) in enumerate(loaders.train, start=1):
-                    images = images.to(device, dtype=input_dtype)
-                    labels = labels.to(device)
-                    teacher = None
-                    distill = epoch > label_epochs
-                    for k, spec in enumerate(sampler.step(epoch, step)):
-                        engine.module.set_active(spec)
-                        logits = engine(images)
-                        if teacher is None or not distill:
-                            loss = F.cross_entropy(logits.float(), labels,
-                                                   label_smoothing=training.label_smoothing)
-                            if teacher is None:
-                                teacher = logits.detach().float().softmax(-1)
-                                ce = loss.detach()
-                        else:
-                            loss = _distill_loss(logits, teacher)
-                        step_loss = _sum([loss.item()], device)[0]
-                        if not math.isfinite(step_loss):
-                            raise TrainingDiverged(
-                                f"supernet loss became {step_loss} at epoch {epoch} step {step}"
-                                f" (subnet {k}); lower training.lr or enable training.grad_clip")
-                        if k > 0:
-                            sums[1] += loss.item() * labels.shape[0] / (sampler.per_step - 1)
-                        engine.backward(loss)
-                        engine.step()
-                    sums[0] += ce.item() * labels.shape[0]
-                    sums[2] += labels.shape[0]
-            seconds = time.perf_counter() - started
-            total = _sum(sums, device)
-            val = {}
-            for which, spec in (("largest", sampler.largest), ("smallest", sampler.smallest)):
-                val[which] = evaluate(_ActiveEngine(engine, spec), loaders.val, device=device,
-                                      input_dtype=input_dtype)
-            line = {
-                "epoch": epoch,
-                "train_loss": total[0] / max(total[2], 1),
-                "distill_loss": total[1] / max(total[2], 1),
-                "val_acc_largest": val["largest"].acc1,
-                "val_acc_smallest": val["smallest"].acc1,
-                "lr": float(engine.get_lr()[0]),
-                "subnets_per_step": sampler.per_step,
-                "distilled": epoch > label_epochs,
-                "images_per_s": total[2] * sampler.per_step / seconds if seconds > 0 else 0.0,
-                "wall_s": wall_before + time.perf_counter() - run_start,
-            }
-            history.append(line)
-            tag = f"epoch_{epoch:04d}"
-            engine.save_checkpoint(str(ckpt), tag=tag, client_state={"epoch": epoch},
-                                   save_latest=False)
-            weights = consolidated_state_dict(engine)
-            if rank0:
-                atomic_write_json(ckpt / STATE_FILE, {
-                    "tag": tag, "epoch": epoch, "world_size": setup.world_size,
-                    "training": training.to_dict(), "space": space_identity(space),
-                    "metrics": history, "shards": shards})
-                atomic_write_text(ckpt / LATEST_FILE, tag)
-                for entry in ckpt.iterdir():
-                    if entry.is_dir() and entry.name != tag:
-                        shutil.rmtree(entry, ignore_errors=True)
-                atomic_write_bytes(out / WEIGHTS_FILE, save_safetensors(weights))
-                write_supernet_info(out, space, sampler, epochs_trained=epoch,
-                                    extra={"epochs": training.epochs})
-                with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(line) + "\n")
-            if report is not None:
-                report(line)
-        return history[-1] if history else None
-    except Exception as e:
-        if rank0:
-            write_failure(out, failure_reason(e))
-        raise
+    job = _SupernetJob(space, Path(out), random_subnets=random_subnets,
+                       label_epochs=label_epochs)
+    return run_epochs(job, setup=setup, resume=resume, report=report)
 
 
 def ray_supernet_loop(config: dict[str, Any]) -> None:

@@ -127,7 +127,8 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
+def sum_across_workers(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over all workers in float64 (as given with one worker)."""
     if _world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -176,7 +177,7 @@ def train_one_epoch(engine: TrainEngine, loader: Iterable[tuple[torch.Tensor, to
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         # One small collective per step: every worker must stop at the same step, or the
         # others would wait forever in the gradient all-reduce.
-        step_loss, step_count = _sum_across_workers(
+        step_loss, step_count = sum_across_workers(
             [loss.detach().item() * labels.shape[0], float(labels.shape[0])], device)
         if not torch.isfinite(torch.tensor(step_loss)):
             what = "nan" if step_loss != step_loss else "inf"
@@ -215,7 +216,7 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor],
         c1, c5 = topk_correct(logits, labels, (1, 5))
         correct1, correct5 = correct1 + c1, correct5 + c5
         count += int((labels >= 0).sum())
-    loss_sum, correct1, correct5, count = _sum_across_workers(
+    loss_sum, correct1, correct5, count = sum_across_workers(
         [loss_sum, float(correct1), float(correct5), float(count)], device)
     if count == 0:
         return EvalStats(loss=float("nan"), acc1=0.0, acc5=0.0, count=0)

@@ -1,7 +1,8 @@
 """One-shot search: a weight-sharing supernet over a search space scores candidates with inherited
 weights; only the best of them are trained stand-alone.
 
-The pieces, all without Ray or DeepSpeed (the training loop is `launch.supernet`):
+The pieces, all without Ray or DeepSpeed (one training epoch is `nas.sandwich`, the training
+run `launch.supernet`):
 
 * `supernet_choices(space)`: the glue from a `SearchSpace` to the plain `SupernetChoices` that
   `spvit.supernet.SPViTSupernet` is built from;
