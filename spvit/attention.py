@@ -88,9 +88,12 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # An FX trace (timm's feature extraction) records the eager path: the fused choice
-        # reads the device, which a traced proxy does not have.
+        # reads the device, which a traced proxy does not have. A TorchScript trace (the ONNX
+        # export) records it too: the C kernel is a call the tracer cannot see into, so its
+        # output would be recorded as a constant.
         path = "eager"
-        if self.prior is not None and not need_weights and not isinstance(x, torch.fx.Proxy):
+        if (self.prior is not None and not need_weights and not isinstance(x, torch.fx.Proxy)
+                and not torch.jit.is_tracing()):
             path = resolve_backend(self.backend, x.device, self.head_dim)
         if path == "cpu" and qkv.dtype == torch.float32:
             q, k, v = qkv.contiguous().unbind(0)  # (B, H, N, d) each contiguous

@@ -238,3 +238,19 @@ def test_kernel_is_built_once_into_its_folder(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_attention._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("prior", ["mlp", "decay"])
+def test_a_torchscript_trace_records_the_eager_formula(prior):
+    """The ONNX export traces the model: a kernel call would be recorded as a constant output."""
+    import spvit
+    from spvit import ArchSpec
+
+    spec = ArchSpec.uniform(depth=1, heads=2, embed_dim=16, img_size=8, patch_size=2,
+                            in_chans=1, num_classes=3, head="avg", prior=prior)
+    model = spvit.create_model(spec, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, other = (torch.randn(2, 1, 8, 8, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(other), model(other), atol=1e-5, rtol=1e-5)
