@@ -22,6 +22,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import spvit
 from spvit import ConfigError
+from spvit.attention import set_attention_backend
 from spvit.factory import registered_arch
 
 torch.set_num_threads(1)
@@ -201,7 +202,13 @@ def test_fx_traced_forward_equals_eager_at_two_sizes(name):
     for size in (_size(name), _size(name) + 2 * registered_arch(name).patch_size):
         x = torch.randn(1, registered_arch(name).in_chans, size, size)
         with torch.no_grad():
-            assert torch.equal(next(iter(graph(x).values())), model(x))
+            traced = next(iter(graph(x).values()))
+            # The trace records the eager formula; the model itself may take the CPU kernel,
+            # which sums in another order: equal to rounding, and bit-equal to the eager path.
+            torch.testing.assert_close(traced, model(x), rtol=1e-5, atol=1e-5)
+            set_attention_backend(model, "eager")
+            assert torch.equal(traced, model(x))
+            set_attention_backend(model, None)
 
 
 @pytest.mark.parametrize("name", MODELS)
