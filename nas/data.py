@@ -352,14 +352,10 @@ def _digits_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo
     train_x, val_x, test_x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False)
                               for x in (train_x, val_x, test_x))
     mean, std = (train_x.mean().item(),), (train_x.std().item(),)
-    mean, std = mean * spec.in_chans, std * spec.in_chans
-    shift = spec.img_size // 8 if training.augment else 0
-    common = dict(img_size=spec.img_size, mean=mean, std=std, out_chans=spec.in_chans)
-    return Datasets(
-        train=TensorImageDataset(train_x, train_y, max_shift=shift, seed=training.seed, **common),
-        val=TensorImageDataset(val_x, val_y, **common),
-        test=TensorImageDataset(test_x, test_y, **common),
-        info=info, mean=mean, std=std)
+    # No flips: a mirrored digit is another glyph.
+    return _tensor_datasets((train_x, train_y, val_x, val_y, test_x, test_y), spec, training,
+                            info, mean=mean * spec.in_chans, std=std * spec.in_chans,
+                            hflip=False)
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -461,12 +457,22 @@ def load_fashion_mnist(root: str | os.PathLike, *, split_seed: int = SPLIT_SEED,
 
 
 def _fashion_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
-    train_x, train_y, val_x, val_y, test_x, test_y = load_fashion_mnist(info.root)
-    mean, std = FASHION_MNIST_MEAN * spec.in_chans, FASHION_MNIST_STD * spec.in_chans
+    return _tensor_datasets(load_fashion_mnist(info.root), spec, training, info,
+                            mean=FASHION_MNIST_MEAN * spec.in_chans,
+                            std=FASHION_MNIST_STD * spec.in_chans, hflip=training.augment)
+
+
+def _tensor_datasets(splits: tuple[torch.Tensor, ...], spec: ArchSpec, training: TrainingConfig,
+                     info: DatasetInfo, *, mean: tuple[float, ...], std: tuple[float, ...],
+                     hflip: bool) -> Datasets:
+    """The three splits `(train_x, train_y, val_x, val_y, test_x, test_y)` as in-memory datasets:
+    the training split shifted by up to `img_size // 8` pixels (and flipped if `hflip`) when
+    `training.augment`, validation and test as they are."""
+    train_x, train_y, val_x, val_y, test_x, test_y = splits
     shift = spec.img_size // 8 if training.augment else 0
     common = dict(img_size=spec.img_size, mean=mean, std=std, out_chans=spec.in_chans)
     return Datasets(
-        train=TensorImageDataset(train_x, train_y, max_shift=shift, hflip=training.augment,
+        train=TensorImageDataset(train_x, train_y, max_shift=shift, hflip=hflip,
                                  seed=training.seed, **common),
         val=TensorImageDataset(val_x, val_y, **common),
         test=TensorImageDataset(test_x, test_y, **common),
@@ -561,17 +567,10 @@ def load_cifar(kind: str, root: str | os.PathLike, *, split_seed: int = SPLIT_SE
 
 
 def _cifar_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
-    train_x, train_y, val_x, val_y, test_x, test_y = load_cifar(info.kind, info.root)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if info.kind == "cifar10" else \
         (CIFAR100_MEAN, CIFAR100_STD)
-    shift = spec.img_size // 8 if training.augment else 0
-    common = dict(img_size=spec.img_size, mean=mean, std=std, out_chans=3)
-    return Datasets(
-        train=TensorImageDataset(train_x, train_y, max_shift=shift, hflip=training.augment,
-                                 seed=training.seed, **common),
-        val=TensorImageDataset(val_x, val_y, **common),
-        test=TensorImageDataset(test_x, test_y, **common),
-        info=info, mean=mean, std=std)
+    return _tensor_datasets(load_cifar(info.kind, info.root), spec, training, info, mean=mean,
+                            std=std, hflip=training.augment)
 
 
 # --------------------------------------------------------------------------- folders

@@ -22,6 +22,7 @@ from nas.oneshot import (
 )
 from search_spaces.space import SearchSpace
 from spvit.supernet import SPViTSupernet
+from tests.launch.test_safety import one_line, spvit_nas
 from tests.messages import assert_names_value_and_fix
 from tests.nas.test_pareto import make_run
 from tests.tiny_space import tiny_space
@@ -32,20 +33,6 @@ def _available_commands(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", {
         name: entry for name, entry in cli.COMMANDS.items()
         if importlib.util.find_spec(entry[0]) is not None})
-
-
-def spvit_nas(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code, err, needle):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture

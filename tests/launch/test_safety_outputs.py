@@ -14,7 +14,7 @@ import yaml
 from launch import cli
 from nas.outputs import COMMANDS, check_output, kind_of, write_export_marker
 from spvit.errors import ConfigError
-from tests.launch.test_safety import snapshot, spvit_nas
+from tests.launch.test_safety import one_line, snapshot, spvit_nas
 from tests.messages import assert_names_value_and_fix
 from tests.nas.test_pareto import make_run
 from tests.tiny_space import tiny_space
@@ -65,14 +65,6 @@ def exported(path):
     for name in ("arch.yaml", "model.safetensors", "training.yaml"):
         (path / name).write_text("x")
     return path
-
-
-def one_line(code, err, needle):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("where, needle", [
