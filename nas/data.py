@@ -24,14 +24,15 @@ the front were selected on nobody's data.
   `cifar-10-batches-py` / `cifar-100-python`. The validation split is carved from the training
   batches (`CIFAR_VAL_FRACTION`, stratified, seeded by `SPLIT_SEED`); the test split is the
   release's test batch. The files are unpickled with a loader that only accepts numpy arrays
-  and plain containers. Kept as uint8.
+  and plain containers (`nas.cifar`). Kept as uint8.
 * `fashion-mnist` / `fashion-mnist:PATH`: Zalando's Fashion-MNIST (70,000 28x28 grey product
   images, 10 classes) from the four standard IDX files (`train-images-idx3-ubyte`,
   `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, gzipped or
   plain), found in PATH, in torchvision's `PATH/FashionMNIST/raw`, or without a path in
   `FASHION_MNIST_DIR` (where Debian's `dataset-fashion-mnist` package puts them). The test split
   is the standard 10,000-image test set; validation is a stratified, seeded `FASHION_VAL_FRACTION`
-  of the 60,000 training images. Every header, count, shape and label is checked; kept as uint8.
+  of the 60,000 training images. Every header, count, shape and label is checked
+  (`nas.fashion_mnist`); kept as uint8.
 * `folder:PATH`: `PATH/train/<class>/*`, `PATH/val/<class>/*` and, optionally,
   `PATH/test/<class>/*` (torchvision `ImageFolder`; without `test/` no test accuracy is reported),
   decoded per sample with timm's transforms (random-resized crop, flip, colour jitter for training;
@@ -41,20 +42,16 @@ Digits, Fashion-MNIST and CIFAR stay in memory as tensors and are augmented a wh
 time with tensor ops (random shifts of up to `img_size // 8` pixels with background fill;
 horizontal flips for CIFAR and Fashion-MNIST, not for digits, since a mirrored digit is another
 glyph), so two CPU cores are not spent decoding images. `training.train_subset` keeps a stratified
-subset of the training split, fixed by the split seed, for low-data studies and CPU budgets.
+subset of the training split, fixed by the split seed (`nas.splits`), for low-data studies and
+CPU budgets.
 Randomness comes from `set_epoch(epoch, rank)`: a resumed run sees the same batches and
 augmentations as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
-import os
-import pickle
 import random
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,45 +62,38 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+# The readers of the stored datasets and the split helpers live in their own modules; their
+# public names are re-exported here, where the rest of the house has always found them.
+from nas.cifar import (  # noqa: F401
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_VAL_FRACTION,
+    cifar_class_names,
+    cifar_root,
+    load_cifar,
+)
+from nas.fashion_mnist import (  # noqa: F401
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FASHION_VAL_FRACTION,
+    check_fashion_mnist,
+    fashion_mnist_root,
+    load_fashion_mnist,
+)
+from nas.splits import SPLIT_SEED, stratified_split, stratified_subset
 from search_spaces.training import TrainingConfig, parse_dataset
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 
-SPLIT_SEED = 0
 DIGITS_SPLIT_SEED = SPLIT_SEED
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_TEST_FRACTION = 0.2
-CIFAR_VAL_FRACTION = 0.1
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_VAL_FRACTION = 0.1
-# The training split's pixel statistics (0..1 scale), as commonly quoted for Fashion-MNIST.
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")
-# split: (images file, labels file, images expected)
-_FASHION_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
-}
-_GET_FASHION = ("Install it with `apt-get install dataset-fashion-mnist` (files in"
-                f" {FASHION_MNIST_DIR}) or point the dataset at a folder with the four IDX files:"
-                " dataset: fashion-mnist:PATH.")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_CIFAR_LAYOUT = {
-    # kind: (sub-folder of the release, train files glob, validation file, meta file, names key,
-    #        labels key, classes)
-    "cifar10": ("cifar-10-batches-py", "data_batch_*", "test_batch", "batches.meta",
-                "label_names", "labels", 10),
-    "cifar100": ("cifar-100-python", "train", "test", "meta", "fine_label_names",
-                 "fine_labels", 100),
-}
 
 
 @dataclass(frozen=True)
@@ -154,12 +144,10 @@ def describe_dataset(dataset: str) -> DatasetInfo:
         return DatasetInfo("folder", str(root), len(classes), 3, None, classes)
     if kind == "fashion-mnist":
         root = fashion_mnist_root(path)
-        for images_name, labels_name, count in _FASHION_FILES.values():
-            _idx_header(_idx_file(root, images_name), 3, count, (28, 28))
-            _idx_header(_idx_file(root, labels_name), 1, count, ())
+        check_fashion_mnist(root)
         return DatasetInfo(kind, str(root), 10, 1, 28, FASHION_MNIST_CLASSES)
-    root = _cifar_root(kind, path)
-    names = _cifar_class_names(kind, root)
+    root = cifar_root(kind, path)
+    names = cifar_class_names(kind, root)
     return DatasetInfo(kind, str(root), len(names), 3, 32, names)
 
 
@@ -296,30 +284,6 @@ def _mix_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2**63 - 1)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, *, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Split sample indices into (kept, held out), holding out `fraction` of every class.
-
-    Each class's indices are permuted by a generator seeded with `seed` and its first
-    `round(fraction * n)` are held out (at least one where the class has two or more samples), so
-    the split is fixed for a seed, stratified, and independent of any global random state. Both
-    index arrays come back sorted.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held: list[np.ndarray] = []
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
-        idx = idx[rng.permutation(len(idx))]
-        k = int(round(fraction * len(idx)))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
-        held.append(idx[:k])
-    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    kept_idx = np.setdiff1d(np.arange(len(labels)), held_idx)
-    return kept_idx, held_idx
-
-
 def load_digits_split(*, split_seed: int = DIGITS_SPLIT_SEED,
                       val_fraction: float = DIGITS_VAL_FRACTION,
                       test_fraction: float = DIGITS_TEST_FRACTION
@@ -358,104 +322,6 @@ def _digits_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo
                             hflip=False)
 
 
-# --------------------------------------------------------------------------- Fashion-MNIST
-def fashion_mnist_root(path: str | None) -> Path:
-    """The folder holding the four Fashion-MNIST IDX files: PATH, PATH/FashionMNIST/raw, or the
-    packaged location when no PATH is given."""
-    base = Path(path).expanduser() if path else Path(FASHION_MNIST_DIR)
-    candidates = (base, base / "FashionMNIST" / "raw") if path else (base,)
-    names = [n for files in _FASHION_FILES.values() for n in files[:2]]
-    for root in candidates:
-        if all(_idx_path(root, n) is not None for n in names):
-            return root
-    missing = [n for n in names if _idx_path(base, n) is None]
-    raise ConfigError(f"fashion-mnist data not found in {str(base)!r}: {', '.join(missing)}"
-                      f" (.gz or plain) missing there{' and in FashionMNIST/raw/' if path else ''}."
-                      f" {_GET_FASHION}")
-
-
-def _idx_path(root: Path, name: str) -> Path | None:
-    for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _idx_file(root: Path, name: str) -> Path:
-    found = _idx_path(root, name)
-    if found is None:
-        raise ConfigError(f"{root / name} (.gz or plain) is missing. {_GET_FASHION}")
-    return found
-
-
-def _idx_open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def _idx_header(path: Path, ndim: int, count: int, shape: tuple[int, ...]) -> int:
-    """Check an IDX file's header (unsigned bytes, `ndim` dims, `count` x `shape`); its size."""
-    size = 4 + 4 * ndim
-    what = "images" if ndim == 3 else "labels"
-    try:
-        with _idx_open(path) as f:
-            head = f.read(size)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ConfigError(f"{path} cannot be read ({e}). Replace the file. {_GET_FASHION}"
-                          ) from None
-    expected = "x".join(str(d) for d in (count, *shape))
-    if len(head) < size or head[:3] != b"\x00\x00\x08" or head[3] != ndim:
-        raise ConfigError(f"{path} is not an IDX file of unsigned-byte {what} (magic number"
-                          f" {head[:4].hex() or 'missing'}, expected 0000080{ndim}). Replace the"
-                          f" file. {_GET_FASHION}")
-    dims = struct.unpack(f">{ndim}I", head[4:size])
-    if dims != (count, *shape):
-        raise ConfigError(f"{path} holds {'x'.join(str(d) for d in dims)} {what}, but"
-                          f" Fashion-MNIST's file of that name holds {expected}. Replace the"
-                          f" file. {_GET_FASHION}")
-    return size
-
-
-def _read_idx(path: Path, ndim: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The data of a checked IDX file as a (count, *shape) uint8 array."""
-    offset = _idx_header(path, ndim, count, shape)
-    try:
-        with _idx_open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise ConfigError(f"{path} is damaged ({e}). Replace the file. {_GET_FASHION}") from None
-    expected = count * int(np.prod(shape, dtype=np.int64))
-    if len(raw) - offset != expected:
-        raise ConfigError(f"{path} holds {len(raw) - offset} bytes of data, but its header"
-                          f" promises {expected}: the file is truncated or padded. Replace the"
-                          f" file. {_GET_FASHION}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(count, *shape)
-
-
-def load_fashion_mnist(root: str | os.PathLike, *, split_seed: int = SPLIT_SEED,
-                       val_fraction: float = FASHION_VAL_FRACTION) -> tuple[torch.Tensor, ...]:
-    """Fashion-MNIST as uint8 (N, 1, 28, 28) images and int64 labels, in three splits.
-
-    Returns `(train_x, train_y, val_x, val_y, test_x, test_y)`: validation is a stratified,
-    seeded `val_fraction` of the 60,000 training images, test the standard 10,000.
-    """
-    root = Path(root)
-    splits = {}
-    for split, (images_name, labels_name, count) in _FASHION_FILES.items():
-        images = _read_idx(_idx_file(root, images_name), 3, count, (28, 28))
-        labels_path = _idx_file(root, labels_name)
-        labels = _read_idx(labels_path, 1, count, ())
-        if labels.max() > 9:
-            raise ConfigError(f"{labels_path} has label {int(labels.max())}, outside"
-                              f" Fashion-MNIST's 0..9. Replace the file. {_GET_FASHION}")
-        splits[split] = (torch.from_numpy(images.copy()).unsqueeze(1),
-                         torch.from_numpy(labels.astype(np.int64)))
-    all_x, all_y = splits["train"]
-    train_idx, val_idx = stratified_split(all_y.numpy(), val_fraction, seed=split_seed)
-    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    test_x, test_y = splits["test"]
-    return all_x[train_idx], all_y[train_idx], all_x[val_idx], all_y[val_idx], test_x, test_y
-
-
 def _fashion_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
     return _tensor_datasets(load_fashion_mnist(info.root), spec, training, info,
                             mean=FASHION_MNIST_MEAN * spec.in_chans,
@@ -477,93 +343,6 @@ def _tensor_datasets(splits: tuple[torch.Tensor, ...], spec: ArchSpec, training:
         val=TensorImageDataset(val_x, val_y, **common),
         test=TensorImageDataset(test_x, test_y, **common),
         info=info, mean=mean, std=std)
-
-
-# --------------------------------------------------------------------------- CIFAR
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR release: numpy arrays, dicts, lists, bytes/str; nothing else."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _unpickle(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            raw = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ConfigError(f"{path} is not a CIFAR python-pickle batch ({e}). Point the dataset"
-                          " at the extracted 'python version' release.") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} holds a {type(raw).__name__}, but a CIFAR batch is a dict."
-                          " Point the dataset at the extracted 'python version' release.")
-    return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
-
-
-def _cifar_root(kind: str, path: str) -> Path:
-    sub, train_glob, val_name, meta_name, *_ = _CIFAR_LAYOUT[kind]
-    base = Path(path).expanduser()
-    for root in (base, base / sub):
-        if (root / meta_name).is_file() and (root / val_name).is_file() \
-                and any(root.glob(train_glob)):
-            return root
-    raise ConfigError(
-        f"{kind} data not found in {str(base)!r}: expected {meta_name}, {val_name} and"
-        f" {train_glob} there or in {sub}/. Extract the python-pickle release of {kind} into"
-        " that folder (nothing is downloaded at run time)."
-    )
-
-
-def _cifar_class_names(kind: str, root: Path) -> tuple[str, ...]:
-    _, _, _, meta_name, names_key, _, classes = _CIFAR_LAYOUT[kind]
-    meta = _unpickle(root / meta_name)
-    names = meta.get(names_key)
-    if not isinstance(names, list) or len(names) != classes:
-        raise ConfigError(f"{root / meta_name} must list {classes} class names under"
-                          f" {names_key!r}, but got {names!r:.80}. Use the unmodified {kind}"
-                          " release.")
-    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-
-
-def _cifar_batch(path: Path, labels_key: str, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = _unpickle(path)
-    data, labels = batch.get("data"), batch.get(labels_key)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data):
-        raise ConfigError(f"{path} must hold 'data' (N x 3072 uint8) and {labels_key!r} (N"
-                          " labels). Use the unmodified python-pickle release.")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-        raise ConfigError(f"{path} has labels outside 0..{classes - 1}. Use the matching"
-                          " dataset kind (cifar10 or cifar100).")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
-
-
-def load_cifar(kind: str, root: str | os.PathLike, *, split_seed: int = SPLIT_SEED,
-               val_fraction: float = CIFAR_VAL_FRACTION) -> tuple[torch.Tensor, ...]:
-    """A local CIFAR release as uint8 (N, 3, 32, 32) tensors, in three splits.
-
-    Returns `(train_x, train_y, val_x, val_y, test_x, test_y)`: validation is a stratified,
-    seeded `val_fraction` of the training batches, test is the release's test batch.
-    """
-    _, train_glob, test_name, _, _, labels_key, classes = _CIFAR_LAYOUT[kind]
-    root = Path(root)
-    parts = [_cifar_batch(p, labels_key, classes) for p in sorted(root.glob(train_glob))]
-    all_x = torch.cat([p[0] for p in parts])
-    all_y = torch.cat([p[1] for p in parts])
-    train_idx, val_idx = stratified_split(all_y.numpy(), val_fraction, seed=split_seed)
-    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    test_x, test_y = _cifar_batch(root / test_name, labels_key, classes)
-    return all_x[train_idx], all_y[train_idx], all_x[val_idx], all_y[val_idx], test_x, test_y
 
 
 def _cifar_datasets(spec: ArchSpec, training: TrainingConfig, info: DatasetInfo) -> Datasets:
@@ -682,29 +461,6 @@ def build_datasets(training: TrainingConfig, spec: ArchSpec) -> Datasets:
         raise ConfigError(f"dataset {training.dataset} has an empty validation split (every class"
                           " needs at least two training images to hold one out). Add images.")
     return data
-
-
-def stratified_subset(labels: np.ndarray, size: int, *, seed: int) -> np.ndarray:
-    """Exactly `size` sample indices, each class kept in proportion (largest remainders), sorted.
-
-    Each class's indices are permuted by a generator seeded with `seed`, so the subset is fixed
-    for a seed and independent of any global random state; a larger `size` keeps a superset of
-    a smaller one's per-class prefix.
-    """
-    labels = np.asarray(labels)
-    if not 0 < size <= len(labels):
-        raise ValueError(f"size must be in 1..{len(labels)}, got {size}")
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = size * counts / counts.sum()
-    take = np.floor(quota).astype(np.int64)
-    order = np.argsort(-(quota - take), kind="stable")
-    take[order[:size - take.sum()]] += 1
-    kept = []
-    for cls, k in zip(classes, take, strict=True):
-        idx = np.flatnonzero(labels == cls)
-        kept.append(idx[rng.permutation(len(idx))][:k])
-    return np.sort(np.concatenate(kept))
 
 
 def _train_subset(train: Dataset, size: int, dataset: str) -> Dataset:

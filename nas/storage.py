@@ -31,18 +31,16 @@ system attr `failed_trial` = the original number - that the next `study.ask()` r
 through one atomic change of owner (a compare-and-set UPDATE on the database; an OS lock in the
 run folder for the journal), so two drivers never take the same trial.
 
-This module is pure Optuna + SQLAlchemy (no Ray); `launch/` calls it.
+This module is pure Optuna + SQLAlchemy (no Ray); `launch/` calls it. What a storage URL is and
+how it is shown live in `nas.storage_urls`, the lock files and study locks in `nas.locks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import fcntl
-import hashlib
 import os
-import re
 import socket
 import threading
 import uuid
@@ -62,12 +60,28 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import optuna_compat
+
+# The URL rules and the locks live in their own modules; their public names are re-exported
+# here, where launch/ and the docs have always found them.
+from nas.locks import (  # noqa: F401
+    DRIVERS_DIR,
+    lease_dir,
+    lease_owner_is_dead,
+    live_leases,
+    study_mutex,
+)
+from nas.storage_urls import (  # noqa: F401
+    MASK,
+    check_database_exists,
+    first_line,
+    is_url,
+    masked,
+    parse_url,
+)
 from spvit.errors import ConfigError
 
 JOURNAL_NAME = "study.journal"
-DRIVERS_DIR = "drivers"
 OWNER_ATTR = "spvit:driver"
-MASK = "***"
 
 DEFAULT_HEARTBEAT_INTERVAL = 30
 DEFAULT_MAX_RETRY = 2
@@ -115,73 +129,6 @@ class RunJournalStorage(JournalStorage):
 
 
 # ---------------------------------------------------------------------------------------- storage
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_url(value: Any) -> bool:
-    """True for a database URL (`postgresql://...`, `sqlite:///x.db`), False for a journal file
-    path, None or "". The one test of "is this storage a URL" in the house."""
-    return isinstance(value, str) and bool(_URL.match(value.strip()))
-
-
-def check_database_exists(url: str, *, flag: str = "--storage") -> None:
-    """`ConfigError` if `url` is a SQLite URL whose database file does not exist (or an in-memory
-    one): readers of a finished search must not create an empty database where they expected the
-    study. Other databases live on a server and are checked when opened."""
-    parsed = _parse_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return
-    shown = _masked(parsed) if parsed.password else url
-    database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file::memory:"):
-        raise ConfigError(f"{flag} {shown} is an in-memory SQLite database, which holds"
-                          " no study. Pass the URL of the search's database file, e.g."
-                          " sqlite:///path/to/study.db.")
-    path = Path(database.removeprefix("file:").split("?", 1)[0]).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{flag} {shown} names the database file {str(path)!r}, which"
-                          " does not exist (relative paths count from the current folder); the"
-                          " study is not there and nothing was created. Check the path"
-                          + (f", or omit {flag} to read the run's own storage." if
-                             flag == "--storage" else "."))
-
-
-def _parse_url(url: str):
-    import sqlalchemy.engine
-    import sqlalchemy.exc
-
-    if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"the storage URL must be a non-empty string, but got {url!r}."
-                          " Pass e.g. --storage postgresql://user@host:5432/nas, or omit --storage"
-                          " for the run's journal file.")
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
-        raise ConfigError(f"the storage URL {url!r} is not a database URL ({e})."
-                          " Write dialect://user@host:port/database, e.g."
-                          " postgresql://nas@db:5432/nas or sqlite:///study.db,"
-                          " or omit --storage for the run's journal file.") from None
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername=f"postgresql+{_postgres_driver()}")
-    return parsed
-
-
-def _postgres_driver() -> str:
-    """SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3; use psycopg2 when only it is
-    installed (this project depends on psycopg2-binary)."""
-    import importlib.util
-
-    return "psycopg" if importlib.util.find_spec("psycopg") else "psycopg2"
-
-
-def _masked(parsed) -> str:
-    """The URL with its password (and any `password` query parameter) shown as `***`."""
-    secret = [k for k in parsed.query if "password" in k.lower()]
-    if secret:
-        parsed = parsed.update_query_dict({k: MASK for k in secret})
-    return parsed.render_as_string(hide_password=True)
-
-
 def journal_path(run_dir: str | os.PathLike) -> Path:
     """The default study file of a run: `RUN_DIR/study.journal`."""
     return Path(run_dir) / JOURNAL_NAME
@@ -195,8 +142,8 @@ def storage_url(url: str | None, run_dir: str | os.PathLike, *,
     PGPASSWORD or ~/.pgpass; `hide_password=False` keeps it, for passing on, never printing)."""
     if url is None:
         return str(journal_path(run_dir).resolve())
-    parsed = _parse_url(url)
-    return _masked(parsed) if hide_password else parsed.render_as_string(hide_password=False)
+    parsed = parse_url(url)
+    return masked(parsed) if hide_password else parsed.render_as_string(hide_password=False)
 
 
 def make_storage(url: str | None, run_dir: str | os.PathLike, *,
@@ -244,8 +191,8 @@ def _make_rdb(url: str, *, heartbeat_interval: int, grace_period: int,
               callback: StaleCallback, connect_timeout: int) -> RDBStorage:
     import sqlalchemy.exc
 
-    parsed = _parse_url(url)
-    shown = _masked(parsed)
+    parsed = parse_url(url)
+    shown = masked(parsed)
     if parsed.password == MASK:
         raise ConfigError(f"the storage URL {shown} has a masked password ('***', as printed in"
                           " logs and run.json). Pass the real URL with --storage, or leave the"
@@ -270,21 +217,16 @@ def _make_rdb(url: str, *, heartbeat_interval: int, grace_period: int,
                               heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                               heartbeat_stale_trial_callback=callback)
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
-        raise ConfigError(f"no database driver for the storage URL {shown} ({_first_line(e)})."
+        raise ConfigError(f"no database driver for the storage URL {shown} ({first_line(e)})."
                           " Install the driver (psycopg2-binary for postgresql://) or use"
                           " another URL.") from None
     except sqlalchemy.exc.DatabaseError as e:  # OperationalError, and "file is not a database"
-        raise ConfigError(f"cannot open the study database {shown}: {_first_line(e.orig or e)}."
+        raise ConfigError(f"cannot open the study database {shown}: {first_line(e.orig or e)}."
                           " Start the server / check host, port, database name and credentials,"
                           " or omit --storage for the run's journal file.") from None
     except sqlalchemy.exc.ArgumentError as e:
-        raise ConfigError(f"the storage URL {shown} was refused: {_first_line(e)}."
+        raise ConfigError(f"the storage URL {shown} was refused: {first_line(e)}."
                           " Fix the URL, e.g. postgresql://nas@db:5432/nas.") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def is_rdb(storage: BaseStorage | optuna.Study) -> bool:
@@ -295,117 +237,6 @@ def is_rdb(storage: BaseStorage | optuna.Study) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- leases
-def _lease_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / DRIVERS_DIR
-
-
-def _lock_is_held(path: Path) -> bool:
-    """True if some live process holds the `flock` on `path` (False if absent or free)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return True
-        raise
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def live_leases(run_dir: str | os.PathLike) -> list[str]:
-    """Ids of the driver leases of the run whose process is alive (journal storage)."""
-    folder = _lease_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.lock") if _lock_is_held(p))
-
-
-def lease_owner_is_dead(owner: Any) -> bool:
-    """True when a lease id `host-pid-token` names a process of THIS host that is gone (exact,
-    whatever the storage; False for other hosts, whose processes cannot be seen from here)."""
-    if not isinstance(owner, str) or owner.count("-") < 2:
-        return False
-    host, pid, _ = owner.rsplit("-", 2)
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-@contextlib.contextmanager
-def _file_mutex(path: Path):
-    """An exclusive OS lock on `path` (released by the kernel if the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _run_mutex(run_dir: str | os.PathLike):
-    """Serialises ownership changes between the drivers of one machine (journal storage)."""
-    return _file_mutex(_lease_dir(run_dir) / "ownership.mutex")
-
-
-def _study_key(study_name: str) -> int:
-    """A signed 64-bit key naming the study (PostgreSQL advisory locks take one)."""
-    name = f"spvit-nas:{study_name}"
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
-@contextlib.contextmanager
-def study_mutex(study: optuna.Study, run_dir: str | os.PathLike):
-    """A lock shared by every driver of `study`, for check-then-act steps such as "launch
-    another trial only if the budget is not spent yet" (count, then `study.ask()`).
-
-    PostgreSQL: a session advisory lock keyed by the study (drivers on any machine; the server
-    drops it if the holder's connection dies). MySQL: `GET_LOCK`. Journal and SQLite (one
-    machine): an OS file lock in the run folder. Not re-entrant; hold it briefly.
-    """
-    storage = optuna_compat.study_storage(study)
-    if not isinstance(storage, RDBStorage) or storage.engine.dialect.name == "sqlite":
-        with _file_mutex(_lease_dir(run_dir) / f"study-{_study_key(study.study_name)}.mutex"):
-            yield
-        return
-    import sqlalchemy as sa
-
-    name = f"spvit-nas:{study.study_name}"
-    key = _study_key(study.study_name)
-    dialect = storage.engine.dialect.name
-    if dialect == "postgresql":
-        take, drop = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
-        params: dict[str, Any] = {"key": key}
-    elif dialect in ("mysql", "mariadb"):
-        take, drop = "SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)"
-        params = {"name": name[:64]}
-    else:
-        raise ConfigError(f"the study storage {dialect} has no cross-machine lock this project"
-                          " knows; use PostgreSQL (--storage postgresql://...) for several"
-                          " drivers.")
-    with storage.engine.connect() as conn:
-        conn.execute(sa.text(take), params)
-        conn.commit()
-        try:
-            yield
-        finally:
-            conn.execute(sa.text(drop), params)
-            conn.commit()
-
-
 def _transfer_owner(study: optuna.Study, run_dir: str | os.PathLike, trial_id: int,
                     expected: str | None, new_owner: str) -> bool:
     """Atomically set the owner of a RUNNING trial from `expected` (None: no owner yet) to
@@ -449,7 +280,7 @@ class DriverLease:
 
     @property
     def lock_path(self) -> Path:
-        return _lease_dir(self.run_dir) / f"{self.id}.lock"
+        return lease_dir(self.run_dir) / f"{self.id}.lock"
 
     @property
     def heartbeat_interval(self) -> int | None:
@@ -559,7 +390,7 @@ class DriverLease:
                     self.storage.record_heartbeat(trial_id)
                     self.beats += 1
                 except Exception as e:  # the database may blink; the next beat retries
-                    warnings.warn(f"heartbeat of trial id {trial_id} failed: {_first_line(e)}",
+                    warnings.warn(f"heartbeat of trial id {trial_id} failed: {first_line(e)}",
                                   RuntimeWarning, stacklevel=1)
 
 
