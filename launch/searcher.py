@@ -42,6 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.callback import Callback
 from ray.tune.search import Searcher
 
+from nas import optuna_compat
 from nas.study import Candidate, SearchStudy, read_failure_reason
 from search_spaces.search_defaults import DEFAULT_MAX_CONSECUTIVE_FAILURES
 from spvit.errors import ConfigError
@@ -305,7 +306,8 @@ class StudySearcher(Searcher):
               metrics: dict | None, error: bool, fidelity: Any, wall_s: float) -> TrialState:
         if self._record_attempted.get(candidate.number):
             # A retry: an earlier attempt may have reached the study before it failed.
-            stored = self.study.study._storage.get_trial(candidate.trial_id).state
+            storage = optuna_compat.study_storage(self.study.study)
+            stored = storage.get_trial(candidate.trial_id).state
             if stored.is_finished():
                 return stored
         self._record_attempted[candidate.number] = True

@@ -15,6 +15,10 @@ the name fails there first, not in a search. The supported range is pinned in py
   that is not a `Study` method takes.
 * `trial_id(trial)`: the storage key of a trial (`Trial._trial_id` / `FrozenTrial._trial_id`),
   which `optuna.Trial(study, trial_id)` and the storage calls take.
+* `set_trial_system_attr(study, trial, key, value)`: a system attr of a trial, written through
+  the study's storage (`Study._storage`). `Trial.set_system_attr` is gone from Optuna 5, and the
+  attrs the search keeps beside Optuna's own (the sampler's proposal record, the constraint
+  list below) belong with the system attrs, not the user's.
 * `set_constraints(study, trial, values)`: the constraint values of a trial as the system attr
   `constraints`, a list (`optuna.study._constrained_optimization._CONSTRAINTS_KEY`): the one
   place both optuna-dashboard (which serialises that list) and Optuna 5 itself (samplers,
@@ -62,6 +66,12 @@ def trial_id(trial: optuna.Trial | FrozenTrial | int) -> int:
     return trial if isinstance(trial, int) else trial._trial_id
 
 
+def set_trial_system_attr(study: optuna.Study, trial: Any, key: str, value: Any) -> None:
+    """Store `value` (JSON-serialisable) as the system attr `key` of `trial` (a Trial,
+    FrozenTrial or storage trial id of `study`)."""
+    study._storage.set_trial_system_attr(trial_id(trial), key, value)
+
+
 CONSTRAINTS_ATTR = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY
 
 
@@ -71,7 +81,7 @@ def set_constraints(study: optuna.Study, trial: Any, values: Mapping[str, float]
     numbers = [float(v) for v in values.values()]
     if any(v != v for v in numbers):
         raise ValueError(f"constraint values must not be NaN, but got {dict(values)}")
-    study._storage.set_trial_system_attr(trial_id(trial), CONSTRAINTS_ATTR, numbers)
+    set_trial_system_attr(study, trial, CONSTRAINTS_ATTR, numbers)
     study._storage.set_trial_user_attr(trial_id(trial), "constraint_names", list(values))
 
 

@@ -34,6 +34,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from nas import optuna_compat
 from search_spaces.search_defaults import DEFAULT_SAMPLER
 from spvit.errors import ConfigError
 
@@ -336,22 +337,22 @@ class FeasibleSampler(BaseSampler):
         if trial.system_attrs.get("fixed_params") or trial.params:
             return
         dists, params, attempts, fallback = self._propose(study, trial)
-        self._pending[trial._trial_id] = (dists, params)
+        self._pending[optuna_compat.trial_id(trial)] = (dists, params)
         self.attempts_total += attempts
         self.fallbacks += int(fallback)
-        study._storage.set_trial_system_attr(trial._trial_id, PROPOSAL_ATTR,
-                                             {"attempts": attempts, "fallback": fallback})
+        optuna_compat.set_trial_system_attr(study, trial, PROPOSAL_ATTR,
+                                            {"attempts": attempts, "fallback": fallback})
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
                                     ) -> dict[str, BaseDistribution]:
-        pending = self._pending.get(trial._trial_id)
+        pending = self._pending.get(optuna_compat.trial_id(trial))
         if pending is None:
             return self.base.infer_relative_search_space(study, trial)
         return dict(pending[0])
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        pending = self._pending.get(trial._trial_id)
+        pending = self._pending.get(optuna_compat.trial_id(trial))
         if pending is None:
             return self.base.sample_relative(study, trial, search_space)
         return {k: v for k, v in pending[1].items() if k in search_space}
@@ -362,7 +363,7 @@ class FeasibleSampler(BaseSampler):
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self._pending.pop(trial._trial_id, None)
+        self._pending.pop(optuna_compat.trial_id(trial), None)
         self.base.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:

@@ -3,8 +3,8 @@ the wrapper says, and the constraint values the study stores are the ones Optuna
 
 from __future__ import annotations
 
+import datetime
 import re
-import time
 from pathlib import Path
 
 import optuna
@@ -49,6 +49,20 @@ def test_study_storage_is_the_backend_and_ids_are_its_keys(tmp_path, kind):
     assert optuna_compat.trial_id(expected) == expected
 
 
+def backdate_heartbeat(storage: RDBStorage, trial_id: int, seconds: float) -> None:
+    """Move a trial's last heartbeat `seconds` into the past, as if its driver had been silent
+    that long (Optuna's `trial_heartbeats` table, compared with the database's clock)."""
+    import sqlalchemy as sa
+
+    table = sa.table("trial_heartbeats", sa.column("trial_id", sa.Integer),
+                     sa.column("heartbeat", sa.DateTime))
+    with storage.engine.begin() as conn:
+        beat = conn.execute(sa.select(table.c.heartbeat)
+                            .where(table.c.trial_id == trial_id)).scalar_one()
+        conn.execute(sa.update(table).where(table.c.trial_id == trial_id)
+                     .values(heartbeat=beat - datetime.timedelta(seconds=seconds)))
+
+
 def test_stale_trial_ids_follow_the_heartbeat(tmp_path):
     storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", tmp_path, heartbeat_interval=1,
                            grace_period=2)
@@ -57,13 +71,31 @@ def test_stale_trial_ids_follow_the_heartbeat(tmp_path):
     for t in (beating, silent):
         storage.record_heartbeat(optuna_compat.trial_id(t))
     assert optuna_compat.stale_trial_ids(storage, study) == set()
-    time.sleep(3.5)  # > grace 2 s even at the 1 s resolution of SQLite timestamps
-    storage.record_heartbeat(optuna_compat.trial_id(beating))
+    backdate_heartbeat(storage, optuna_compat.trial_id(silent), 10)  # silent for > grace 2 s
     assert optuna_compat.stale_trial_ids(storage, study) == {optuna_compat.trial_id(silent)}
+    storage.record_heartbeat(optuna_compat.trial_id(silent))  # a late beat revives it
+    assert optuna_compat.stale_trial_ids(storage, study) == set()
     plain = make_storage(None, tmp_path / "j")
     journal_study = optuna.create_study(storage=plain, directions=DIRECTIONS)
     journal_study.ask()
     assert optuna_compat.stale_trial_ids(plain, journal_study) == set()
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_set_trial_system_attr_is_read_back_by_optuna(tmp_path, kind):
+    storage = make_storage(None if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}",
+                           tmp_path)
+    optuna.create_study(study_name="s", storage=storage, directions=DIRECTIONS)
+    study = optuna.load_study(study_name="s", storage=storage)  # RDB: behind Optuna's cache
+    asked = study.ask()
+    optuna_compat.set_trial_system_attr(study, asked, "proposal", {"attempts": 2})
+    frozen = study.get_trials(deepcopy=False)[0]
+    optuna_compat.set_trial_system_attr(study, frozen, "by_frozen", 1)
+    optuna_compat.set_trial_system_attr(study, optuna_compat.trial_id(asked), "by_id", [0.5])
+    study.tell(asked, [0.5, 1.0, 1.0])
+    stored = optuna.load_study(study_name="s", storage=storage).trials[0].system_attrs
+    assert stored["proposal"] == {"attempts": 2}
+    assert stored["by_frozen"] == 1 and stored["by_id"] == [0.5]
 
 
 def test_stored_constraints_are_what_optuna_and_the_dashboard_read(tmp_path):
