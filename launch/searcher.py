@@ -25,11 +25,16 @@ differences a multi-objective, multi-fidelity, resumable architecture search nee
 
 `TrialErrors` is a Tune callback that gives the searcher the error text of a failed trial (Tune
 tells the searcher before its callbacks, but writes the trial's error file first).
+
+Ray is imported when `StudySearcher` or `TrialErrors` is first looked up (the module's
+`__getattr__` then puts Ray Tune's base classes under `_StudySearcher` / `_TrialErrors`, which
+hold all the logic), so importing this module, or `summarize_error`, does not import Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -39,8 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
-from ray.tune.callback import Callback
-from ray.tune.search import Searcher
 
 from nas import optuna_compat
 from nas.study import Candidate, SearchStudy, read_failure_reason
@@ -58,6 +61,8 @@ RECORD_BACKOFF_S = 0.5
 _RAY_CAUSES = ("never ran", "cancelled before it started", "node", "out of memory", "OOM",
                "killed", "unschedulable", "cannot be scheduled", "placement group",
                "exited unexpectedly", "SIGKILL", "SIGSEGV")
+# What `suggest` returns once the search is over (Ray Tune's `Searcher.FINISHED`).
+FINISHED = "FINISHED"
 
 
 def summarize_error(text: str) -> str:
@@ -86,9 +91,9 @@ class RecordFailed(RuntimeError):
     """A trial's result could not be written to the study, even after retries."""
 
 
-class TrialErrors(Callback):
-    """Tune callback that remembers each trial, so the error Tune wrote for a failed trial can be
-    read when the searcher is told of the failure."""
+class _TrialErrors:
+    """Tune callback (`TrialErrors`, a `ray.tune.Callback`) that remembers each trial, so the
+    error Tune wrote for a failed trial can be read when the searcher is told of the failure."""
 
     def __init__(self) -> None:
         self._trials: dict[str, Any] = {}
@@ -113,8 +118,9 @@ class TrialErrors(Callback):
         return summarize_error(text) or None
 
 
-class StudySearcher(Searcher):
-    """Ray Tune searcher over a `SearchStudy` (see the module docstring).
+class _StudySearcher:
+    """Ray Tune searcher (`StudySearcher`, a `ray.tune.search.Searcher`) over a `SearchStudy`
+    (see the module docstring).
 
     Args:
         study: the run's `SearchStudy` (owns the Optuna study, the space and the cost model).
@@ -227,7 +233,7 @@ class StudySearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.stopped:
-            return Searcher.FINISHED
+            return FINISHED
         try:
             candidate = self._promotion()
             while self._adopt and candidate is None:
@@ -243,13 +249,13 @@ class StudySearcher(Searcher):
                         if self._paused and self._live:
                             return None  # a running trial may still promote a paused one
                         self._finish_paused()
-                        return Searcher.FINISHED
+                        return FINISHED
                     candidate = self.study.ask()
                 self._remaining -= 1
         except ConfigError as e:
             self.error = e
             self.stop_reason = str(e)
-            return Searcher.FINISHED
+            return FINISHED
         self._live[trial_id] = (candidate, self.clock())
         self.launched.append(candidate.number)
         config = dict(self.base_config)
@@ -391,3 +397,30 @@ class StudySearcher(Searcher):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+@functools.cache
+def _ray_classes() -> dict[str, type]:
+    """`StudySearcher` and `TrialErrors`: the logic above on Ray Tune's base classes."""
+    from ray.tune.callback import Callback
+    from ray.tune.search import Searcher
+
+    assert Searcher.FINISHED == FINISHED, Searcher.FINISHED
+
+    class TrialErrors(_TrialErrors, Callback):
+        __doc__ = _TrialErrors.__doc__
+
+    class StudySearcher(_StudySearcher, Searcher):
+        __doc__ = _StudySearcher.__doc__
+
+    classes = {"StudySearcher": StudySearcher, "TrialErrors": TrialErrors}
+    for cls in classes.values():  # importable (and picklable, as Tune does) by their names
+        cls.__qualname__ = cls.__name__
+    globals().update(classes)
+    return classes
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("StudySearcher", "TrialErrors"):
+        return _ray_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,9 +4,11 @@ import cycle.
 The first test imports every module of `spvit`, `search_spaces` and `nas` in a fresh
 interpreter whose import system refuses `ray` and `deepspeed` (a meta-path finder that raises),
 so a core module that imports them, at any depth and in any form (`import ray`,
-`from ray.tune import ...`, through a third module), fails here. The second reads every
-module's imports with `ast` (module level and inside functions: a deferred import is still a
-dependency) and fails on any cycle among the modules of the four packages.
+`from ray.tune import ...`, through a third module), fails here; `launch.searcher`, which
+defers Ray to the first use of its Tune classes, is checked on its own (no `ray` in
+`sys.modules` after importing it). Another
+test reads every module's imports with `ast` (module level and inside functions: a deferred
+import is still a dependency) and fails on any cycle among the modules of the four packages.
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ def test_every_core_module_imports_without_ray_or_deepspeed():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"imported {len(modules)}" in proc.stdout
+
+
+def test_launch_searcher_imports_without_ray():
+    """`launch.searcher` puts Ray Tune's base classes under its searcher only when
+    `StudySearcher` / `TrialErrors` is first looked up; the lookup does import Ray."""
+    code = textwrap.dedent("""
+        import sys
+        import launch.searcher
+        assert "ray" not in sys.modules, sorted(m for m in sys.modules if m.startswith("ray"))
+        launch.searcher.StudySearcher
+        assert "ray" in sys.modules
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_the_refusing_finder_does_refuse():

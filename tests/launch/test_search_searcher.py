@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -192,6 +193,27 @@ def test_trial_errors_reads_the_error_file_tune_wrote(tmp_path):
     errors.on_trial_start(0, [], SimpleNamespace(trial_id="t2", error_file=None))
     assert errors.error_of("t1") == "ValueError: bad shape"
     assert errors.error_of("t2") is None and errors.error_of("nope") is None
+
+
+def test_searcher_and_callback_are_ray_tune_classes_that_pickle_by_name(tmp_path, space_file):
+    """Built on Ray Tune's bases at first lookup, yet importable (and so picklable, as Tune
+    pickles its searcher into tuner.pkl) under their own names."""
+    from ray.tune.callback import Callback
+
+    import launch.searcher
+
+    searcher, _, _ = _searcher(tmp_path, space_file, trials=1)
+    assert isinstance(searcher, Searcher) and isinstance(TrialErrors(), Callback)
+    assert launch.searcher.StudySearcher is StudySearcher
+    assert f"{StudySearcher.__module__}.{StudySearcher.__qualname__}" == \
+        "launch.searcher.StudySearcher"
+    assert launch.searcher.FINISHED == Searcher.FINISHED
+    copy = pickle.loads(pickle.dumps(searcher))
+    assert type(copy) is StudySearcher and copy.trials == 1
+    assert copy.metric == "val_acc" and copy.mode == "max"
+    assert type(pickle.loads(pickle.dumps(TrialErrors()))) is TrialErrors
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        launch.searcher.Nothing  # noqa: B018
 
 
 # ------------------------------------------------------------------------------------ planning
