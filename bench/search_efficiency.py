@@ -3,12 +3,12 @@
 One command runs real searches (`launch.search.run_search`: Ray Tune + DeepSpeed training on the
 embedded digits data) for each sampler and seed, and measures
 
-* the hypervolume of the feasible full-budget front against completed trials and against wall
-  time. Objectives are normalised to [0, 1] and minimised: (1 - val_acc, gflops / max_gflops,
-  params / max_params), the limits being the space's `constraints:`; the reference point is
-  (1, 1, 1), i.e. (val_acc 0, max_gflops, max_params) of the space (digits: 0.012 GFLOPs,
-  200,000 parameters). Every trial on the front is feasible by construction (rejected
-  candidates are never trained);
+* the hypervolume (`nas.hypervolume`) of the feasible full-budget front against completed
+  trials and against wall time. Objectives are normalised to [0, 1] and minimised:
+  (1 - val_acc, gflops / max_gflops, params / max_params), the limits being the space's
+  `constraints:`; the reference point is (1, 1, 1), i.e. (val_acc 0, max_gflops, max_params) of
+  the space (digits: 0.012 GFLOPs, 200,000 parameters). Every trial on the front is feasible by
+  construction (rejected candidates are never trained);
 * for each sampler, the fraction of the budget after which its mean hypervolume reaches random
   search's final mean hypervolume (target of the default: <= 0.6);
 * the orchestration overhead of each search: wall time against the summed training time of its
@@ -60,32 +60,6 @@ BENCH_FILE = "bench.json"
 
 
 # ---------------------------------------------------------------------------------------- HV
-def hypervolume(points: list[tuple[float, float, float]],
-                ref: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
-    """Exact hypervolume dominated by `points` (minimised) up to `ref`, by slicing along the
-    first objective and sweeping the other two."""
-    pts = sorted({p for p in points if all(a < r for a, r in zip(p, ref, strict=True))})
-    if not pts:
-        return 0.0
-    total = 0.0
-    for k, p in enumerate(pts):
-        upper = pts[k + 1][0] if k + 1 < len(pts) else ref[0]
-        width = upper - p[0]
-        if width <= 0:
-            continue
-        total += width * _area([(q[1], q[2]) for q in pts[:k + 1]], ref[1:])
-    return total
-
-
-def _area(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
-    area, best = 0.0, ref[1]
-    for x, y in sorted(points):
-        if y < best:
-            area += (ref[0] - x) * (best - y)
-            best = y
-    return area
-
-
 def _normalised(trial: Any, space: Any) -> tuple[float, float, float]:
     acc, gflops, params = trial.values
     return (1.0 - float(acc), float(gflops) / space.constraints.max_gflops,
@@ -130,6 +104,7 @@ def analyse_run(run_dir: Path, bench: dict | None = None) -> dict:
     """HV curves and overhead of one finished run folder (`bench`: its BENCH_FILE record)."""
     from optuna.trial import TrialState
 
+    from nas.hypervolume import hypervolume
     from nas.pareto import is_full_fidelity, open_study, read_metrics, trial_dir
     from search_spaces.space import SearchSpace
 

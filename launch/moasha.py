@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from nas import pareto
 from spvit.errors import ConfigError
 
 Point = tuple[float, float, float]  # (accuracy, gflops, params): maximise, minimise, minimise
@@ -45,35 +46,16 @@ def _losses(points: Sequence[Point]) -> np.ndarray:
 
 
 def non_dominated_fronts(points: Sequence[Point]) -> list[list[int]]:
-    """Indices of `points` by non-dominated front (front 0 first), each front in index order."""
-    losses = _losses(points)
-    n = len(losses)
-    remaining = list(range(n))
-    fronts: list[list[int]] = []
-    while remaining:
-        front = [i for i in remaining
-                 if not any(np.all(losses[j] <= losses[i]) and np.any(losses[j] < losses[i])
-                            for j in remaining if j != i)]
-        fronts.append(front)
-        remaining = [i for i in remaining if i not in front]
-    return fronts
+    """Indices of `points` by non-dominated front (front 0 first), each front in index order
+    (`nas.pareto.non_dominated_fronts` over the losses)."""
+    return [[int(i) for i in front] for front in pareto.non_dominated_fronts(_losses(points))]
 
 
 def crowding_distance(points: Sequence[Point], front: Sequence[int]) -> dict[int, float]:
-    """NSGA-II crowding distance of each index of `front` (infinite at the extremes)."""
-    losses = _losses(points)
-    dist = dict.fromkeys(front, 0.0)
-    if len(front) <= 2:
-        return dict.fromkeys(front, math.inf)
-    for k in range(losses.shape[1]):
-        ordered = sorted(front, key=lambda i: (losses[i, k], i))
-        lo, hi = losses[ordered[0], k], losses[ordered[-1], k]
-        dist[ordered[0]] = dist[ordered[-1]] = math.inf
-        if hi == lo:
-            continue
-        for a, b, c in zip(ordered, ordered[1:], ordered[2:], strict=False):
-            dist[b] += (losses[c, k] - losses[a, k]) / (hi - lo)
-    return dist
+    """NSGA-II crowding distance of each index of `front` (infinite at the extremes;
+    `nas.pareto.crowding_distance` over the front's losses)."""
+    dist = pareto.crowding_distance(_losses(points)[list(front)])
+    return {i: float(d) for i, d in zip(front, dist, strict=True)}
 
 
 def ranking(points: Sequence[Point]) -> list[int]:

@@ -10,7 +10,9 @@ through `nas.run` (re-exporting its readers), renders the front as a table, JSON
 picks one trial under
 GFLOPs/parameter budgets, either the most accurate (`best`) or the knee of the accuracy/GFLOPs
 front (`knee`, defined in `knee_scores`). Reports (`nas.report`) and export (`nas.export`) build
-on it. No Ray, no model build: costs come from the study.
+on it. `non_dominated_ranks` and `crowding_distance` are NSGA-II's sorting, the one copy that
+the one-shot selection (`nas.oneshot`) and the MOASHA scheduler (`launch.moasha`) rank with.
+No Ray, no model build: costs come from the study.
 """
 
 from __future__ import annotations
@@ -105,6 +107,46 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
     lt = (points[:, None, :] < points[None, :, :]).any(-1)  # (N, N): a < b somewhere
     dominated = (le & lt).any(axis=0)
     return ~dominated
+
+
+def non_dominated_ranks(losses: np.ndarray) -> np.ndarray:
+    """Non-dominated rank of each row of `losses` (all objectives minimised): 0 for the rows no
+    row dominates, 1 for those only rank-0 rows dominate, and so on (NSGA-II's sorting)."""
+    losses = np.asarray(losses, dtype=float)
+    ranks = np.full(len(losses), -1)
+    left = np.arange(len(losses))
+    rank = 0
+    while left.size:
+        front = non_dominated(losses[left])
+        ranks[left[front]] = rank
+        left = left[~front]
+        rank += 1
+    return ranks
+
+
+def non_dominated_fronts(losses: np.ndarray) -> list[np.ndarray]:
+    """Row indices of `losses` by non-dominated front (front 0 first), each in index order."""
+    ranks = non_dominated_ranks(losses)
+    return [np.flatnonzero(ranks == r) for r in range(int(ranks.max(initial=-1)) + 1)]
+
+
+def crowding_distance(losses: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of each row of `losses`, one set of points (usually one front):
+    per objective, the gap between a point's two neighbours over the objective's span, summed;
+    infinite at each objective's extremes and for sets of at most two points. Ties in an
+    objective are ordered by row index."""
+    losses = np.asarray(losses, dtype=float)
+    n = len(losses)
+    if n <= 2:
+        return np.full(n, np.inf)
+    dist = np.zeros(n)
+    for j in range(losses.shape[1]):
+        order = np.argsort(losses[:, j], kind="stable")
+        span = losses[order[-1], j] - losses[order[0], j]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0:
+            dist[order[1:-1]] += (losses[order[2:], j] - losses[order[:-2], j]) / span
+    return dist
 
 
 def _losses(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> np.ndarray:

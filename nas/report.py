@@ -13,8 +13,8 @@
                     (COMPLETE below budget) and pruned trials faintly;
 * `pareto.html`     accuracy vs GFLOPs, interactive (plotly, with plotly.js embedded: it opens
                     offline), hover text with each trial's key choices;
-* `hypervolume.png` hypervolume of the full-fidelity front after each trial (see
-                    `hypervolume_history` for the reference point);
+* `hypervolume.png` hypervolume of the full-fidelity front after each trial
+                    (`nas.hypervolume.hypervolume_history`, which states the reference point);
 * `priors_N.png`    the learned spatial priors of trial N as heat maps over the patch offset
                     (dx, dy): one row per block with priors, one panel per head;
 * `report.md`       the run in one page: space, budget, sampler, trial counts, front, wall time,
@@ -41,12 +41,17 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from nas import pareto, run
+from nas.hypervolume import (  # noqa: F401  (re-exported: reports' callers import them here)
+    REFERENCE_MARGIN,
+    hypervolume,
+    hypervolume_history,
+)
+from nas.hypervolume import area_2d as _area_2d  # noqa: F401
 from search_spaces.space import SearchSpace
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_bytes, atomic_write_text
 
 REPORTS_DIR = "reports"
-REFERENCE_MARGIN = 1.1
 KIND_ORDER = ("full", "partial", "pruned", "failed", "infeasible", "duplicate", "running",
               "waiting")
 
@@ -65,76 +70,6 @@ def plotted_points(study: optuna.Study, run_dir: str | os.PathLike,
         if objectives is not None:
             out.append((t, kind, objectives))
     return out
-
-
-def hypervolume_history(trials: Sequence[FrozenTrial], *, reference: Sequence[float] | None = None,
-                        ) -> tuple[list[int], list[float], tuple[float, float, float]]:
-    """Hypervolume of the full-fidelity front after each trial, in trial-number order.
-
-    The objectives are scaled to losses in a unit cube: (1 - val_acc, gflops / G, params / P),
-    with reference point (1, 1, 1), i.e. accuracy 0, G GFLOPs and P parameters. Unless
-    `reference` = (val_acc_ref, G, P) is given, G and P are `REFERENCE_MARGIN` (1.1) times the
-    largest GFLOPs and parameter count among the run's full-fidelity trials, and val_acc_ref = 0.
-    The value is then the fraction of that box the front dominates (0..1), comparable across
-    the trials of one run (the reference is fixed for the whole history).
-
-    Returns (trial numbers, hypervolume after each, reference as (val_acc, gflops, params)).
-    """
-    ordered = sorted(trials, key=lambda t: t.number)
-    full = [t for t in ordered if pareto.is_full_fidelity(t)]
-    if reference is None:
-        if not full:
-            return [t.number for t in ordered], [0.0] * len(ordered), (0.0, 1.0, 1.0)
-        reference = (0.0, REFERENCE_MARGIN * max(t.values[1] for t in full),
-                     REFERENCE_MARGIN * max(t.values[2] for t in full))
-    acc_ref, g_ref, p_ref = (float(x) for x in reference)
-    if not (g_ref > 0 and p_ref > 0 and acc_ref < 1):
-        raise ConfigError(f"the hypervolume reference needs GFLOPs > 0, params > 0 and accuracy"
-                          f" < 1, but got {tuple(reference)}. Pass a larger reference point.")
-    numbers, values, losses = [], [], []
-    for t in ordered:
-        if pareto.is_full_fidelity(t):
-            acc, g, p = t.values
-            losses.append([(1.0 - acc) / (1.0 - acc_ref), g / g_ref, p / p_ref])
-        numbers.append(t.number)
-        if losses:
-            pts = np.array(losses, dtype=float)
-            pts = pts[(pts < 1.0).all(axis=1)]  # points beyond the reference add nothing
-            values.append(hypervolume(pts, np.ones(3)))
-        else:
-            values.append(0.0)
-    return numbers, values, (acc_ref, g_ref, p_ref)
-
-
-def _area_2d(points: np.ndarray, reference: np.ndarray) -> float:
-    """Area that points (N, 2), all below `reference`, dominate (minimisation)."""
-    area, best_y = 0.0, float(reference[1])
-    for x, y in sorted(map(tuple, points)):
-        if y < best_y:
-            area += (reference[0] - x) * (best_y - y)
-            best_y = y
-    return area
-
-
-def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
-    """Volume of the region that 3-D points (N, 3) dominate below `reference` (minimisation).
-
-    Slices along the first objective: between consecutive first coordinates the dominated
-    region is the 2-D region of the points seen so far, so the volume is a sum of slab
-    thickness times area (O(N^2 log N), ample for a search's fronts).
-    """
-    pts = np.asarray(points, dtype=float).reshape(-1, 3)
-    reference = np.asarray(reference, dtype=float)
-    pts = pts[(pts < reference).all(axis=1)]
-    if not len(pts):
-        return 0.0
-    pts = pts[np.argsort(pts[:, 0], kind="stable")]
-    volume = 0.0
-    for i in range(len(pts)):
-        upper = pts[i + 1, 0] if i + 1 < len(pts) else reference[0]
-        if upper > pts[i, 0]:
-            volume += (upper - pts[i, 0]) * _area_2d(pts[: i + 1, 1:], reference[1:])
-    return float(volume)
 
 
 def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:

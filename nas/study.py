@@ -10,6 +10,9 @@ so it can be driven and tested on its own:
 * `open_study`: the multi-objective study (`maximize val_acc, minimize gflops, minimize params`)
   in a persistent storage (`nas.storage.make_storage`), refusing to overwrite or to invent one;
 * `RunInfo` (`nas.run`, re-exported here): `RUN_DIR/run.json`;
+* `ask_feasible`: the proposal rule of every study that proposes architectures (this one and the
+  one-shot proxy study, `nas.oneshot`): constraint values on each asked trial, infeasible ones
+  told FAIL, a `ConfigError` after too many in a row;
 * `SearchStudy`: ask/tell with the conventions of docs/architecture.md. Constraint-violating
   samples are rejected before any launch (told FAIL with user attr `infeasible`) and re-proposed;
   only full-budget results are told COMPLETE; shorter ones are PRUNED with their `fidelity`;
@@ -155,6 +158,80 @@ def now_iso() -> str:
 
 # ---------------------------------------------------------------------------------------- ask/tell
 @dataclass(frozen=True)
+class Proposal:
+    """A feasible architecture proposed by a RUNNING trial of an Optuna study, with its cost."""
+
+    trial: optuna.Trial
+    spec: ArchSpec
+    cost: Cost
+
+
+def propose(study: optuna.Study, space: Space, trial: optuna.Trial, *,
+            estimate: Estimator | None = None, set_constraints: bool = True) -> Proposal | str:
+    """The architecture `trial` proposes, or why it is infeasible (one line per broken
+    constraint, or `invalid architecture: ...`).
+
+    Sets user attrs `arch`, `gflops` and `params` once the architecture is valid, and, with
+    `set_constraints` (a newly asked trial), its constraint values
+    (`nas.optuna_compat.set_constraints`, which the constrained samplers and optuna-dashboard
+    read)."""
+    try:
+        spec = space.suggest(trial)
+    except ConfigError as e:
+        return f"invalid architecture: {e}"
+    cost = (estimate or _default_estimate)(spec)
+    trial.set_user_attr("arch", spec.to_flat())
+    trial.set_user_attr("gflops", float(cost.gflops))
+    trial.set_user_attr("params", int(cost.params))
+    if set_constraints:
+        optuna_compat.set_constraints(study, trial, space.constraints.values(spec, cost))
+    violations = list(space.constraints.violations(spec, cost))
+    if violations:
+        return "; ".join(violations)
+    return Proposal(trial=trial, spec=spec, cost=cost)
+
+
+def reject_infeasible(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Tell `trial` FAIL as infeasible (never trained, never scored): user attrs `infeasible`
+    (the reason) and `fail_reason`."""
+    trial.set_user_attr("infeasible", reason)
+    trial.set_user_attr("fail_reason", f"infeasible: {reason}")
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def ask_feasible(study: optuna.Study, space: Space, *, max_tries: int | None = None,
+                 estimate: Estimator | None = None,
+                 on_ask: Callable[[optuna.Trial], None] | None = None,
+                 on_reject: Callable[[optuna.Trial], None] | None = None) -> Proposal:
+    """Ask `study` until a trial proposes a member of `space` that meets its constraints.
+
+    The house's rule for every study that proposes architectures (the search's `SearchStudy`
+    and the one-shot proxy study, `nas.oneshot.run_proxy_search`): each asked trial goes
+    through `propose`; a rejected one is told FAIL (`reject_infeasible`) and another is asked.
+    `on_ask` sees each asked trial first, `on_reject` each rejected one after its FAIL.
+    `ConfigError` after `max_tries` (default: the space's `search.max_infeasible`) rejections
+    in a row.
+    """
+    tries = space.search.max_infeasible if max_tries is None else max_tries
+    reason = ""
+    for _ in range(tries):
+        trial = study.ask()
+        if on_ask is not None:
+            on_ask(trial)
+        proposal = propose(study, space, trial, estimate=estimate)
+        if isinstance(proposal, Proposal):
+            return proposal
+        reason = proposal
+        reject_infeasible(study, trial, reason)
+        if on_reject is not None:
+            on_reject(trial)
+    raise ConfigError(
+        f"the space's constraints rejected {tries} samples in a row (last: {reason}); the"
+        " feasible region is empty or tiny. Loosen the `constraints:` block or narrow the"
+        " space's choices to feasible ones.")
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One trial to train: its Optuna number, architecture, analytic cost and folder."""
 
@@ -247,39 +324,26 @@ class SearchStudy:
                    and not (t.state == TrialState.FAIL and t.number in retried))
 
     # ------------------------------------------------------------------ proposing
-    def _prepare(self, trial: optuna.Trial, *, resumed: bool) -> Candidate | str:
-        """Turn an asked (or adopted) trial into a Candidate, or return why it is infeasible."""
-        try:
-            spec = self.space.suggest(trial)
-        except ConfigError as e:
-            return f"invalid architecture: {e}"
-        cost = self.estimate(spec)
+    def _on_ask(self, trial: optuna.Trial) -> None:
+        self._claim(optuna_compat.trial_id(trial))
+        trial.set_user_attr("budget", self.budget)
+
+    def _on_reject(self, trial: optuna.Trial) -> None:
+        self._release(optuna_compat.trial_id(trial))
+        self.infeasible_count += 1
+
+    def _candidate(self, proposal: Proposal, *, resumed: bool) -> Candidate:
+        """A feasible proposal as a Candidate, its folder (a resumed trial keeps its own) and
+        `fidelity` recorded."""
+        trial = proposal.trial
         rel = trial.user_attrs.get("trial_dir") if resumed else None
         rel = rel if isinstance(rel, str) and rel else trial_dir_of(trial.number)
-        trial.set_user_attr("arch", spec.to_flat())
-        trial.set_user_attr("gflops", float(cost.gflops))
-        trial.set_user_attr("params", int(cost.params))
-        trial.set_user_attr("budget", self.budget)
-        if not resumed:
-            # where optuna-dashboard and Optuna's samplers/best_trials both read them
-            optuna_compat.set_constraints(self.study, trial,
-                                          self.space.constraints.values(spec, cost))
-        violations = list(self.space.constraints.violations(spec, cost))
-        if violations:
-            return "; ".join(violations)
         trial.set_user_attr("trial_dir", rel)
         if not resumed:
             trial.set_user_attr("fidelity", 0)
-        return Candidate(number=trial.number, trial_id=optuna_compat.trial_id(trial), spec=spec,
-                         gflops=float(cost.gflops), params=int(cost.params), trial_dir=rel,
-                         resumed=resumed)
-
-    def _reject(self, trial: optuna.Trial, reason: str) -> None:
-        trial.set_user_attr("infeasible", reason)
-        trial.set_user_attr("fail_reason", f"infeasible: {reason}")
-        self.study.tell(trial, state=TrialState.FAIL)
-        self._release(optuna_compat.trial_id(trial))
-        self.infeasible_count += 1
+        return Candidate(number=trial.number, trial_id=optuna_compat.trial_id(trial),
+                         spec=proposal.spec, gflops=float(proposal.cost.gflops),
+                         params=int(proposal.cost.params), trial_dir=rel, resumed=resumed)
 
     def _duplicate_of(self, candidate: Candidate) -> int | None:
         """The number of an earlier trial that trains (or trained) the same architecture:
@@ -301,33 +365,24 @@ class SearchStudy:
         self.duplicate_count += 1
 
     def ask(self) -> Candidate:
-        """A new feasible candidate. Samples that break a constraint are told FAIL with user
-        attr `infeasible` (never trained) and replaced; after `max_infeasible_tries` in a row
-        a `ConfigError` says the constraints leave (almost) nothing. A sample identical to a
-        trial that is trained or training (samplers re-propose points, NSGA-II often on small
-        spaces) is told FAIL with user attr `duplicate_of` and replaced too, up to
-        `MAX_DUPLICATE_TRIES` times per call; after that it is trained again."""
-        reason = ""
+        """A new feasible candidate (`ask_feasible`). Samples that break a constraint are told
+        FAIL with user attr `infeasible` (never trained) and replaced; after
+        `max_infeasible_tries` in a row a `ConfigError` says the constraints leave (almost)
+        nothing. A sample identical to a trial that is trained or training (samplers re-propose
+        points, NSGA-II often on small spaces) is told FAIL with user attr `duplicate_of` and
+        replaced too, up to `MAX_DUPLICATE_TRIES` times per call; after that it is trained
+        again."""
         duplicates = 0
-        infeasible = 0
-        while infeasible < self.max_infeasible_tries:
-            trial = self.study.ask()
-            self._claim(optuna_compat.trial_id(trial))
-            prepared = self._prepare(trial, resumed=False)
-            if isinstance(prepared, Candidate):
-                original = self._duplicate_of(prepared)
-                if original is None or duplicates >= MAX_DUPLICATE_TRIES:
-                    return prepared
-                duplicates += 1
-                self._reject_duplicate(prepared, original)
-                continue
-            reason = prepared
-            infeasible += 1
-            self._reject(trial, reason)
-        raise ConfigError(
-            f"the space's constraints rejected {self.max_infeasible_tries} samples in a row"
-            f" (last: {reason}); the feasible region is empty or tiny. Loosen the"
-            " `constraints:` block or narrow the space's choices to feasible ones.")
+        while True:
+            proposal = ask_feasible(self.study, self.space, max_tries=self.max_infeasible_tries,
+                                    estimate=self.estimate, on_ask=self._on_ask,
+                                    on_reject=self._on_reject)
+            candidate = self._candidate(proposal, resumed=False)
+            original = self._duplicate_of(candidate)
+            if original is None or duplicates >= MAX_DUPLICATE_TRIES:
+                return candidate
+            duplicates += 1
+            self._reject_duplicate(candidate, original)
 
     def adoptable(self) -> list[FrozenTrial]:
         """RUNNING trials no live driver runs any more (a killed or lost driver left them):
@@ -350,10 +405,13 @@ class SearchStudy:
         live = self._trial(optuna_compat.trial_id(trial))
         if self.lease is not None and not self.lease.adopt(optuna_compat.trial_id(trial)):
             return None  # another driver took it over first, or its driver is alive
-        prepared = self._prepare(live, resumed=True)
-        if isinstance(prepared, Candidate):
-            return prepared
-        self._reject(live, prepared)
+        live.set_user_attr("budget", self.budget)
+        proposal = propose(self.study, self.space, live, estimate=self.estimate,
+                           set_constraints=False)
+        if isinstance(proposal, Proposal):
+            return self._candidate(proposal, resumed=True)
+        reject_infeasible(self.study, live, proposal)
+        self._on_reject(live)
         return None
 
     # ------------------------------------------------------------------ telling

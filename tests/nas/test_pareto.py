@@ -213,6 +213,94 @@ def test_non_dominated_keeps_duplicates():
     assert pareto.non_dominated(pts).tolist() == [True, True, False, True]
 
 
+def _dominates(a, b) -> bool:
+    """Plain reference: a <= b everywhere and a < b somewhere (minimisation)."""
+    pairs = list(zip(a, b, strict=True))
+    return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+
+def _plain_ranks(points) -> list[int]:
+    """Rank by peeling: the rows no remaining row dominates, again and again."""
+    rank, left, level = {}, set(range(len(points))), 0
+    while left:
+        front = {i for i in left if not any(_dominates(points[j], points[i]) for j in left)}
+        rank.update(dict.fromkeys(front, level))
+        left -= front
+        level += 1
+    return [rank[i] for i in range(len(points))]
+
+
+def _plain_crowding(points) -> list[float]:
+    """NSGA-II crowding distance written out per point: neighbours in each objective's order
+    (ties by index), gap over span; extremes (and sets of <= 2 points) infinite."""
+    n = len(points)
+    if n <= 2:
+        return [math.inf] * n
+    dist = [0.0] * n
+    for k in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: (points[i][k], i))
+        span = points[order[-1]][k] - points[order[0]][k]
+        for pos, i in enumerate(order):
+            if pos in (0, n - 1):
+                dist[i] = math.inf
+            elif span > 0:
+                dist[i] += (points[order[pos + 1]][k] - points[order[pos - 1]][k]) / span
+    return dist
+
+
+def test_ranks_and_crowding_match_a_hand_worked_example():
+    losses = np.array([[0, 3], [1, 1], [3, 0], [2, 2], [3, 3], [1.5, 1.5]], dtype=float)
+    # (1.5, 1.5) dominates (2, 2), which dominates (3, 3)
+    assert pareto.non_dominated_ranks(losses).tolist() == [0, 0, 0, 2, 3, 1]
+    assert [f.tolist() for f in pareto.non_dominated_fronts(losses)] == [[0, 1, 2], [5], [3], [4]]
+    crowd = pareto.crowding_distance(losses[:3])
+    assert np.isinf(crowd[0]) and np.isinf(crowd[2])
+    assert crowd[1] == pytest.approx(2.0)  # middle point: (3 - 0) / 3 per objective, summed
+    assert pareto.non_dominated_fronts(np.zeros((0, 3))) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranks_and_crowding_match_plain_references_on_random_points(seed):
+    rng = random.Random(seed)
+    for _ in range(20):
+        # few distinct values: many ties and duplicates
+        pts = [[rng.choice([0.0, 0.5, 1.0]) for _ in range(3)] for _ in range(rng.randint(1, 10))]
+        assert pareto.non_dominated_ranks(np.array(pts)).tolist() == _plain_ranks(pts)
+        crowd = pareto.crowding_distance(np.array(pts))
+        assert crowd.tolist() == pytest.approx(_plain_crowding(pts))
+
+
+def _inclusion_exclusion_hypervolume(points, ref) -> float:
+    """Exact volume of the union of the boxes [p, ref] by inclusion-exclusion: each non-empty
+    subset's intersection box starts at its coordinate-wise maximum."""
+    import itertools
+
+    pts = [p for p in points if all(a < r for a, r in zip(p, ref, strict=True))]
+    total = 0.0
+    for size in range(1, len(pts) + 1):
+        for subset in itertools.combinations(pts, size):
+            corner = [max(c) for c in zip(*subset, strict=True)]
+            total += (-1) ** (size + 1) * math.prod(r - c for c, r in zip(corner, ref, strict=True))
+    return total
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hypervolume_matches_inclusion_exclusion_on_random_3d_points(seed):
+    from nas.hypervolume import hypervolume
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        n = int(rng.integers(0, 8))
+        pts = rng.random((n, 3)) * 1.2  # some beyond the reference, which add nothing
+        if n > 1 and rng.random() < 0.5:
+            pts[1] = pts[0]  # a duplicate
+        ref = (1.0, 1.1, 0.9)
+        expected = _inclusion_exclusion_hypervolume(pts.tolist(), ref)
+        assert hypervolume(pts, ref) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert hypervolume([], (1.0, 1.0, 1.0)) == 0.0
+    assert hypervolume([[0.5, 0.5, 0.5]]) == pytest.approx(0.125)  # default reference (1, 1, 1)
+
+
 def test_full_fidelity_rules(tmp_path):
     study = pareto.open_study(make_run(tmp_path))
     kinds = {t.number: pareto.trial_kind(t) for t in study.trials}

@@ -1,0 +1,111 @@
+"""A trained supernet folder on disk: what `spvit-nas supernet train` writes and one-shot search
+reads.
+
+A folder holds `space.yaml` (the space it was trained on), `supernet.json` (its choices, the
+sandwich's extremes and how far it is trained; `write_supernet_info`), `supernet.safetensors`
+(the weights) and `metrics.jsonl`. `open_supernet` loads one into a `SupernetFolder`, refusing
+anything that is not one with a `ConfigError` that says how to fix it. Part of `nas.oneshot`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search_spaces.space import SearchSpace
+from spvit.arch import ArchSpec
+from spvit.errors import ConfigError
+from spvit.io import atomic_write_json, load_safetensors
+from spvit.supernet import SPViTSupernet, SupernetChoices
+
+from .sampling import SandwichSampler, space_identity, supernet_choices
+
+SUPERNET_FILE = "supernet.json"
+WEIGHTS_FILE = "supernet.safetensors"
+SPACE_FILE = "space.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class SupernetFolder:
+    """A trained supernet folder: `space.yaml`, `supernet.json`, `supernet.safetensors`."""
+
+    path: Path
+    space: SearchSpace
+    info: dict[str, Any]
+    net: SPViTSupernet
+
+    @property
+    def epochs(self) -> int:
+        return int(self.info.get("epochs_trained", 0))
+
+    def check_space(self, space: SearchSpace) -> None:
+        """`ConfigError` unless `space` has the supernet's fixed fields and dimensions."""
+        ours, theirs = space_identity(self.space), space_identity(space)
+        if ours == theirs:
+            return
+        for block in ("arch", "dimensions"):
+            for key in sorted(set(ours[block]) | set(theirs[block])):
+                a, b = ours[block].get(key), theirs[block].get(key)
+                if a != b:
+                    raise ConfigError(
+                        f"supernet {self.path} was trained on space {self.space.name!r} with"
+                        f" {block}.{key} {a!r}, but the search space {space.name!r} has {b!r}."
+                        " Train a supernet on this space (spvit-nas supernet train) or pass"
+                        " the matching --space.")
+
+    def why_not(self, spec: ArchSpec) -> str | None:
+        return self.space.why_not(spec) or self.net.choices.why_not(spec)
+
+
+def open_supernet(path: str | Path, *, device: str = "cpu") -> SupernetFolder:
+    """Load a supernet folder written by `spvit-nas supernet train`; `ConfigError` if it is not
+    one (missing, no weights yet, unreadable)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"supernet folder {path} does not exist. Pass the --out folder of"
+                          " `spvit-nas supernet train`.")
+    for name in (SPACE_FILE, SUPERNET_FILE):
+        if not (path / name).is_file():
+            raise ConfigError(f"{path} is not a supernet folder: {name} is missing. Pass the"
+                              " --out folder of `spvit-nas supernet train`.")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"supernet {path} has no trained weights yet ({WEIGHTS_FILE} is"
+                          " written after the first epoch). Train it first.")
+    space = SearchSpace.load(path / SPACE_FILE, check_feasible=False)
+    try:
+        info = json.loads((path / SUPERNET_FILE).read_text(encoding="utf-8"))
+        choices = SupernetChoices.from_dict(info["choices"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path / SUPERNET_FILE} is unreadable ({e}). Train the supernet"
+                          " again into a new folder.") from None
+    if choices != supernet_choices(space):
+        raise ConfigError(f"{path / SUPERNET_FILE} does not match {path / SPACE_FILE}; the"
+                          " folder was edited. Train the supernet again into a new folder.")
+    net = SPViTSupernet(choices, seed=0)
+    state = load_safetensors(path / WEIGHTS_FILE, what="supernet weights",
+                             hint="Restore it from a copy, or train the supernet again into"
+                                  " a new folder (spvit-nas supernet train).")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path / WEIGHTS_FILE} does not fit the supernet of"
+                          f" {path / SPACE_FILE} ({str(e).splitlines()[0]}). Train the supernet"
+                          " again into a new folder.") from None
+    return SupernetFolder(path=path, space=space, info=info, net=net.to(device).eval())
+
+
+def write_supernet_info(path: Path, space: SearchSpace, sampler: SandwichSampler, *,
+                        epochs_trained: int, extra: dict[str, Any] | None = None) -> None:
+    """`supernet.json`: the choices, the sandwich's extremes and how far it is trained."""
+    atomic_write_json(path / SUPERNET_FILE, {
+        "space": space.name,
+        "choices": supernet_choices(space).to_dict(),
+        "largest": sampler.largest.to_flat(),
+        "smallest": sampler.smallest.to_flat(),
+        "random_subnets": sampler.random_subnets,
+        "epochs_trained": epochs_trained,
+        **(extra or {}),
+    })
