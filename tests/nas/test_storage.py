@@ -28,6 +28,7 @@ from nas.storage import (
     storage_url,
 )
 from spvit.errors import ConfigError
+from tests.nas.test_optuna_compat import backdate_heartbeat
 from tests.postgres_fixture import free_port, postgres_server, postgres_url  # noqa: F401
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,6 +99,18 @@ def _start_dying_driver(url, run_dir, *, remote=False) -> tuple[subprocess.Popen
 def _kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def _wait_until(condition, failure: str, *, timeout: float = 20) -> None:
+    """Poll `condition()` until it holds (a background thread's progress, not a clock)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
+def _trial_id(study, number):
+    return optuna_compat.trial_id(study.trials[number])
 
 
 # ------------------------------------------------------------------------------ URLs and errors
@@ -200,15 +213,15 @@ def test_postgres_stale_trial_of_a_killed_driver_is_failed_and_retried(postgres_
         lease.claim(alive)
         proc, dead_number = _start_dying_driver(postgres_url, tmp_path, remote=True)
         assert _owner(study, dead_number).startswith("node-b-")
-        time.sleep(1.5)
+        _wait_until(lambda: lease.beats >= 1, "the live lease never beat")
         assert recover_stale_trials(study, tmp_path) == []  # both beat: nothing is stale
         _kill(proc)  # the driver (say, its node) dies mid-trial
         assert not stale_trials(study, tmp_path)  # a remote death shows only through heartbeats
-        deadline = time.monotonic() + 20
-        while not stale_trials(study, tmp_path):
-            assert time.monotonic() < deadline, "the killed driver's trial never went stale"
-            time.sleep(0.5)
-        assert lease.beats >= 2
+        # its last beat was a minute ago: the grace (2 s) is long over for it, but not for the
+        # trial of the live lease, which keeps beating
+        backdate_heartbeat(storage, _trial_id(study, dead_number), 60)
+        assert [t.number for t in stale_trials(study, tmp_path)] == [dead_number]
+        _wait_until(lambda: lease.beats >= 2, "the live lease stopped beating")
         assert recover_stale_trials(study, tmp_path) == [dead_number]
         assert recover_stale_trials(study, tmp_path) == []  # idempotent
         trials = {t.number: t for t in study.get_trials()}
@@ -234,16 +247,16 @@ def test_postgres_stale_trial_of_a_killed_driver_is_failed_and_retried(postgres_
 
 
 def test_postgres_retries_stop_after_max_retry(postgres_url, tmp_path):  # noqa: F811
-    storage = make_storage(postgres_url, tmp_path, heartbeat_interval=1, grace_period=2,
-                           max_retry=1)
+    storage = make_storage(postgres_url, tmp_path, heartbeat_interval=30, max_retry=1)
     study = _study(storage)
     first = _ask(study)
     storage.record_heartbeat(optuna_compat.trial_id(first))  # beats once, then its driver is gone
-    time.sleep(3.2)
+    assert recover_stale_trials(study, tmp_path) == []  # within the grace (90 s)
+    backdate_heartbeat(storage, optuna_compat.trial_id(first), 600)  # ... ten minutes ago
     assert recover_stale_trials(study, tmp_path) == [first.number]
     second = study.ask()  # the retry, popped and then also abandoned
     storage.record_heartbeat(optuna_compat.trial_id(second))
-    time.sleep(3.2)
+    backdate_heartbeat(storage, optuna_compat.trial_id(second), 600)
     assert recover_stale_trials(study, tmp_path) == [second.number]
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL] * 2  # no third copy: max_retry=1
