@@ -33,6 +33,7 @@ def open_run_storage(run_dir: str, storage: str | None = None):
 
     from nas import pareto
     from nas.journal import check_run_journal
+    from nas.layout import RunFolder
     from spvit.errors import ConfigError
 
     info = pareto.read_run_info(run_dir)
@@ -43,7 +44,7 @@ def open_run_storage(run_dir: str, storage: str | None = None):
     name = info["study_name"]
     if name not in optuna.get_all_study_names(backend):
         raise ConfigError(f"study {name!r} is not in storage {label}. Check `study_name` and"
-                          f" `storage` in {run_dir}/run.json.")
+                          f" `storage` in {RunFolder(run_dir).run_json}.")
     return backend, name, label
 
 

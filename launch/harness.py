@@ -46,17 +46,18 @@ from torch import nn
 from nas.data import build_datasets, build_loaders
 from nas.ds_config import build_ds_config, deepspeed_device_args, micro_batch_size, write_ds_config
 from nas.engine import TrainingDiverged, model_input_dtype
+from nas.layout import (  # the folder's files, shared with launch.worker and launch.supernet
+    CHECKPOINT_DIR,
+    DS_CONFIG_FILE,
+    FAILURE_FILE,
+    LATEST_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+)
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
-LATEST_FILE = "latest"
-METRICS_FILE = "metrics.jsonl"
-FAILURE_FILE = "failure.json"
-DS_CONFIG_FILE = "ds_config.json"
 
 
 @dataclass(frozen=True)

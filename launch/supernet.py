@@ -45,11 +45,8 @@ from typing import Any
 from torch import nn
 
 from nas.engine import evaluate
+from nas.layout import SupernetDir
 from nas.oneshot import (
-    METRICS_FILE,
-    SPACE_FILE,
-    SUPERNET_FILE,
-    WEIGHTS_FILE,
     SandwichSampler,
     space_identity,
     supernet_choices,
@@ -62,9 +59,6 @@ from spvit.errors import ConfigError
 from spvit.io import read_json_lines
 
 from .harness import (
-    CHECKPOINT_DIR,
-    FAILURE_FILE,
-    STATE_FILE,
     EpochContext,
     EpochJob,
     WorkerSetup,
@@ -94,8 +88,8 @@ class SupernetState:
 
 def read_state(out: str | os.PathLike) -> SupernetState | None:
     """The last complete checkpoint of a supernet folder, or None."""
-    ckpt = Path(out) / CHECKPOINT_DIR
-    path = ckpt / STATE_FILE
+    folder = SupernetDir(out)
+    ckpt, path = folder.checkpoint, folder.checkpoint_state
     if not path.is_file():
         return None
     try:
@@ -114,9 +108,8 @@ def read_state(out: str | os.PathLike) -> SupernetState | None:
 def target_epochs(out: str | os.PathLike) -> int | None:
     """The epochs a supernet folder was started for: `supernet.json`'s `epochs`, else (folders
     written before it was recorded) its checkpoint's recipe; None if the folder records none."""
-    out = Path(out)
     try:
-        info = json.loads((out / SUPERNET_FILE).read_text(encoding="utf-8"))
+        info = json.loads(SupernetDir(out).info.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         info = None
     epochs = info.get("epochs") if isinstance(info, dict) else None
@@ -155,6 +148,7 @@ class _SupernetJob(EpochJob):
     def __init__(self, space: SearchSpace, out: Path, *, random_subnets: int,
                  label_epochs: int) -> None:
         self.space, self.training, self.folder = space, space.training, out
+        self.files = SupernetDir(out)
         self.sampler = SandwichSampler(space, seed=space.training.seed,
                                        random_subnets=random_subnets)
         self.label_epochs = label_epochs
@@ -173,8 +167,8 @@ class _SupernetJob(EpochJob):
     def clear(self) -> None:
         # The space, supernet.json and failure.json are the caller's (`train_supernet`); only
         # the training state of an earlier, checkpoint-less start goes.
-        remove_other_tags(self.folder / CHECKPOINT_DIR, keep=None)
-        (self.folder / METRICS_FILE).unlink(missing_ok=True)
+        remove_other_tags(self.files.checkpoint, keep=None)
+        self.files.metrics.unlink(missing_ok=True)
 
     def data_spec(self) -> ArchSpec:
         return self.sampler.largest
@@ -213,7 +207,7 @@ class _SupernetJob(EpochJob):
         # Every epoch, so that a partly trained supernet can already score.
         weights = consolidated_state_dict(ctx.engine)
         if ctx.rank0:
-            save_weights(self.folder / WEIGHTS_FILE, weights)
+            save_weights(self.files.weights, weights)
             write_supernet_info(self.folder, self.space, self.sampler, epochs_trained=epoch,
                                 extra={"epochs": self.training.epochs})
 
@@ -300,6 +294,7 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
         # CPUs/GPUs (Ray would wait for missing ones forever).
         check_local_resources(workers=workers, cpus_per_worker=cpus_per_worker,
                               use_gpu=use_gpu, flag="--workers")
+    folder = SupernetDir(out)
     state = read_state(out)
     if state is not None and not resume:
         raise ConfigError(f"--out {out} already holds a supernet checkpoint (epoch"
@@ -307,16 +302,16 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
                           " --out.")
     if resume and state is None:
         raise ConfigError(f"--resume: {out} holds no supernet checkpoint to resume (no"
-                          f" {CHECKPOINT_DIR}/{STATE_FILE}). Drop --resume to train from"
-                          " scratch, or pass the folder an earlier `spvit-nas supernet train`"
-                          " wrote.")
+                          f" {folder.checkpoint_state.relative_to(out)}). Drop --resume to"
+                          " train from scratch, or pass the folder an earlier `spvit-nas"
+                          " supernet train` wrote.")
     if resume:
         check_resumable(state, space, workers)
     out.mkdir(parents=True, exist_ok=True)
-    (out / FAILURE_FILE).unlink(missing_ok=True)
+    folder.failure.unlink(missing_ok=True)
     sampler = SandwichSampler(space, seed=space.training.seed, random_subnets=random_subnets)
     check_compatible(describe_dataset(space.training.dataset), sampler.largest)
-    space.save(out / SPACE_FILE)
+    space.save(folder.space)
     # The target epochs are recorded, so that a resume without --epochs trains to them.
     write_supernet_info(out, space, sampler, epochs_trained=state.epoch if state else 0,
                         extra={"epochs": space.training.epochs})
@@ -333,7 +328,7 @@ def train_supernet(space: SearchSpace, out: str | os.PathLike, *, workers: int =
                random_subnets=random_subnets, label_epochs=label_epochs,
                cpus_per_worker=cpus_per_worker,
                ray_address=ray_address)
-    lines = read_json_lines(out / METRICS_FILE)
+    lines = read_json_lines(folder.metrics)
     if on_epoch is not None:
         for line in lines[state.epoch if state else 0:]:
             on_epoch(line)
@@ -369,7 +364,7 @@ def _train_ray(space: SearchSpace, out: Path, *, workers: int, resume: bool, use
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=f"supernet-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=str(out / "ray_train")))
+                             storage_path=str(SupernetDir(out).ray_train)))
     try:
         trainer.fit()
     finally:

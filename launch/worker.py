@@ -28,6 +28,13 @@ from typing import Any
 from torch import nn
 
 from nas.engine import EpochStats, TrainingDiverged, evaluate, train_one_epoch
+from nas.layout import (  # noqa: F401  (the file names: launch.trial, .cmd_train, .search)
+    CHECKPOINT_DIR,
+    FAILURE_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    TrialFolder,
+)
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -35,12 +42,6 @@ from spvit.init import attention_mass_metrics
 
 # The harness's names, imported from here by the trial runner, the CLI and the search.
 from .harness import (  # noqa: F401
-    CHECKPOINT_DIR,
-    DS_CONFIG_FILE,
-    FAILURE_FILE,
-    LATEST_FILE,
-    METRICS_FILE,
-    STATE_FILE,
     EpochContext,
     EpochJob,
     WorkerSetup,
@@ -54,8 +55,6 @@ from .harness import (  # noqa: F401
     write_failure,
 )
 
-WEIGHTS_FILE = "model.safetensors"
-ARCH_FILE = "arch.yaml"
 METRIC_KEYS = ("epoch", "val_acc", "val_acc5", "val_loss", "train_loss", "lr", "images_per_s",
                "wall_s", "startup_s")
 # Added to every line of a model with an impulse init (`spvit.init.attention_mass_metrics`).
@@ -84,8 +83,8 @@ class CheckpointState:
 # --------------------------------------------------------------------------- checkpoint files
 def read_checkpoint_state(trial_dir: str | os.PathLike) -> CheckpointState | None:
     """The last complete checkpoint of `trial_dir`, or None if it has none."""
-    ckpt = Path(trial_dir) / CHECKPOINT_DIR
-    path = ckpt / STATE_FILE
+    folder = TrialFolder(trial_dir)
+    ckpt, path = folder.checkpoint, folder.checkpoint_state
     if not path.is_file():
         return None
     try:
@@ -125,10 +124,10 @@ def check_resumable(state: CheckpointState, spec: ArchSpec, training: TrainingCo
 
 def clear_trial(trial_dir: str | os.PathLike) -> None:
     """Delete a trial folder's training state (checkpoint, metrics, weights) to start over."""
-    trial_dir = Path(trial_dir)
-    shutil.rmtree(trial_dir / CHECKPOINT_DIR, ignore_errors=True)
-    for name in (METRICS_FILE, WEIGHTS_FILE):
-        (trial_dir / name).unlink(missing_ok=True)
+    folder = TrialFolder(trial_dir)
+    shutil.rmtree(folder.checkpoint, ignore_errors=True)
+    for path in (folder.metrics, folder.weights):
+        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the trial's epoch
@@ -138,6 +137,7 @@ class _TrialJob(EpochJob):
     def __init__(self, spec: ArchSpec, training: TrainingConfig, trial_dir: Path, *,
                  started_at: float) -> None:
         self.spec, self.training, self.folder = spec, training, trial_dir
+        self.files = TrialFolder(trial_dir)
         self.started_at = started_at
         self.checkpoint_name, self.start_over = "checkpoint", "start the trial over"
         self.init_metrics: dict[str, float] = {}
@@ -156,7 +156,7 @@ class _TrialJob(EpochJob):
         clear_trial(self.folder)
 
     def on_prepared(self) -> None:
-        self.spec.save(self.folder / ARCH_FILE)
+        self.spec.save(self.files.arch)
 
     def data_spec(self) -> ArchSpec:
         return self.spec
@@ -225,8 +225,8 @@ class _TrialJob(EpochJob):
         """The consolidated fp32 weights and arch.yaml (collective under ZeRO-3)."""
         weights = consolidated_state_dict(ctx.engine)
         if ctx.rank0:
-            save_weights(self.folder / WEIGHTS_FILE, weights)
-            self.spec.save(self.folder / ARCH_FILE)
+            save_weights(self.files.weights, weights)
+            self.spec.save(self.files.arch)
 
 
 def train_worker(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike, *,

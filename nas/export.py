@@ -51,6 +51,14 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from nas import outputs, pareto, run
+from nas.layout import (
+    ARCH_FILE,
+    CONFIG_FILE,
+    ONNX_FILE,
+    TRAINING_FILE,
+    WEIGHTS_FILE,
+    ExportFolder,
+)
 from nas.run import (  # noqa: F401  (the trial-model readers live in nas.run)
     build_with_weights,
     check_exportable,
@@ -67,13 +75,7 @@ ONNX_OPSET = 17
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 ONNX_ATOL = 1e-4
-WEIGHTS_FILE = "model.safetensors"
-ARCH_FILE = "arch.yaml"
-ONNX_FILE = "model.onnx"
-CARD_FILE = "README.md"
-CONFIG_FILE = "config.json"
-TRAINING_FILE = "training.yaml"
-EXPORT_FILES = (ARCH_FILE, CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, TRAINING_FILE, CARD_FILE)
+EXPORT_FILES = ExportFolder.FILES  # what an export holds besides its marker
 
 
 # ---------------------------------------------------------------------------- ONNX
@@ -261,7 +263,7 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
     """The README.md of an export (Hub front matter + card); file names relative to it."""
     acc, gflops, params = trial.values
     attrs = trial.user_attrs
-    metrics = pareto.read_metrics(pareto.trial_dir(run_dir, trial) / "metrics.jsonl")
+    metrics = run.trial_metrics(run_dir, trial)
     last = metrics[-1] if metrics else {}
     if training is None:
         training = training_config(run_dir, info, attrs.get("budget"))
@@ -442,32 +444,33 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
         raise ConfigError(f"export folder {str(out_dir)!r} already exists and is not empty."
                           " Pass another --out or --overwrite to replace it.")
     model, spec = load_trial_model(run_dir, trial)
-    source = pareto.trial_dir(run_dir, trial) / WEIGHTS_FILE
+    source = run.trial_folder(run_dir, trial).weights
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    staged = ExportFolder(tmp)
     try:
-        spec.save(tmp / ARCH_FILE)
-        shutil.copyfile(source, tmp / WEIGHTS_FILE)
-        sha = _sha256(tmp / WEIGHTS_FILE)
+        spec.save(staged.arch)
+        shutil.copyfile(source, staged.weights)
+        sha = _sha256(staged.weights)
         if sha != _sha256(source):
             raise ConfigError(f"weights file {str(source)!r} changed while it was copied."
                               " Export again once nothing writes to the trial folder.")
         # The copy must load exactly like the source did.
-        build_with_weights(spec, load_weights(tmp / WEIGHTS_FILE), source="exported weights")
-        if ArchSpec.load(tmp / ARCH_FILE) != spec:
-            raise RuntimeError("the exported arch.yaml does not round-trip to the ArchSpec")
-        onnx_error = export_onnx(model, spec, tmp / ONNX_FILE)
+        build_with_weights(spec, load_weights(staged.weights), source="exported weights")
+        if ArchSpec.load(staged.arch) != spec:
+            raise RuntimeError(f"the exported {ARCH_FILE} does not round-trip to the ArchSpec")
+        onnx_error = export_onnx(model, spec, staged.onnx)
         training = training_config(run_dir, info, trial.user_attrs.get("budget"))
         preprocessing = training_preprocessing(training, spec)
-        atomic_write_json(tmp / CONFIG_FILE, hub_config(spec, preprocessing,
-                                                        label_names=_label_names(training)))
+        atomic_write_json(staged.config, hub_config(spec, preprocessing,
+                                                    label_names=_label_names(training)))
         recipe = dict(training.to_dict(), dataset=_portable_dataset(training.dataset))
-        atomic_write_text(tmp / TRAINING_FILE, yaml.safe_dump(recipe, sort_keys=False))
+        atomic_write_text(staged.training, yaml.safe_dump(recipe, sort_keys=False))
         outputs.write_export_marker(tmp)
-        atomic_write_text(tmp / CARD_FILE, model_card(
+        atomic_write_text(staged.card, model_card(
             run_dir=run_dir, info=info, study_name=study.study_name, trial=trial, spec=spec,
             out_dir=out_dir, weights_sha256=sha, onnx_error=onnx_error, training=training,
             preprocessing=preprocessing))

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nas.layout import RunFolder
 from spvit.errors import ConfigError
 
 # The keys each operation's replay reads unconditionally (optuna/storages/journal/_storage.py).
@@ -497,15 +498,9 @@ def run_journal(run_dir: str | os.PathLike, storage: str | None = None) -> Path 
     RUN_DIR/study.journal, a URL (`scheme://...`) a database, anything else a journal path
     (relative paths are relative to the run folder).
     """
-    run_dir = Path(run_dir)
-    if storage in (None, ""):
-        return run_dir / "study.journal"
     from nas.storage import is_url
 
-    if is_url(storage):
-        return None
-    path = Path(str(storage)).expanduser()
-    return path if path.is_absolute() else run_dir / path
+    return None if is_url(storage) else RunFolder(run_dir).journal_at(storage)
 
 
 def check_run_journal(run_dir: str | os.PathLike, storage: str | None = None, *,

@@ -25,15 +25,12 @@ import json
 import os
 from pathlib import Path
 
+from nas.layout import EXPORT_MARKER, ExportFolder, RunFolder, SupernetDir, TrialFolder
 from spvit.errors import ConfigError
 
-EXPORT_MARKER = ".spvit-export"
-# `nas.export.EXPORT_FILES` plus the marker (a test keeps the two lists equal).
-EXPORT_FILES = frozenset({"arch.yaml", "config.json", "model.safetensors", "model.onnx",
-                          "training.yaml", "README.md", EXPORT_MARKER})
-RUN_MARKERS = ("run.json", "study.journal")
-SUPERNET_MARKER = "supernet.json"  # `nas.oneshot.SUPERNET_FILE`
-TRIAL_MARKERS = ("metrics.jsonl", "checkpoint/state.json", "training.yaml")
+# What marks each kind of folder is its layout's (`nas.layout`): `RunFolder.MARKERS`,
+# `SupernetDir.MARKER`, `TrialFolder.MARKERS`, and the export's files with its marker:
+EXPORT_FILES = ExportFolder.ALL_FILES
 # The writing commands, as their messages name them (`supernet` is `supernet train`).
 COMMANDS = ("export", "train", "search", "supernet")
 
@@ -50,26 +47,26 @@ def _exists(path: Path) -> bool:
 
 
 def is_run_folder(path: Path) -> bool:
-    return any((path / name).is_file() for name in RUN_MARKERS)
+    return any((path / name).is_file() for name in RunFolder.MARKERS)
 
 
 def is_supernet_folder(path: Path) -> bool:
-    return (path / SUPERNET_MARKER).is_file()
+    return SupernetDir(path).info.is_file()
 
 
 def is_trial_folder(path: Path) -> bool:
-    return any(_exists(path / name) for name in TRIAL_MARKERS)
+    return any(_exists(path / name) for name in TrialFolder.MARKERS)
 
 
 def is_export(path: Path) -> bool:
     """A folder `spvit-nas export` wrote: it holds the marker, or only an export's files."""
-    if (path / EXPORT_MARKER).is_file():
+    if ExportFolder(path).marker.is_file():
         return True
     try:
         names = {entry.name for entry in os.scandir(path)}
     except OSError:
         return False
-    return {"arch.yaml", "model.safetensors"} <= names and names <= EXPORT_FILES
+    return ExportFolder.REQUIRED <= names and names <= EXPORT_FILES
 
 
 def kind_of(path: Path) -> str | None:
@@ -89,7 +86,7 @@ def kind_of(path: Path) -> str | None:
 
 def write_export_marker(folder: str | os.PathLike) -> Path:
     """Mark `folder` as an export (written into the export before it is moved into place)."""
-    path = Path(folder) / EXPORT_MARKER
+    path = ExportFolder(folder).marker
     path.write_text(json.dumps({"written_by": "spvit-nas export", "format": 1}) + "\n",
                     encoding="utf-8")
     return path
@@ -176,13 +173,13 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
                    or (command == "search" and own == "run folder")
                    or (command == "supernet" and own == "supernet folder")
                    or (command == "train" and own == "trial folder"
-                       and (out / "training.yaml").is_file()))
+                       and TrialFolder(out).training.is_file()))
         if not allowed:
             if command == "export" and own == "export":
                 fix = "Pass --overwrite to replace it, or choose another --out."
             elif command == "train" and own == "trial folder":
                 fix = ("It is a search's trial; train into a new --out (e.g. with --arch"
-                       f" {out / 'arch.yaml'}).")
+                       f" {TrialFolder(out).arch}).")
             else:
                 fix = "Choose a new or empty --out."
             raise ConfigError(f"--out {out} already exists and is {_a(own)}; `{verb}` there"

@@ -3,11 +3,11 @@
 `spvit-nas search --out RUN_DIR` writes `RUN_DIR/run.json` (`RunInfo`: the study's name and
 storage, the search budget, the training recipe), `space.yaml` (the resolved space), the study
 journal (unless the study lives in a database) and one folder per trial, `trials/NNNN`, holding
-`metrics.jsonl`, `arch.yaml` and the consolidated `model.safetensors`. This module is the one
-reader of that layout: `nas.pareto`, `nas.report` and `nas.export` build on it, and it imports
-none of them. Paths in run.json are stored relative to the run folder (database URLs as given),
-so a copied or moved run folder still reads its own study; older files with absolute paths read
-as before. No Ray.
+`metrics.jsonl`, `arch.yaml` and the consolidated `model.safetensors` (the names are
+`nas.layout`'s). This module is the one reader of what those files mean: `nas.pareto`,
+`nas.report` and `nas.export` build on it, and it imports none of them. Paths in run.json are
+stored relative to the run folder (database URLs as given), so a copied or moved run folder still
+reads its own study; older files with absolute paths read as before. No Ray.
 
 It also names what a search study is: the objectives and their directions, and the facts about
 a trial that every reader agrees on (`trial_kind`, `is_full_fidelity`, `trial_arch`).
@@ -16,7 +16,6 @@ a trial that every reader agrees on (`trial_kind`, `is_full_fidelity`, `trial_ar
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +27,19 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import storage as run_storage
+from nas.layout import (  # noqa: F401  (the run-folder names, re-exported for nas.study et al.)
+    ARCH_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    SPACE_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    WEIGHTS_FILE,
+    NotARunFolder,
+    RunFolder,
+    TrialFolder,
+    trial_dir_of,
+)
 from search_spaces.search_defaults import DEFAULT_MAX_CONSECUTIVE_FAILURES
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
@@ -38,16 +50,8 @@ from spvit.io import atomic_write_json, load_safetensors, read_json_lines
 OBJECTIVES: tuple[str, ...] = ("val_acc", "gflops", "params")
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize", "minimize")
 
-RUN_FILE = "run.json"
-SPACE_FILE = "space.yaml"
-TRIALS_DIR = "trials"
-METRICS_FILE = "metrics.jsonl"
-ARCH_FILE = "arch.yaml"
-WEIGHTS_FILE = "model.safetensors"
 # User attr: the validation accuracy of a trial's latest epoch (what a PRUNED trial reached).
 LAST_VAL_ACC_ATTR = "val_acc_last"
-JOURNAL_NAME = run_storage.JOURNAL_NAME
-
 is_url = run_storage.is_url  # "is this storage a database URL", decided in one place
 
 
@@ -89,7 +93,7 @@ class RunInfo:
     gpus_per_worker: float = 0.0
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     population_size: int | None = None
-    tune_experiment: str = "tune"
+    tune_experiment: str = TUNE_DIR
     created: str = ""
     sessions: list[str] = field(default_factory=list)
 
@@ -124,22 +128,17 @@ class RunInfo:
         data = self.to_dict()
         for key in self.PATHS:
             data[key] = _relative_to(Path(run_dir), data[key])
-        return atomic_write_json(Path(run_dir) / RUN_FILE, data)
+        return atomic_write_json(RunFolder(run_dir).run_json, data)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> RunInfo:
-        path = Path(run_dir) / RUN_FILE
+        folder = RunFolder(run_dir)
+        path = folder.run_json
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+            data = folder.read_run_json()
+        except NotARunFolder:
             raise ConfigError(f"cannot resume: {path} does not exist, so {str(run_dir)!r} holds"
                               " no search. Drop --resume to start one there.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})."
-                              " Restore it; a search cannot resume without it.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object, but holds"
-                              f" {type(data).__name__}. Restore it from the run.")
         for key in cls.PATHS:
             if isinstance(data.get(key), str):
                 data[key] = _resolved_in(Path(run_dir), data[key])
@@ -160,32 +159,13 @@ class RunInfo:
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run's `run.json` as a dict (at least `study_name`; `storage` may be absent/null),
     for readers that also accept hand-written or older files."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    folder = RunFolder(run_dir)
+    info = folder.read_run_json()
+    path = folder.run_json
+    if not isinstance(info.get("study_name"), str):
         raise ConfigError(
-            f"run folder {str(run_dir)!r} does not exist or is not a folder."
-            " Pass the RUN_DIR of a search (the folder holding run.json)."
-        )
-    path = run_dir / RUN_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{str(run_dir)!r} is not a search run folder: {RUN_FILE} is missing."
-            " Pass the folder `spvit-nas search` wrote."
-        ) from None
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}). Restore it from the run"
-            " or rewrite it as {\"study_name\": ..., \"storage\": ...}."
-        ) from None
-    if not isinstance(info, dict) or not isinstance(info.get("study_name"), str):
-        raise ConfigError(
-            f"{path} must be a JSON object with a string `study_name`, but got"
-            f" {type(info).__name__ if not isinstance(info, dict) else sorted(info)}."
-            " Add \"study_name\": \"NAME\"."
+            f"{path} must be a JSON object with a string `study_name`, but got keys"
+            f" {sorted(info)}. Add \"study_name\": \"NAME\"."
         )
     if info.get("storage") is not None and not isinstance(info["storage"], str):
         raise ConfigError(
@@ -207,7 +187,7 @@ def training_config(run_dir: str | os.PathLike,
             return TrainingConfig.from_dict(info["training"])
         except ConfigError:
             pass
-    path = run_dir / SPACE_FILE
+    path = RunFolder(run_dir).space
     if path.is_file():
         from search_spaces.space import SearchSpace
 
@@ -223,10 +203,10 @@ def _journal_file(run_dir: Path, recorded: str | None, *, given: bool = False) -
     """The journal file of a run: the recorded path if it exists, else RUN_DIR/study.journal
     (a run folder that was moved or copied keeps working). A path the user `given` with
     --storage has no fallback: reading another file than the one named would hide the mistake."""
-    default = run_storage.journal_path(run_dir)
+    folder = RunFolder(run_dir)
+    default = folder.journal
     if recorded:
-        path = Path(recorded).expanduser()
-        path = path if path.is_absolute() else run_dir / path
+        path = folder.journal_at(recorded)
         if path.is_file():
             return path
         if given:
@@ -258,7 +238,7 @@ def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None 
     url = storage if storage is not None else info.get("storage")
     if not is_url(url):
         path = _journal_file(run_dir, url or None, given=storage is not None)
-        if path.resolve() == run_storage.journal_path(run_dir).resolve():
+        if path.resolve() == RunFolder(run_dir).journal.resolve():
             return run_storage.make_storage(None, run_dir)
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -279,7 +259,7 @@ def storage_label(run_dir: str | os.PathLike, info: Mapping[str, Any] | None = N
         try:
             return str(_journal_file(run_dir, url or None))
         except ConfigError:
-            return str(url or run_storage.journal_path(run_dir))
+            return str(url or RunFolder(run_dir).journal)
     # postgresql://user:secret@host/db -> postgresql://user:***@host/db
     return re.sub(r"^([a-z][a-z0-9+]*://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
 
@@ -298,7 +278,7 @@ def open_run_study(run_dir: str | os.PathLike, *, storage: str | None = None) ->
     except KeyError:
         raise ConfigError(
             f"study {name!r} is not in storage {storage_label(run_dir, info, storage=storage)}."
-            f" Check `study_name` and `storage` in {Path(run_dir) / RUN_FILE}."
+            f" Check `study_name` and `storage` in {RunFolder(run_dir).run_json}."
         ) from None
 
 
@@ -362,17 +342,15 @@ def trial_arch(trial: FrozenTrial) -> ArchSpec | None:
         return None
 
 
-def trial_dir_of(number: int) -> str:
-    """A trial's folder relative to RUN_DIR: `trials/0007`."""
-    return f"{TRIALS_DIR}/{number:04d}"
+def trial_folder(run_dir: str | os.PathLike, trial: FrozenTrial) -> TrialFolder:
+    """The trial's folder: its `trial_dir` user attr (relative to RUN_DIR), else trials/NNNN."""
+    rel = trial.user_attrs.get("trial_dir")
+    return RunFolder(run_dir).trial_at(rel if isinstance(rel, str) else None, trial.number)
 
 
 def trial_dir(run_dir: str | os.PathLike, trial: FrozenTrial) -> Path:
-    """The trial's folder: its `trial_dir` user attr (relative to RUN_DIR), else trials/NNNN."""
-    rel = trial.user_attrs.get("trial_dir")
-    if isinstance(rel, str) and rel:
-        return Path(run_dir) / rel
-    return Path(run_dir) / trial_dir_of(trial.number)
+    """The path of `trial_folder`."""
+    return trial_folder(run_dir, trial).path
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -382,7 +360,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def trial_metrics(run_dir: str | os.PathLike, trial: FrozenTrial) -> list[dict[str, Any]]:
     """The epoch records of a trial's metrics.jsonl (empty when there is none)."""
-    return read_metrics(trial_dir(run_dir, trial) / METRICS_FILE)
+    return read_metrics(trial_folder(run_dir, trial).metrics)
 
 
 # ---------------------------------------------------------------------------- a trial's model
@@ -417,7 +395,7 @@ def check_exportable(trial: FrozenTrial) -> None:
 
 def trial_spec(run_dir: str | os.PathLike, trial: FrozenTrial) -> ArchSpec:
     """The trial's ArchSpec (study `arch` attr; its arch.yaml must agree when both exist)."""
-    folder = trial_dir(run_dir, trial)
+    arch_file = trial_folder(run_dir, trial).arch
     flat = trial.user_attrs.get("arch")
     spec = None
     if flat is not None:
@@ -427,13 +405,13 @@ def trial_spec(run_dir: str | os.PathLike, trial: FrozenTrial) -> ArchSpec:
             raise ConfigError(f"trial {trial.number}: the study's `arch` attribute is not a valid"
                               f" architecture ({e}). The study is damaged; export another"
                               " trial.") from None
-    file_spec = ArchSpec.load(folder / ARCH_FILE) if (folder / ARCH_FILE).is_file() else None
+    file_spec = ArchSpec.load(arch_file) if arch_file.is_file() else None
     if spec is None and file_spec is None:
         raise ConfigError(f"trial {trial.number} has neither an `arch` attribute in the study nor"
-                          f" {folder / ARCH_FILE}. Its architecture is unknown; export another"
+                          f" {arch_file}. Its architecture is unknown; export another"
                           " trial.")
     if spec is not None and file_spec is not None and spec != file_spec:
-        raise ConfigError(f"trial {trial.number}: {folder / ARCH_FILE} differs from the"
+        raise ConfigError(f"trial {trial.number}: {arch_file} differs from the"
                           " architecture the study recorded. The trial folder does not belong"
                           " to this trial; check `trial_dir` or export another trial.")
     return spec if spec is not None else file_spec
@@ -483,6 +461,6 @@ def load_trial_model(run_dir: str | os.PathLike, trial: FrozenTrial):
     """(model in eval mode with the trial's trained weights, its ArchSpec)."""
     check_exportable(trial)
     spec = trial_spec(run_dir, trial)
-    path = trial_dir(run_dir, trial) / WEIGHTS_FILE
+    path = trial_folder(run_dir, trial).weights
     model = build_with_weights(spec, load_weights(path), source=f"weights file {str(path)!r}")
     return model, spec

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import spvit
 from nas import export, outputs, pareto
+from nas.layout import ExportFolder
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from tests.messages import assert_names_value_and_fix
@@ -50,11 +51,12 @@ def _images(batch, spec, seed):
 @pytest.mark.parametrize("n", [1, 3])
 def test_folder_contents_and_arch_round_trip(exported, run_dir, n):
     out = exported[n]
-    assert sorted(p.name for p in out.iterdir()) == sorted((".spvit-export",) + export.EXPORT_FILES)
-    assert outputs.EXPORT_FILES == {outputs.EXPORT_MARKER, *export.EXPORT_FILES}
+    # exactly the layout's files, the ones the output guard recognises as an export
+    assert {p.name for p in out.iterdir()} == ExportFolder.ALL_FILES
     assert sorted(export.EXPORT_FILES) == [
         "README.md", "arch.yaml", "config.json", "model.onnx", "model.safetensors",
         "training.yaml"]
+    assert outputs.kind_of(out) == "export"
     spec = ArchSpec.load(out / "arch.yaml")
     assert spec == ARCHS[n]
     trial = pareto.open_study(run_dir).trials[n]
