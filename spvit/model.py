@@ -103,13 +103,16 @@ def take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None
     return taken, max(taken)
 
 
-def _norm_layer(norm_layer: LayerArg) -> Callable[..., nn.Module]:
+def resolve_norm_layer(norm_layer: LayerArg) -> Callable[..., nn.Module]:
+    """The norm class of `SPViT(norm_layer=...)`: None is LayerNorm(eps 1e-6), a string a timm
+    name, a class itself (also what `spvit.supernet` builds its sliced norms from)."""
     if norm_layer is None:
         return partial(nn.LayerNorm, eps=LN_EPS)
     return get_norm_layer(norm_layer) if isinstance(norm_layer, str) else norm_layer
 
 
-def _act_layer(act_layer: LayerArg) -> Callable[..., nn.Module]:
+def resolve_act_layer(act_layer: LayerArg) -> Callable[..., nn.Module]:
+    """The MLP activation of `SPViT(act_layer=...)`: None is GELU, a string a timm name."""
     if act_layer is None:
         return nn.GELU
     return get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
@@ -256,7 +259,7 @@ class SPViT(nn.Module):
         self.spec = spec
         D = spec.embed_dim
         widths, grids, has_cls = spec.block_widths(), spec.block_grids(), spec.block_has_cls()
-        norm_layer, act_layer = _norm_layer(norm_layer), _act_layer(act_layer)
+        norm_layer, act_layer = resolve_norm_layer(norm_layer), resolve_act_layer(act_layer)
         self.num_classes = num_classes
         self.has_class_token = spec.head == "cls"
         self.num_prefix_tokens = int(self.has_class_token)

@@ -42,12 +42,20 @@ head width d (only the tensors of types present exist):
 `mlp_fc1.weight (Hm*d, 2)`, `mlp_fc1.bias (Hm*d,)`, `mlp_weight (Hm, d)`, `mlp_bias (Hm,)`,
 `gaussian (Hg, 3)` = [a, lx, ly], `axial (Ha, 3)` = [r, c, lw], `rpb_table (Hr, 2S-1, 2S-1)`,
 `decay (Hd,)` = [l]. Count: 4*Hm*d + Hm + 3*Hg + 3*Ha + Hr*(2S-1)^2 + Hd.
+
+Each family's formula is one pure function of its parameter tensors and the offsets
+(`mlp_prior`, `gaussian_prior`, `axial_prior`, `rpb_prior`, `decay_prior`); `offset_values_of`
+stacks them into per-head tables and `gather_pairs` spreads a table over the token pairs. The
+model's `SpatialPrior` and the supernet's `spvit.supernet.SuperPriors` differ only in where the
+parameter tensors come from.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +88,111 @@ def offset_tables(grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch
     Entry `index[i * N + j]` is the row of `offsets` holding (col_j - col_i, row_j - row_i).
     """
     return _offset_tables(int(grid[0]), int(grid[1]), torch.device(device))
+
+
+# ---------------------------------------------------------------------------- the formulas
+# One function per family: the family's parameter tensors for its Hf heads (in head order) and
+# the offsets `(K, 2)` as (dx, dy) in the parameters' dtype -> the per-head values `(Hf, K)`.
+# `SpatialPrior` (the model) and `spvit.supernet.SuperPriors` (the supernet) both call these.
+
+def mlp_prior(offsets: torch.Tensor, fc1: Callable[[torch.Tensor], torch.Tensor],
+              weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SP_h(d) = w_h . relu(W1_h d + b1_h) + b_h with `weight (Hm, dh)` = the w_h, `bias (Hm,)`
+    = the b_h and `fc1` the first layer of all Hm heads, `(K, 2) -> (K, Hm*dh)` (an
+    `nn.Linear(2, Hm*dh)` whose rows h*dh..(h+1)*dh are W1_h, b1_h, or `F.linear` with such
+    tensors) -> `(Hm, K)`. The first layer is a callable so that the model's stays a module."""
+    hidden = F.relu(fc1(offsets)).view(-1, weight.shape[0], weight.shape[1])  # (K, Hm, dh)
+    return (hidden * weight).sum(-1).t() + bias[:, None]
+
+
+def gaussian_prior(offsets: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """SP_h(d) = 1 + a_h exp(-(dx / sx_h)^2 / 2 - (dy / sy_h)^2 / 2) with `params (Hg, 3)` =
+    [a, log sx, log sy] -> `(Hg, K)`."""
+    amp = params[:, 0:1]
+    sx, sy = params[:, 1:2].exp(), params[:, 2:3].exp()
+    dx, dy = offsets[:, 0][None], offsets[:, 1][None]
+    return 1.0 + amp * torch.exp(-0.5 * ((dx / sx) ** 2 + (dy / sy) ** 2))
+
+
+def axial_prior(offsets: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """SP_h(d) = 1 + r_h exp(-(dy / w_h)^2 / 2) + c_h exp(-(dx / w_h)^2 / 2) with
+    `params (Ha, 3)` = [r, c, log w] -> `(Ha, K)`."""
+    row, col, w = params[:, 0:1], params[:, 1:2], params[:, 2:3].exp()
+    dx, dy = offsets[:, 0][None], offsets[:, 1][None]
+    return 1.0 + row * torch.exp(-0.5 * (dy / w) ** 2) + col * torch.exp(-0.5 * (dx / w) ** 2)
+
+
+def rpb_prior(offsets: torch.Tensor, table: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """B_h(d) = T_h[dy + S - 1, dx + S - 1] with `table (Hr, 2S-1, 2S-1)`, S = `grid_size`;
+    offsets beyond the table read its nearest edge entry -> `(Hr, K)`."""
+    side = 2 * grid_size - 1
+    pos = (offsets.round().long() + grid_size - 1).clamp(0, side - 1)  # (K, 2) as (col, row)
+    return table.flatten(1).index_select(1, pos[:, 1] * side + pos[:, 0])
+
+
+def decay_prior(offsets: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """B_h(d) = -l_h |d| with `slopes (Hd,)` -> `(Hd, K)`."""
+    dist = offsets.pow(2).sum(-1).sqrt()  # (K,) Euclidean offset length, a constant
+    return -slopes[:, None] * dist[None]
+
+
+FORMULAS = {"mlp": mlp_prior, "gaussian": gaussian_prior, "axial": axial_prior,
+            "rpb": rpb_prior, "decay": decay_prior}
+FAMILIES: tuple[str, ...] = tuple(FORMULAS)
+_MULT_FAMILIES = tuple(f for f in FAMILIES if f in MULTIPLICATIVE)
+_ADD_FAMILIES = tuple(f for f in FAMILIES if f in ADDITIVE)
+
+
+def head_order(head_types: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mult_order (H,), add_order (H,))`: the row of head h in the stacked multiplicative /
+    additive tables of `offset_values_of` (families in `FAMILIES` order, each family's heads in
+    head order, then one identity row that every head of another kind reads)."""
+    orders = []
+    for families in (_MULT_FAMILIES, _ADD_FAMILIES):
+        rows = [h for f in families for h, t in enumerate(head_types) if t == f]
+        orders.append(torch.tensor([rows.index(h) if h in rows else len(rows)
+                                    for h in range(len(head_types))], dtype=torch.long))
+    return orders[0], orders[1]
+
+
+def offset_values_of(params: Mapping[str, Sequence[Any]], offsets: torch.Tensor,
+                     *, mult_order: torch.Tensor, add_order: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every head's prior over the offsets: `(mult (H, K), bias (H, K))`, None for a kind no
+    family in `params` has.
+
+    `params[f]` holds the arguments after `offsets` of family f's formula (`FORMULAS`), for that
+    family's heads in head order; `*_order` come from `head_order`. Values are in `offsets`'
+    dtype.
+    """
+    out = []
+    for families, identity, order in ((_MULT_FAMILIES, 1.0, mult_order),
+                                      (_ADD_FAMILIES, 0.0, add_order)):
+        rows = [FORMULAS[f](offsets, *params[f]).to(offsets.dtype)
+                for f in families if f in params]
+        if not rows:
+            out.append(None)
+            continue
+        rows.append(torch.full((1, offsets.shape[0]), identity, dtype=offsets.dtype,
+                               device=offsets.device))
+        out.append(torch.cat(rows, 0).index_select(0, order))  # (H, K)
+    return out[0], out[1]
+
+
+def gather_pairs(table: torch.Tensor | None, grid: Grid, num_prefix: int, *,
+                 identity: float) -> torch.Tensor | None:
+    """A per-offset table `(H, K)` over all token pairs: `(H, P + N, P + N)`, N = Gh*Gw.
+
+    Prefix (class-token) rows and columns hold `identity` (1 for a multiplier, 0 for a bias).
+    """
+    if table is None:
+        return None
+    _, index = offset_tables(grid, table.device)
+    n = grid[0] * grid[1]
+    full = table.index_select(1, index).view(table.shape[0], n, n)  # (H, N, N)
+    if num_prefix:
+        full = F.pad(full, (num_prefix, 0, num_prefix, 0), value=identity)
+    return full
 
 
 class SpatialPrior(nn.Module):
@@ -122,18 +235,11 @@ class SpatialPrior(nn.Module):
         if self.decay_heads:
             self.decay = nn.Parameter(torch.empty(len(self.decay_heads)))
 
-        # Row order of the per-head multiplier / bias: [typed heads..., identity row]; `*_order`
-        # maps head h to its row, so a table for all heads is one index_select.
-        mult_rows = self.mlp_heads + self.gaussian_heads + self.axial_heads
-        mult_order = [mult_rows.index(h) if h in mult_rows else len(mult_rows)
-                      for h in range(self.num_heads)]
-        add_rows = self.rpb_heads + self.decay_heads
-        add_order = [add_rows.index(h) if h in add_rows else len(add_rows)
-                     for h in range(self.num_heads)]
-        self.register_buffer("mult_order", torch.tensor(mult_order, dtype=torch.long),
-                             persistent=False)
-        self.register_buffer("add_order", torch.tensor(add_order, dtype=torch.long),
-                             persistent=False)
+        # Row order of the per-head multiplier / bias (see `head_order`): a table for all heads
+        # is one index_select.
+        mult_order, add_order = head_order(self.head_types)
+        self.register_buffer("mult_order", mult_order, persistent=False)
+        self.register_buffer("add_order", add_order, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,34 +263,21 @@ class SpatialPrior(nn.Module):
             nn.init.zeros_(self.decay)
 
     # ------------------------------------------------------------------ tables over offsets
-    def _mlp_values(self, off: torch.Tensor) -> torch.Tensor:
-        hm, d = len(self.mlp_heads), self.head_dim
-        hidden = F.relu(self.mlp_fc1(off)).view(-1, hm, d)  # (K, Hm, d)
-        return (hidden * self.mlp_weight).sum(-1).t() + self.mlp_bias[:, None]  # (Hm, K)
-
-    def _gaussian_values(self, off: torch.Tensor) -> torch.Tensor:
-        amp = self.gaussian[:, 0:1]
-        sx, sy = self.gaussian[:, 1:2].exp(), self.gaussian[:, 2:3].exp()
-        dx, dy = off[:, 0][None], off[:, 1][None]
-        return 1.0 + amp * torch.exp(-0.5 * ((dx / sx) ** 2 + (dy / sy) ** 2))  # (Hg, K)
-
-    def _axial_values(self, off: torch.Tensor) -> torch.Tensor:
-        row, col, w = self.axial[:, 0:1], self.axial[:, 1:2], self.axial[:, 2:3].exp()
-        dx, dy = off[:, 0][None], off[:, 1][None]
-        return 1.0 + row * torch.exp(-0.5 * (dy / w) ** 2) + col * torch.exp(-0.5 * (dx / w) ** 2)
-
-    def _rpb_values(self, grid: Grid) -> torch.Tensor:
-        gh, gw = grid
-        s = self.grid_size
-        dev = self.rpb_table.device
-        ry = (torch.arange(-(gh - 1), gh, device=dev) + s - 1).clamp(0, 2 * s - 2)
-        rx = (torch.arange(-(gw - 1), gw, device=dev) + s - 1).clamp(0, 2 * s - 2)
-        t = self.rpb_table.index_select(1, ry).index_select(2, rx)  # (Hr, 2gh-1, 2gw-1)
-        return t.reshape(t.shape[0], -1)
-
-    def _decay_values(self, off: torch.Tensor) -> torch.Tensor:
-        dist = off.pow(2).sum(-1).sqrt()  # (K,) Euclidean offset length, a constant
-        return -self.decay[:, None] * dist[None]  # (Hd, K)
+    def family_params(self) -> dict[str, tuple[Any, ...]]:
+        """The arguments after `offsets` of each present family's formula (see
+        `offset_values_of`), for that family's heads in head order."""
+        params: dict[str, tuple[Any, ...]] = {}
+        if self.mlp_heads:
+            params["mlp"] = (self.mlp_fc1, self.mlp_weight, self.mlp_bias)
+        if self.gaussian_heads:
+            params["gaussian"] = (self.gaussian,)
+        if self.axial_heads:
+            params["axial"] = (self.axial,)
+        if self.rpb_heads:
+            params["rpb"] = (self.rpb_table, self.grid_size)
+        if self.decay_heads:
+            params["decay"] = (self.decay,)
+        return params
 
     def offset_values(self, grid: Grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-head tables over the unique offsets of `grid`: `(mult (H, K), bias (H, K))`.
@@ -193,29 +286,9 @@ class SpatialPrior(nn.Module):
         Heads of another kind hold the identity (1 in `mult`, 0 in `bias`); a kind no head uses
         is `None`.
         """
-        dtype = self._param_dtype()
         offsets, _ = offset_tables(grid, self.mult_order.device)
-        off = offsets.to(dtype)
-        mult = bias = None
-        if self.is_multiplicative:
-            rows = []
-            if self.mlp_heads:
-                rows.append(self._mlp_values(off))
-            if self.gaussian_heads:
-                rows.append(self._gaussian_values(off))
-            if self.axial_heads:
-                rows.append(self._axial_values(off))
-            rows.append(torch.ones(1, off.shape[0], dtype=dtype, device=off.device))
-            mult = torch.cat(rows, 0).index_select(0, self.mult_order)
-        if self.is_additive:
-            rows = []
-            if self.rpb_heads:
-                rows.append(self._rpb_values(grid).to(dtype))
-            if self.decay_heads:
-                rows.append(self._decay_values(off))
-            rows.append(torch.zeros(1, off.shape[0], dtype=dtype, device=off.device))
-            bias = torch.cat(rows, 0).index_select(0, self.add_order)
-        return mult, bias
+        return offset_values_of(self.family_params(), offsets.to(self._param_dtype()),
+                                mult_order=self.mult_order, add_order=self.add_order)
 
     def _param_dtype(self) -> torch.dtype:
         for p in self.parameters():
@@ -229,18 +302,8 @@ class SpatialPrior(nn.Module):
         Prefix (class-token) rows and columns are the identity: 1 in `mult`, 0 in `bias`.
         """
         mult, bias = self.offset_values(grid)
-        _, index = offset_tables(grid, self.mult_order.device)
-        n = grid[0] * grid[1]
-        out = []
-        for table, identity in ((mult, 1.0), (bias, 0.0)):
-            if table is None:
-                out.append(None)
-                continue
-            full = table.index_select(1, index).view(self.num_heads, n, n)  # (H, Np, Np)
-            if num_prefix:
-                full = F.pad(full, (num_prefix, 0, num_prefix, 0), value=identity)
-            out.append(full)
-        return out[0], out[1]
+        return (gather_pairs(mult, grid, num_prefix, identity=1.0),
+                gather_pairs(bias, grid, num_prefix, identity=0.0))
 
     def tables(self, grid: Grid) -> torch.Tensor:
         """Per-head prior over offsets as `(H, 2*Gh - 1, 2*Gw - 1)`, indexed [dy + Gh-1, dx + Gw-1].

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from timm.layers import RmsNorm
+from torch import nn
 
 from nas.oneshot import supernet_choices
 from search_spaces.space import SearchSpace
@@ -286,3 +289,44 @@ def test_subnet_keeps_init_field_but_inherits_weights() -> None:
     inherited = net.inherited_state_dict(spec)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, inherited[k])
+
+
+def _release_spec(**changes) -> ArchSpec:
+    base = dict(blocks=(BlockSpec(heads=2, prior=("decay", "mlp")),
+                        BlockSpec(heads=4, prior="rpb", pool=True),
+                        BlockSpec(heads=4, share=True)),
+                img_size=16, patch_size=2, in_chans=1, num_classes=5, embed_dim=16,
+                mlp_ratio=2.0, stem="conv", head="cls", cls_block=1, pool_width_factor=2,
+                pos_embed="learned", conv_pos=True, skip_lam=2.0, conv_pos_place="end")
+    base.update(changes)
+    return ArchSpec(**base)
+
+
+@pytest.mark.parametrize("norm_layer,act_layer,norm_cls,act_cls", [
+    ("rmsnorm", "silu", RmsNorm, nn.SiLU),
+    (partial(nn.LayerNorm, eps=1e-2), nn.ReLU, nn.LayerNorm, nn.ReLU),
+])
+def test_injected_norm_and_activation_are_the_models(norm_layer, act_layer, norm_cls, act_cls):
+    """The supernet's blocks use the norm and activation `SPViT` is given, and so do the
+    subnets it builds; the eps is the layer's own (1e-2 here, not the default 1e-6)."""
+    choices = _release_choices(cls_block=1)
+    net = SPViTSupernet(choices, norm_layer=norm_layer, act_layer=act_layer, seed=0).eval()
+    _perturb(net, seed=8)
+    spec = _release_spec()
+    model = net.subnet(spec)
+    assert isinstance(model.blocks[0].norm1, norm_cls) and isinstance(model.norm, norm_cls)
+    assert isinstance(model.blocks[0].mlp.act, act_cls)
+    gen = torch.Generator().manual_seed(3)
+    _check_equal(net, spec, torch.randn(2, 1, 16, 16, generator=gen))
+    # The layers change the function: the default supernet with the same weights differs.
+    if norm_cls is nn.LayerNorm:
+        default = SPViTSupernet(choices, seed=0).eval()
+        default.load_state_dict(net.state_dict())
+        x = torch.randn(2, 1, 16, 16, generator=gen)
+        with torch.no_grad():
+            assert not torch.allclose(net(x, spec=spec), default(x, spec=spec), atol=1e-4)
+
+
+def test_a_norm_that_cannot_be_sliced_per_channel_is_refused():
+    with pytest.raises(ConfigError, match=r"needs a LayerNorm or an RMS norm.*BatchNorm1d"):
+        SPViTSupernet(_tiny_choices(), norm_layer=nn.BatchNorm1d)
