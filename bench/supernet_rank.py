@@ -14,8 +14,10 @@ Two measurements, each writing a JSON summary (and a plot) to `--out`:
   bootstrap); `rank.md` holds the table. Resumable per architecture: `rows/NNN.json` is
   written as each score and stand-alone result arrives; `--shard K/N` splits the
   architectures over processes, `--report-only` reports over the complete records so far.
-  `--front RUN_DIR` computes τ / ρ over the COMPLETE trials of a one-shot search run (their
-  `proxy_val_acc` user attr vs stand-alone).
+  `--trained RUN_DIR` ranks a finished search's stand-alone trials by the free baselines alone
+  (no supernet, no training: seconds per architecture). `--front RUN_DIR` computes τ / ρ over
+  the COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs
+  stand-alone).
 * `time-to-front`: per seed, a full-budget search (the space's sampler, as the main job;
   `--trials` proposals, default the space's `search.trials`, each trained stand-alone) against
   the one-shot pipeline (supernet training + proxy study + `--retrain` stand-alone trainings),
@@ -272,6 +274,76 @@ def rank_table(proxies: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def proxy_summaries(rows: list[dict[str, Any]], real: np.ndarray, names: list[str], *,
+                    rounds: int, seed: int) -> dict[str, dict[str, Any]]:
+    """τ / ρ with bootstrap intervals of every proxy in `names` against `real`, and each one's
+    τ minus the parameter count's τ (paired bootstrap); `rows[i]["scores"][name]` holds the
+    proxy's `value` and `seconds` for the architecture of `real[i]`."""
+    from scipy import stats
+
+    # rank-transformed (τ and ρ depend on ranks only; NASWOT of a singular kernel is -inf)
+    values = {n: stats.rankdata([r["scores"][n]["value"] for r in rows]) for n in names}
+    tau_params = kendall_spearman(values["params"], real)[0]
+    return {n: {**_summary(values[n], real, rounds=rounds, seed=seed),
+                "score_s_mean": float(np.mean([r["scores"][n]["seconds"] for r in rows])),
+                "tau_minus_params": kendall_spearman(values[n], real)[0] - tau_params,
+                "tau_minus_params_ci95": bootstrap_tau_diff(values[n], values["params"], real,
+                                                            rounds=rounds, seed=seed)}
+            for n in names}
+
+
+def _trained_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The free baselines over the trials a search already trained stand-alone (`--trained
+    RUN_DIR`): no supernet and no training, only the cost model and the zero-cost proxies on
+    each COMPLETE full-budget trial's architecture against its validation accuracy. The
+    architectures are the search's (its sampler's choices), not a uniform draw."""
+    import optuna
+
+    from nas.pareto import is_full_fidelity, open_study
+    from nas.run import trial_spec
+    from nas.zero_cost import ZeroCostScorer
+    from spvit.cost import estimate
+    from spvit.io import atomic_write_text
+
+    space = _load_space(args)
+    study = open_study(args.trained)
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    trials = [t for t in study.get_trials(deepcopy=False, states=complete)
+              if is_full_fidelity(t)]
+    if len(trials) < 3:
+        raise SystemExit(f"{args.trained}: {len(trials)} complete full-budget trials; τ needs at"
+                         " least 3. Point --trained at a search run with more finished trials.")
+    zero_cost = ZeroCostScorer.for_space(space, batch_size=args.zero_cost_batch)
+    rows = []
+    for t in trials:
+        spec = trial_spec(args.trained, t)
+        start = time.perf_counter()
+        cost = estimate(spec)
+        seconds = time.perf_counter() - start
+        z = zero_cost(spec)
+        rows.append({"trial": t.number, "val_acc": t.values[0],
+                     "test_acc": t.user_attrs.get("test_acc"),
+                     "scores": {"params": {"value": float(cost.params), "seconds": seconds},
+                                "gflops": {"value": cost.gflops, "seconds": seconds},
+                                **{n: {"value": z[n], "seconds": z[f"{n}_s"]}
+                                   for n in ("synflow", "naswot")}}})
+        print(f"trial {t.number}: " + "  ".join(f"{n} {rows[-1]['scores'][n]['value']:.4g}"
+                                                for n in FREE_BASELINES)
+              + f"  val {t.values[0]:.4f}", flush=True)
+    real = np.array([r["val_acc"] for r in rows])
+    proxies = proxy_summaries(rows, real, list(FREE_BASELINES), rounds=args.bootstrap,
+                              seed=args.seed)
+    table = rank_table(proxies)
+    atomic_write_text(out / "trained_rank.md",
+                      f"{len(rows)} trials of {args.trained} (the search's own architectures)\n\n"
+                      f"{table}")
+    return {"mode": "trained", "tag": "trained", "run": str(args.trained), "space": space.name,
+            "n": len(rows), "zero_cost": {"seed": zero_cost.seed,
+                                          "batch": len(zero_cost.images)},
+            "proxies": proxies, "table": table, "supernet_above_params_ci": [],
+            "rows": rows}
+
+
 def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     """Score `--archs` architectures with every proxy and train each stand-alone.
 
@@ -288,6 +360,8 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if args.front:
         return _front_rank(args, out)
+    if args.trained:
+        return _trained_rank(args, out)
     supernet_dir = Path(args.supernet) if args.supernet else out / "supernet"
     folder, supernet_s = _train_supernet(space, supernet_dir,
                                          1 if args.quick else args.supernet_epochs,
@@ -370,23 +444,11 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     if shards > 1:  # a later run without --shard over the same --out reports all of them
         return {"mode": "rank", "tag": f"shard{shard}of{shards}", "n": len(rows),
                 "rows": rows}
-    from scipy import stats
-
     real = np.array([r["standalone"]["val_acc"] for r in rows])
     rounds = 200 if args.quick else args.bootstrap
     names = [*FREE_BASELINES, *(n for n in scorers if n.startswith("untrained:")),
              *(n for n in scorers if not n.startswith("untrained:"))]
-    # rank-transformed (τ and ρ depend on ranks only; NASWOT of a singular kernel is -inf)
-    values = {n: stats.rankdata([r["scores"][n]["value"] for r in rows]) for n in names}
-    proxies = {}
-    for n in names:
-        tau_params = kendall_spearman(values["params"], real)[0]
-        proxies[n] = {
-            **_summary(values[n], real, rounds=rounds, seed=args.seed),
-            "score_s_mean": float(np.mean([r["scores"][n]["seconds"] for r in rows])),
-            "tau_minus_params": kendall_spearman(values[n], real)[0] - tau_params,
-            "tau_minus_params_ci95": bootstrap_tau_diff(values[n], values["params"], real,
-                                                        rounds=rounds, seed=args.seed)}
+    proxies = proxy_summaries(rows, real, names, rounds=rounds, seed=args.seed)
     params_high = proxies["params"]["ci95"]["tau"][1]
     above = [n for n in scorers if proxies[n]["kendall_tau"] > params_high]
     by_steps = {}
@@ -444,11 +506,10 @@ def _front_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- time to front
 def _hypervolume(points: list[tuple[float, float, float]], ref: tuple[float, float]) -> float:
-    from optuna._hypervolume import compute_hypervolume
+    from nas.hypervolume import hypervolume
 
     losses = np.array([[1.0 - a, g / ref[0], p / ref[1]] for a, g, p in points], dtype=float)
-    losses = losses[(losses < 1.0).all(axis=1)] if len(losses) else losses
-    return float(compute_hypervolume(losses, np.ones(3))) if len(losses) else 0.0
+    return hypervolume(losses.reshape(-1, 3), (1.0, 1.0, 1.0))
 
 
 def _full_arm(space: Any, root: Path, *, trials: int, seed: int) -> dict[str, Any]:
@@ -647,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     rank.add_argument("--archs", type=int, default=30)
     rank.add_argument("--supernet", default=None, help="an already trained supernet folder")
     rank.add_argument("--front", default=None, help="a one-shot search run folder")
+    rank.add_argument("--trained", default=None, metavar="RUN_DIR",
+                      help="rank a finished search's stand-alone trials by the free baselines"
+                           " only (no supernet, no training)")
     rank.add_argument("--finetune-steps", type=int, nargs="+", default=[0], metavar="S",
                       help="score every architecture after each of these numbers of fine-tuning"
                            " steps from its inherited weights (default 0: none); the first is"
