@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from gpu_common import SkipPart, run_part
 
+from nas.layout import RunFolder, TrialFolder
 from spvit.arch import ArchSpec, BlockSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,13 +89,14 @@ def trial(result: dict[str, Any], work: Path, smoke: bool) -> None:
     finally:
         ray.shutdown()
     result["last_epoch"] = last
-    lines = _read_lines(trial_dir / "metrics.jsonl")
-    ds_config = json.loads((trial_dir / "ds_config.json").read_text(encoding="utf-8"))
+    folder = TrialFolder(trial_dir)
+    lines = _read_lines(folder.metrics)
+    ds_config = json.loads(folder.ds_config.read_text(encoding="utf-8"))
     checks = {
         "every_epoch_in_metrics": [line["epoch"] for line in lines] == list(range(1, epochs + 1)),
-        "weights_written": (trial_dir / "model.safetensors").is_file(),
+        "weights_written": folder.weights.is_file(),
         "ds_config_bf16": ds_config["bf16"]["enabled"] is True,
-        "no_failure_file": not (trial_dir / "failure.json").exists(),
+        "no_failure_file": not folder.failure.exists(),
     }
     result["checks"] = checks
     if not all(checks.values()):
@@ -124,10 +126,12 @@ def search(result: dict[str, Any], work: Path, smoke: bool, timeout_s: float) ->
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["log_tail"] = log.read_text(encoding="utf-8", errors="replace")[-3000:]
     trials = []
-    for folder in sorted((run_dir / "trials").glob("*")) if (run_dir / "trials").is_dir() else []:
-        lines = _read_lines(folder / "metrics.jsonl")
-        trials.append({"trial": folder.name,
-                       "weights": (folder / "model.safetensors").is_file(),
+    run = RunFolder(run_dir)
+    for number in run.trial_numbers():
+        folder = run.trial(number)
+        lines = _read_lines(folder.metrics)
+        trials.append({"trial": folder.path.name,
+                       "weights": folder.weights.is_file(),
                        "val_acc": lines[-1]["val_acc"] if lines else None,
                        "startup_s": lines[-1].get("startup_s") if lines else None})
     result["trials"] = trials

@@ -79,8 +79,9 @@ def run_one(run_dir: Path, *, space: Path, sampler: str, seed: int, trials: int,
             epochs: int | None, concurrent: int, scheduler: str, num_cpus: int | None,
             feasible: bool = True) -> dict:
     from launch.search import SearchRequest, run_search
+    from nas.layout import RunFolder
 
-    resume = (run_dir / "run.json").is_file()
+    resume = RunFolder(run_dir).run_json.is_file()
     started = time.monotonic()
     outcome = run_search(SearchRequest(
         out=run_dir, space=None if resume else space, trials=trials,
@@ -105,10 +106,11 @@ def analyse_run(run_dir: Path, bench: dict | None = None) -> dict:
     from optuna.trial import TrialState
 
     from nas.hypervolume import hypervolume
+    from nas.layout import RunFolder, TrialFolder
     from nas.pareto import is_full_fidelity, open_study, read_metrics, trial_dir
     from search_spaces.space import SearchSpace
 
-    space = SearchSpace.load(run_dir / "space.yaml", check_feasible=False)
+    space = SearchSpace.load(RunFolder(run_dir).space, check_feasible=False)
     study = open_study(run_dir)
     if bench is None:
         bench = json.loads((run_dir / BENCH_FILE).read_text(encoding="utf-8"))
@@ -128,7 +130,7 @@ def analyse_run(run_dir: Path, bench: dict | None = None) -> dict:
             front.append(_normalised(t, space))
         hv.append(hypervolume(front))
         wall.append((t.datetime_complete - t0).total_seconds())
-        rows = read_metrics(trial_dir(run_dir, t) / "metrics.jsonl")
+        rows = read_metrics(TrialFolder(trial_dir(run_dir, t)).metrics)
         walls = [float(r["wall_s"]) for r in rows if isinstance(r.get("wall_s"), (int, float))]
         if walls and isinstance(t.user_attrs.get("wall_s"), (int, float)):
             startups.append(float(t.user_attrs["wall_s"]) - max(walls))

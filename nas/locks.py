@@ -24,14 +24,13 @@ import optuna
 from optuna.storages import RDBStorage
 
 from nas import optuna_compat
+from nas.layout import DRIVERS_DIR, RunFolder  # noqa: F401  (DRIVERS_DIR re-exported)
 from spvit.errors import ConfigError
-
-DRIVERS_DIR = "drivers"
 
 
 def lease_dir(run_dir: str | os.PathLike) -> Path:
     """The folder of a run's driver lock files: `RUN_DIR/drivers`."""
-    return Path(run_dir) / DRIVERS_DIR
+    return RunFolder(run_dir).drivers
 
 
 def _lock_is_held(path: Path) -> bool:

@@ -47,11 +47,11 @@ from nas.hypervolume import (  # noqa: F401  (re-exported: reports' callers impo
     hypervolume_history,
 )
 from nas.hypervolume import area_2d as _area_2d  # noqa: F401
+from nas.layout import REPORTS_DIR, RunFolder  # noqa: F401  (REPORTS_DIR re-exported)
 from search_spaces.space import SearchSpace
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_bytes, atomic_write_text
 
-REPORTS_DIR = "reports"
 KIND_ORDER = ("full", "partial", "pruned", "failed", "infeasible", "duplicate", "running",
               "waiting")
 
@@ -336,7 +336,7 @@ def _choices_text(choices: Any) -> str:
 def _space_lines(run_dir: Path, info: dict[str, Any]) -> list[str]:
     """Markdown lines describing the searched space (RUN_DIR/space.yaml, read as a
     `SearchSpace`)."""
-    path = run_dir / run.SPACE_FILE
+    path = RunFolder(run_dir).space
     source = info.get("space") if isinstance(info.get("space"), str) else None
     source = _from_run_dir(run_dir, source) if source else None
     if not path.is_file():
@@ -406,7 +406,7 @@ def write_reports(run_dir: str | os.PathLike, *, trial: int | None = None,
     study = run.open_run_study(run_dir, storage=storage)
     trials = study.get_trials(deepcopy=False)
     front = pareto.pareto_trials(study)
-    out = run_dir / REPORTS_DIR
+    out = RunFolder(run_dir).reports
     written: list[Path] = []
 
     def put(name: str, data: bytes | str) -> None:

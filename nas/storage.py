@@ -60,6 +60,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import optuna_compat
+from nas.layout import JOURNAL_FILE, RunFolder
 
 # The URL rules and the locks live in their own modules; their public names are re-exported
 # here, where launch/ and the docs have always found them.
@@ -80,7 +81,7 @@ from nas.storage_urls import (  # noqa: F401
 )
 from spvit.errors import ConfigError
 
-JOURNAL_NAME = "study.journal"
+JOURNAL_NAME = JOURNAL_FILE  # the name launch/ and the docs have always imported
 OWNER_ATTR = "spvit:driver"
 
 DEFAULT_HEARTBEAT_INTERVAL = 30
@@ -130,8 +131,8 @@ class RunJournalStorage(JournalStorage):
 
 # ---------------------------------------------------------------------------------------- storage
 def journal_path(run_dir: str | os.PathLike) -> Path:
-    """The default study file of a run: `RUN_DIR/study.journal`."""
-    return Path(run_dir) / JOURNAL_NAME
+    """The default study file of a run: `RUN_DIR/study.journal` (`RunFolder.journal`)."""
+    return RunFolder(run_dir).journal
 
 
 def storage_url(url: str | None, run_dir: str | os.PathLike, *,

@@ -26,7 +26,6 @@ User attrs of a trial: `arch` (flat ArchSpec), `gflops`, `params`, `budget`, `fi
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 import warnings
@@ -39,6 +38,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import optuna_compat, samplers
+from nas.layout import TrialFolder
 from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-exported)
     DIRECTIONS,
     LAST_VAL_ACC_ATTR,
@@ -496,12 +496,6 @@ class SearchStudy:
 
 
 def read_failure_reason(trial_dir: str | os.PathLike) -> str | None:
-    """The `reason` of a trial folder's failure.json, or None if there is none."""
-    path = Path(trial_dir) / "failure.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if isinstance(data, dict) and data.get("reason"):
-        return str(data["reason"])
-    return None
+    """The `reason` of a trial folder's failure.json, or None if there is none or it is
+    unreadable (`TrialFolder.read_failure_reason`)."""
+    return TrialFolder(trial_dir).read_failure_reason()

@@ -36,6 +36,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.layout import RUN_FILE, NotARunFolder, RunFolder
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 
@@ -72,24 +73,24 @@ class _Replay:
         return value
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_run_json(run_dir: Path) -> dict[str, Any]:
+    """run.json of a `--warm-start` run (`RunFolder.read_run_json`), its errors led by the flag
+    and the folder; it must name its study."""
+    folder = RunFolder(run_dir)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--warm-start {path.parent}: {path.name} does not exist, so it holds"
-                          " no search. Pass the run folder of an earlier `spvit-nas search`.")\
+        data = folder.read_run_json()
+    except NotARunFolder as e:
+        if not run_dir.is_dir():
+            raise ConfigError(f"--warm-start {run_dir}: {e}") from None
+        raise ConfigError(f"--warm-start {run_dir}: {RUN_FILE} does not exist, so it holds no"
+                          " search. Pass the run folder of an earlier `spvit-nas search`.")\
             from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise ConfigError(f"--warm-start {path.parent}: {path} is not valid JSON ({why})."
-                          " Restore it from the run, or drop this --warm-start.") from None
-    except OSError as e:
-        raise ConfigError(f"--warm-start {path.parent}: {path} cannot be read"
-                          f" ({e.strerror or type(e).__name__}). Check the path and its"
-                          " permissions.") from None
-    if not isinstance(data, dict) or not isinstance(data.get("study_name"), str):
-        raise ConfigError(f"--warm-start {path.parent}: {path} must hold a JSON object with a"
-                          " string `study_name`. Restore it from the run, or drop this"
+    except ConfigError as e:
+        raise ConfigError(f"--warm-start {run_dir}: {e} Drop this --warm-start if it cannot be"
+                          " restored.") from None
+    if not isinstance(data.get("study_name"), str):
+        raise ConfigError(f"--warm-start {run_dir}: {folder.run_json} must hold a JSON object"
+                          " with a string `study_name`. Restore it from the run, or drop this"
                           " --warm-start.")
     return data
 
@@ -114,7 +115,7 @@ def check_runs(runs: Iterable[str | os.PathLike]) -> tuple[Path, ...]:
         run_dir = given.resolve()
         if run_dir in checked:
             raise ConfigError(f"--warm-start {given} is given twice. Remove the repeat.")
-        info = _read_json(run_dir / "run.json")
+        info = _read_run_json(run_dir)
         storage = info.get("storage")
         journal = run_journal(run_dir, storage if isinstance(storage, str) else None)
         if journal is not None and not journal.is_file():
@@ -207,7 +208,7 @@ def warm_start(study: optuna.Study, space: Any, runs: Iterable[str | os.PathLike
     known = _architectures(study)
     for run in runs:
         run_dir = Path(run).expanduser().resolve()
-        info = _read_json(run_dir / "run.json")
+        info = _read_run_json(run_dir)
         old = open_study(run_dir)
         if [d.name.lower() for d in old.directions] != [d.name.lower()
                                                         for d in study.directions]:

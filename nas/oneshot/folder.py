@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nas import layout
+from nas.layout import SupernetDir
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -22,10 +24,11 @@ from spvit.supernet import SPViTSupernet, SupernetChoices
 
 from .sampling import SandwichSampler, space_identity, supernet_choices
 
-SUPERNET_FILE = "supernet.json"
-WEIGHTS_FILE = "supernet.safetensors"
-SPACE_FILE = "space.yaml"
-METRICS_FILE = "metrics.jsonl"
+# The folder's names, as `nas.oneshot` has always exported them (`nas.layout` declares them).
+SUPERNET_FILE = layout.SUPERNET_FILE
+WEIGHTS_FILE = layout.SUPERNET_WEIGHTS_FILE
+SPACE_FILE = layout.SPACE_FILE
+METRICS_FILE = layout.METRICS_FILE
 
 
 @dataclass
@@ -64,43 +67,44 @@ def open_supernet(path: str | Path, *, device: str = "cpu") -> SupernetFolder:
     """Load a supernet folder written by `spvit-nas supernet train`; `ConfigError` if it is not
     one (missing, no weights yet, unreadable)."""
     path = Path(path)
+    files = SupernetDir(path)
     if not path.is_dir():
         raise ConfigError(f"supernet folder {path} does not exist. Pass the --out folder of"
                           " `spvit-nas supernet train`.")
-    for name in (SPACE_FILE, SUPERNET_FILE):
-        if not (path / name).is_file():
-            raise ConfigError(f"{path} is not a supernet folder: {name} is missing. Pass the"
-                              " --out folder of `spvit-nas supernet train`.")
-    if not (path / WEIGHTS_FILE).is_file():
-        raise ConfigError(f"supernet {path} has no trained weights yet ({WEIGHTS_FILE} is"
+    for file in (files.space, files.info):
+        if not file.is_file():
+            raise ConfigError(f"{path} is not a supernet folder: {file.name} is missing. Pass"
+                              " the --out folder of `spvit-nas supernet train`.")
+    if not files.weights.is_file():
+        raise ConfigError(f"supernet {path} has no trained weights yet ({files.weights.name} is"
                           " written after the first epoch). Train it first.")
-    space = SearchSpace.load(path / SPACE_FILE, check_feasible=False)
+    space = SearchSpace.load(files.space, check_feasible=False)
     try:
-        info = json.loads((path / SUPERNET_FILE).read_text(encoding="utf-8"))
+        info = json.loads(files.info.read_text(encoding="utf-8"))
         choices = SupernetChoices.from_dict(info["choices"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path / SUPERNET_FILE} is unreadable ({e}). Train the supernet"
-                          " again into a new folder.") from None
+        raise ConfigError(f"{files.info} is unreadable ({e}). Train the supernet again into a"
+                          " new folder.") from None
     if choices != supernet_choices(space):
-        raise ConfigError(f"{path / SUPERNET_FILE} does not match {path / SPACE_FILE}; the"
-                          " folder was edited. Train the supernet again into a new folder.")
+        raise ConfigError(f"{files.info} does not match {files.space}; the folder was edited."
+                          " Train the supernet again into a new folder.")
     net = SPViTSupernet(choices, seed=0)
-    state = load_safetensors(path / WEIGHTS_FILE, what="supernet weights",
+    state = load_safetensors(files.weights, what="supernet weights",
                              hint="Restore it from a copy, or train the supernet again into"
                                   " a new folder (spvit-nas supernet train).")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ConfigError(f"{path / WEIGHTS_FILE} does not fit the supernet of"
-                          f" {path / SPACE_FILE} ({str(e).splitlines()[0]}). Train the supernet"
-                          " again into a new folder.") from None
+        raise ConfigError(f"{files.weights} does not fit the supernet of {files.space}"
+                          f" ({str(e).splitlines()[0]}). Train the supernet again into a new"
+                          " folder.") from None
     return SupernetFolder(path=path, space=space, info=info, net=net.to(device).eval())
 
 
 def write_supernet_info(path: Path, space: SearchSpace, sampler: SandwichSampler, *,
                         epochs_trained: int, extra: dict[str, Any] | None = None) -> None:
     """`supernet.json`: the choices, the sandwich's extremes and how far it is trained."""
-    atomic_write_json(path / SUPERNET_FILE, {
+    atomic_write_json(SupernetDir(path).info, {
         "space": space.name,
         "choices": supernet_choices(space).to_dict(),
         "largest": sampler.largest.to_flat(),

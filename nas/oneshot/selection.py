@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from nas.layout import RunFolder
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -146,7 +147,7 @@ def prepare_oneshot(main_study: Any, space: SearchSpace, supernet_dir: str | Pat
 
     folder = open_supernet(supernet_dir, device=device)
     folder.check_space(space)
-    proxy_dir = Path(run_dir) / "oneshot"
+    proxy_dir = RunFolder(run_dir).oneshot
     proxy_dir.mkdir(parents=True, exist_ok=True)
     storage = make_storage(None, proxy_dir)  # RUN_DIR/oneshot/study.journal
     scorer = InheritedScorer.for_space(folder.net, space, device=device)
