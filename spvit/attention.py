@@ -41,6 +41,19 @@ from .priors import SpatialPrior
 Grid = tuple[int, int]
 
 
+def prior_attention(q: torch.Tensor, k: torch.Tensor, *, scale: float,
+                    mult: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention probabilities of SP-SA, eager: `softmax((Q Kᵀ) * scale * SP + B)`, shape
+    `(B, H, N, N)`, for `q`, `k` `(B, H, N, d)` and the prior's `(H, N, N)` multiplier and
+    bias (either may be None). The model's eager path and the supernet share it."""
+    logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
+    logits = logits * (mult * scale if mult is not None else scale)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional per-head spatial priors.
 
@@ -118,11 +131,7 @@ class Attention(nn.Module):
             mask = bias.to(q.dtype) if bias is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
-            logits = logits * (mult * self.scale if mult is not None else self.scale)
-            if bias is not None:
-                logits = logits + bias
-            attn = logits.softmax(dim=-1)
+            attn = prior_attention(q, k, scale=self.scale, mult=mult, bias=bias)
             out = attn.to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj(out), attn

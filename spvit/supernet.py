@@ -56,6 +56,7 @@ from timm.layers import drop_path, resample_abs_pos_embed
 from torch import nn
 
 from .arch import ArchSpec
+from .attention import prior_attention
 from .errors import ConfigError
 from .layers import ConvStem, LinearStem, map_to_tokens, sincos_2d, tokens_to_map
 from .model import LayerArg, SPViT, resolve_act_layer, resolve_norm_layer
@@ -123,12 +124,7 @@ class SuperAttention(nn.Module):
         if self.prior is not None and any(t != "none" for t in plan.head_types):
             mult, bias = self.prior(plan.head_types, d, plan.arch_grid, grid, num_prefix,
                                     x.dtype)
-        scale = d ** -0.5
-        logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
-        logits = logits * (mult * scale if mult is not None else scale)
-        if bias is not None:
-            logits = logits + bias
-        attn = logits.softmax(dim=-1)
+        attn = prior_attention(q, k, scale=d ** -0.5, mult=mult, bias=bias)
         out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj(out, C, C), attn
 
