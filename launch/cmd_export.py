@@ -35,10 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nas import export, pareto
     from nas.journal import check_run_journal
+    from nas.layout import RunFolder
     from nas.outputs import check_output
     from spvit.errors import ConfigError
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    out = Path(args.out) if args.out else RunFolder(args.run_dir).export
     if args.trial is not None:
         if args.max_gflops is not None or args.max_params is not None:
             raise ConfigError("--max-gflops/--max-params apply to --pick, but got them with"

@@ -23,19 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from nas.journal import repair_journal, run_journal
+    from nas.layout import RunFolder
     from spvit.errors import ConfigError
 
-    run_dir = Path(args.run_dir)
+    folder = RunFolder(args.run_dir)
+    run_dir = folder.path
     storage = args.storage
     if storage is None:
         try:
-            storage = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get(
-                "storage")
-        except (OSError, ValueError, AttributeError):
+            storage = folder.read_run_json().get("storage")
+        except ConfigError:  # no run folder or an unreadable run.json: the default journal
             storage = None
     path = run_journal(run_dir, storage)
     if path is None:

@@ -134,19 +134,21 @@ def run(args: argparse.Namespace) -> int:
     import yaml
     from tqdm import tqdm
 
+    from nas.layout import TrialFolder
     from nas.outputs import check_output
     from search_spaces.arch_refs import resolve_arch
     from spvit.errors import ConfigError
     from spvit.io import atomic_write_text
 
     from .trial import TrialFailed, run_candidate
-    from .worker import CHECKPOINT_DIR, check_resumable, read_checkpoint_state
+    from .worker import check_resumable, read_checkpoint_state
 
     out = check_output(args.out, command="train", resume=args.resume)
-    if args.resume and args.training is None and (out / "training.yaml").is_file():
+    folder = TrialFolder(out)
+    recipe = folder.training
+    if args.resume and args.training is None and recipe.is_file():
         # A resume continues the folder's own recipe (its epochs included), not the default.
-        training = load_training(str(out / "training.yaml"),
-                                 what="--resume: the folder's recipe")
+        training = load_training(str(recipe), what="--resume: the folder's recipe")
     else:
         training = load_training(args.training)
     changes: dict[str, Any] = {}
@@ -163,18 +165,16 @@ def run(args: argparse.Namespace) -> int:
                           address=args.address)
 
     state = read_checkpoint_state(out)
-    if not args.resume and ((out / CHECKPOINT_DIR).is_dir()
-                            and any((out / CHECKPOINT_DIR).iterdir())):
+    if not args.resume and (folder.checkpoint.is_dir() and any(folder.checkpoint.iterdir())):
         done = f" (epoch {state.epoch})" if state else ""
         raise ConfigError(f"--out {out} already holds a checkpoint{done}. Pass --resume to"
                           " continue it, or choose another --out.")
     if args.resume and state is None:
         raise ConfigError(f"--resume: {out} holds no checkpoint to resume (no"
-                          f" {CHECKPOINT_DIR}/state.json). Drop --resume to train from scratch,"
-                          " or pass the folder an earlier `spvit-nas train` wrote.")
+                          f" {folder.checkpoint_state.relative_to(out)}). Drop --resume to train"
+                          " from scratch, or pass the folder an earlier `spvit-nas train` wrote.")
     if args.resume:
-        if args.training is None and not (out / "training.yaml").is_file() \
-                and args.epochs is None:
+        if args.training is None and not recipe.is_file() and args.epochs is None:
             # No recipe file (e.g. removed): the checkpoint's recipe keeps its target.
             training = training.replace(epochs=state.training.get("epochs", training.epochs))
         check_resumable(state, spec, training, training.workers_per_trial)
@@ -182,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out} is already trained for {state.epoch} epochs (of {training.epochs});"
               " writing its weights again.", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "training.yaml",
-                      yaml.safe_dump(training.to_dict(), sort_keys=False))
+    atomic_write_text(recipe, yaml.safe_dump(training.to_dict(), sort_keys=False))
 
     start = state.epoch if (args.resume and state) else 0
     bar = tqdm(total=training.epochs, initial=min(start, training.epochs), unit="epoch",
@@ -200,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                               cpus_per_worker=args.cpus_per_worker, ray_address=args.address)
     except TrialFailed as e:
         bar.close()
-        print(f"spvit-nas train: training failed: {e.reason} (see {out / 'failure.json'})",
+        print(f"spvit-nas train: training failed: {e.reason} (see {folder.failure})",
               file=sys.stderr)
         return 1
     finally:

@@ -36,7 +36,6 @@ Contract (used by the search driver and by `spvit-nas train`):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -48,13 +47,13 @@ from typing import Any
 from nas.data import check_compatible, describe_dataset
 from nas.ds_config import micro_batch_size
 from nas.engine import TrainingDiverged, inprocess_device, process_group_backend
+from nas.layout import TrialFolder
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.io import read_json_lines
 
 from .worker import (
-    FAILURE_FILE,
     METRICS_FILE,
     WorkerSetup,
     check_resumable,
@@ -105,13 +104,6 @@ def trainable_resources(workers: int, use_gpu: bool, *, cpus_per_worker: float =
 
 def _read_metrics(trial_dir: Path) -> list[dict[str, Any]]:
     return read_json_lines(trial_dir / METRICS_FILE)
-
-
-def _read_failure(trial_dir: Path) -> str | None:
-    try:
-        return json.loads((trial_dir / FAILURE_FILE).read_text(encoding="utf-8"))["reason"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return None
 
 
 class _MetricsFollower(threading.Thread):
@@ -210,7 +202,7 @@ def _run_ray_train(spec: ArchSpec, training: TrainingConfig, trial_dir: Path, *,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=str(trial_dir / "ray_train"),
+                             storage_path=str(TrialFolder(trial_dir).ray_train),
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=callbacks),
     )
@@ -249,7 +241,7 @@ def _run(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike,
         if state is not None:
             check_resumable(state, spec, training, workers)
         trial_dir.mkdir(parents=True, exist_ok=True)
-        (trial_dir / FAILURE_FILE).unlink(missing_ok=True)
+        TrialFolder(trial_dir).failure.unlink(missing_ok=True)
         if not resume:
             clear_trial(trial_dir)
 
@@ -265,7 +257,7 @@ def _run(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike,
                            resume=resume, started_at=started_at,
                            cpus_per_worker=cpus_per_worker, max_failures=max_failures,
                            in_tune=in_tune, on_epoch=on_epoch, ray_address=ray_address)
-            reason = _read_failure(trial_dir)
+            reason = TrialFolder(trial_dir).read_failure_reason()
             if reason is not None:
                 raise TrialFailed(reason)
             lines = _read_metrics(trial_dir)
@@ -279,7 +271,7 @@ def _run(spec: ArchSpec, training: TrainingConfig, trial_dir: str | os.PathLike,
         write_failure(trial_dir, e.reason)
         raise TrialFailed(e.reason) from e
     except Exception as e:
-        reason = _read_failure(trial_dir) or failure_reason(e)
+        reason = TrialFolder(trial_dir).read_failure_reason() or failure_reason(e)
         write_failure(trial_dir, reason)
         raise TrialFailed(reason) from e
     if last is None:
