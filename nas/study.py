@@ -166,6 +166,18 @@ class Proposal:
     cost: Cost
 
 
+def stored_arch(value: Any) -> ArchSpec | None:
+    """The architecture a study stores (a trial's user attr `arch` or `proxy_arch`: the flat
+    form `propose` writes), or None when there is none or it is not a valid one. Compare and
+    key trials' architectures by it: `ArchSpec` equality is their identity."""
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return ArchSpec.from_dict(value)
+    except ConfigError:
+        return None
+
+
 def propose(study: optuna.Study, space: Space, trial: optuna.Trial, *,
             estimate: Estimator | None = None, set_constraints: bool = True) -> Proposal | str:
     """The architecture `trial` proposes, or why it is infeasible (one line per broken

@@ -25,7 +25,6 @@ find their checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -145,14 +144,16 @@ def _recipe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | 
     return ", ".join(diff) if diff else None
 
 
-def _architectures(study: optuna.Study) -> dict[Any, int]:
-    """Flat architectures of the trials that are trained, training or seeded -> their number."""
-    out: dict[Any, int] = {}
+def _architectures(study: optuna.Study) -> dict[ArchSpec, int]:
+    """The architectures of the trials that are trained, training or seeded -> their number."""
+    from nas.study import stored_arch
+
+    out: dict[ArchSpec, int] = {}
     for t in study.get_trials(deepcopy=False, states=(
             TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
-        flat = t.user_attrs.get("arch")
-        if isinstance(flat, Mapping):
-            out.setdefault(json.dumps(flat, sort_keys=True), t.number)
+        spec = stored_arch(t.user_attrs.get("arch"))
+        if spec is not None:
+            out.setdefault(spec, t.number)
     return out
 
 
@@ -234,14 +235,13 @@ def warm_start(study: optuna.Study, space: Any, runs: Iterable[str | os.PathLike
                 say(report.skipped[-1])
                 continue
             spec, cost, replay = checked
-            key = json.dumps(spec.to_flat(), sort_keys=True)
-            if key in known:
-                report.skipped.append(f"{where} same architecture as trial {known[key]} of the"
+            if spec in known:
+                report.skipped.append(f"{where} same architecture as trial {known[spec]} of the"
                                       " new study")
                 say(report.skipped[-1])
                 continue
             number = len(study.get_trials(deepcopy=False)) + len(new_trials)
-            known[key] = number
+            known[spec] = number
             user_attrs = {
                 "arch": spec.to_flat(), "gflops": float(cost.gflops),
                 "params": int(cost.params), "budget": budget, "fidelity": budget,

@@ -12,6 +12,11 @@ value and the fix. Two serialised forms exist and both round-trip:
 
 `ArchSpec.from_dict` accepts either form.
 
+Identity: two specs are the same architecture iff they are `==` (the fields, normalised at
+construction), and `hash` agrees, so a spec is its own key in a dict or set. Where the key must
+be text (a cache file, a log line), `ArchSpec.identity()` is its flat form as sorted-key JSON,
+the text earlier runs keyed architectures by.
+
 Token grid and width along the network. The patch grid starts at `img_size // patch_size` per side.
 A block with `pool: true` first pools the patch-token grid 2x2 (side S becomes ceil(S / 2)) and
 multiplies the width by `pool_width_factor` (PiT-style: 1 keeps the width, 2 doubles it), then
@@ -31,6 +36,7 @@ S/M and 3 for L). `conv_pos_place`: where the conv positional layer runs in each
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -209,6 +215,8 @@ class ArchSpec:
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
+        if isinstance(self.drop_path_rate, float) and self.drop_path_rate == 0.0:
+            object.__setattr__(self, "drop_path_rate", 0.0)  # not -0.0: one identity text
         self._validate()
 
     def _validate(self) -> None:
@@ -368,6 +376,13 @@ class ArchSpec:
         _check_int("depth", depth, minimum=1)
         return cls(blocks=tuple(BlockSpec(heads=heads, prior=prior) for _ in range(depth)),
                    **kwargs)
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> str:
+        """The architecture as key text: `to_flat()` as JSON with sorted keys. Equal specs, and
+        only they, have equal identities. The format is fixed, so that keys written by earlier
+        runs still match; in Python, key by the spec itself (it is hashable)."""
+        return json.dumps(self.to_flat(), sort_keys=True)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

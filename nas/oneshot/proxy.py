@@ -9,7 +9,6 @@ did. Part of `nas.oneshot`; Optuna is imported when a study is run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -60,24 +59,24 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
         population_size=population_size or max(8, min(100, candidates // 20)))
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                 directions=list(nas_study.DIRECTIONS), load_if_exists=True)
-    cache: dict[str, float] = {}
+    cache: dict[ArchSpec, float] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        cache[json.dumps(t.user_attrs.get("arch"), sort_keys=True)] = t.values[0]
+        if (known := nas_study.stored_arch(t.user_attrs.get("arch"))) is not None:
+            cache[known] = t.values[0]
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     while done < candidates:
         proposal = nas_study.ask_feasible(study, space)
         spec, cost, trial = proposal.spec, proposal.cost, proposal.trial
-        key = json.dumps(spec.to_flat(), sort_keys=True)
         start = time.perf_counter()
-        scored = key not in cache
+        scored = spec not in cache
         if not scored:
-            acc = cache[key]
+            acc = cache[spec]
             seconds = 0.0
         else:
             result = scorer(spec)
             acc = float(result["val_acc"])
             seconds = time.perf_counter() - start
-            cache[key] = acc
+            cache[spec] = acc
         trial.set_user_attr("score_s", seconds)  # arch, gflops, params: set by the proposal
         trial.set_user_attr("scored", scored)
         study.tell(trial, [acc, float(cost.gflops), float(cost.params)])

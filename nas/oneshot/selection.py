@@ -11,7 +11,6 @@ trial path, so its Pareto front, plots and exports hold stand-alone results only
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +37,13 @@ def select_for_retrain(trials: Sequence[Any], k: int) -> list[Any]:
     rank the most spread out (largest crowding distance); one per distinct architecture."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"--retrain must be an integer >= 1, but got {k!r}. Use e.g. 6.")
-    unique: dict[str, Any] = {}
+    from nas.study import stored_arch
+
+    unique: dict[ArchSpec | None, Any] = {}
     for t in trials:
         if t.values is None:
             continue
-        key = json.dumps(t.user_attrs.get("arch"), sort_keys=True)
+        key = stored_arch(t.user_attrs.get("arch"))
         if key not in unique or t.values[0] > unique[key].values[0]:
             unique[key] = t
     pool = list(unique.values())
@@ -99,14 +100,16 @@ def enqueue_for_retrain(main_study: Any, picks: Sequence[Any], *, proxy_study: s
     user attrs `proxy_val_acc`, `proxy_trial`, `proxy_study` and `proxy_arch` (and, for picks
     that `rescore_front` fine-tuned, `proxy_inherited_val_acc` and `proxy_finetune_steps`).
     Returns how many were added (an architecture already queued or trained there is skipped)."""
-    known = set()
+    from nas.study import stored_arch
+
+    known: set[ArchSpec | None] = set()
     for t in main_study.get_trials(deepcopy=False):
-        for key in ("arch", "proxy_arch"):
-            if t.user_attrs.get(key) is not None:
-                known.add(json.dumps(t.user_attrs[key], sort_keys=True))
+        for attr in ("arch", "proxy_arch"):
+            if t.user_attrs.get(attr) is not None:
+                known.add(stored_arch(t.user_attrs[attr]))
     added = 0
     for t in picks:
-        key = json.dumps(t.user_attrs.get("arch"), sort_keys=True)
+        key = stored_arch(t.user_attrs.get("arch"))
         if key in known:
             continue
         attrs = {PROXY_ATTR: float(t.values[0]), "proxy_trial": t.number,

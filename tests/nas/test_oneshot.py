@@ -153,6 +153,23 @@ def test_select_refuses_bad_k():
         select_for_retrain([SimpleNamespace(values=[0.5, 1, 1], user_attrs={"arch": {}})], 0)
 
 
+def test_one_pick_per_architecture_however_its_attr_is_spelt():
+    spec = ArchSpec.uniform(depth=2, heads=2, img_size=8, patch_size=4, embed_dim=8,
+                            num_classes=2, mlp_ratio=2.0)
+    other = spec.replace(embed_dim=16)
+    respelt = {k: v for k, v in spec.to_flat().items() if k != "prior_0"}
+    respelt.update(prior_0_0="none", prior_0_1="none")  # one prior per head, all the same
+    assert respelt != spec.to_flat() and nas_study.stored_arch(respelt) == spec
+    trials = [SimpleNamespace(number=n, values=values, user_attrs={"arch": arch})
+              for n, (values, arch) in enumerate([([0.5, 1, 1], spec.to_flat()),
+                                                  ([0.6, 1, 1], respelt),
+                                                  ([0.4, 2, 2], other.to_flat())])]
+    picks = select_for_retrain(trials, 3)
+    assert sorted(t.number for t in picks) == [1, 2]  # the better score of the two spellings
+    for garbage in (None, {}, {"depth": 0}, "a string"):
+        assert nas_study.stored_arch(garbage) is None
+
+
 def test_free_pool_spaces_give_every_schedule():
     data = SearchSpace.load(SPACES / "digits.yaml").to_dict()
     data["dimensions"]["pool"] = {"free": True, "max_pools": 2, "from_block": 1}

@@ -174,3 +174,53 @@ def test_replace_revalidates():
     assert spec.replace(num_classes=5).num_classes == 5
     with pytest.raises(ConfigError, match="not divisible by patch_size"):
         spec.replace(img_size=33)
+
+
+# The key text earlier runs and benchmark caches hold for `_mixed()`; it must never change.
+MIXED_IDENTITY = (
+    '{"cls_block": 1, "conv_pos": true, "conv_pos_place": "before_attn", "depth": 4,'
+    ' "drop_path_rate": 0.1, "embed_dim": 32, "head": "cls", "heads_0": 2, "heads_1": 2,'
+    ' "heads_2": 4, "heads_3": 4, "img_size": 32, "in_chans": 3, "init": "trunc_normal",'
+    ' "mlp_ratio": 3.0, "num_classes": 7, "patch_size": 4, "pool_0": false, "pool_1": false,'
+    ' "pool_2": true, "pool_3": false, "pool_width_factor": 2, "pos_embed": "sincos",'
+    ' "prior_0": "mlp", "prior_1_0": "gaussian", "prior_1_1": "rpb", "prior_2_0": "axial",'
+    ' "prior_2_1": "none", "prior_2_2": "mlp", "prior_2_3": "rpb", "prior_3": "none",'
+    ' "qkv_bias": false, "share_0": false, "share_1": false, "share_2": false, "share_3": true,'
+    ' "skip_lam": 1.0, "stem": "conv"}')
+
+
+def test_identity_text_is_pinned():
+    assert _mixed().identity() == MIXED_IDENTITY
+    assert ArchSpec.from_dict(_mixed().to_flat()).identity() == MIXED_IDENTITY
+
+
+def test_equal_specs_and_only_they_share_an_identity():
+    spec = _mixed()
+    # the same architecture written differently: an int for a float, a per-head list of one
+    # type, the nested and the flat form
+    same = [
+        spec.replace(mlp_ratio=3, blocks=(BlockSpec(heads=2, prior=["mlp", "mlp"]),
+                                          *spec.blocks[1:])),
+        ArchSpec.from_dict(spec.to_dict()),
+        ArchSpec.from_dict(spec.to_flat()),
+    ]
+    others = [spec.replace(drop_path_rate=0.2), spec.replace(num_classes=8),
+              spec.replace(blocks=(*spec.blocks[:3], BlockSpec(heads=4))),
+              spec.replace(blocks=(BlockSpec(heads=2, prior=("mlp", "rpb")), *spec.blocks[1:]))]
+    for other in same:
+        assert other == spec and hash(other) == hash(spec)
+        assert other.identity() == spec.identity()
+    for other in others:
+        assert other != spec and other.identity() != spec.identity()
+    zero = spec.replace(drop_path_rate=0.0)
+    assert spec.replace(drop_path_rate=-0.0).identity() == zero.identity()
+
+
+def test_a_spec_keys_dicts_and_sets():
+    spec = _mixed()
+    scores = {spec: 0.5}
+    copy = ArchSpec.from_dict(spec.to_flat())
+    assert scores[copy] == 0.5 and copy in {spec}
+    scores[copy] = 0.7
+    assert len(scores) == 1 and scores[spec] == 0.7
+    assert len({spec, copy, spec.replace(num_classes=8)}) == 2
