@@ -4,7 +4,8 @@ Optuna proposes and ranks (maximise val_acc, minimise GFLOPs and parameters), Ra
 candidates, the run folder keeps everything needed to resume (`--resume`, even after kill -9).
 Defaults come from the space's `search:` and `training:` blocks. Exit codes: 0 done, 1 stopped
 after failures (too many in a row, every launched trial failed, no full-budget trial, a result
-that could not be recorded), 2 bad input, 130 interrupted. See `launch/search.py`.
+that could not be recorded), 2 bad input, 130 interrupted. See `launch/search.py`; the flags
+become the run's settings in `launch/search_plan.py`.
 """
 
 from __future__ import annotations
@@ -97,28 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip exporting the knee trial to RUN_DIR/export")
 
 
-def check_scheduler_flags(asha: bool | None, scheduler: str | None) -> None:
-    """`--asha` is `--scheduler asha`; with another `--scheduler` the two flags contradict each
-    other, and neither may silently win."""
-    from spvit.errors import ConfigError
-
-    if asha and scheduler not in (None, "asha"):
-        raise ConfigError(f"--asha and --scheduler {scheduler} ask for two different"
-                          " early-stopping rules (--asha is --scheduler asha). Drop --asha, or"
-                          f" drop --scheduler {scheduler}.")
-
-
 def run(args: argparse.Namespace) -> int:
     from launch.search import SearchRequest, run_search
-
-    check_scheduler_flags(args.asha, args.scheduler)
 
     request = SearchRequest(
         out=args.out, space=args.space, trials=args.trials, concurrent=args.concurrent,
         epochs=args.epochs, workers_per_trial=args.workers_per_trial, sampler=args.sampler,
         storage=args.storage, address=args.address, seed=args.seed, resume=args.resume,
-        asha=True if args.scheduler == "asha" else args.asha,
-        moasha=True if args.scheduler == "moasha" else None,
+        scheduler=args.scheduler, asha=args.asha,
         feasible_proposals=args.feasible_proposals,
         asha_reduction_factor=args.asha_reduction_factor,
         gpus_per_worker=args.gpus_per_worker,

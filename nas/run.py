@@ -1,7 +1,7 @@
 """A search's run folder on disk: what it holds and how to read it back.
 
-`spvit-nas search --out RUN_DIR` writes `RUN_DIR/run.json` (`RunInfo`: the study's name and
-storage, the search budget, the training recipe), `space.yaml` (the resolved space), the study
+`spvit-nas search --out RUN_DIR` writes `RUN_DIR/run.json` (`RunInfo`: the search's settings,
+`nas.settings.SearchSettings`, and its history), `space.yaml` (the resolved space), the study
 journal (unless the study lives in a database) and one folder per trial, `trials/NNNN`, holding
 `metrics.jsonl`, `arch.yaml` and the consolidated `model.safetensors` (the names are
 `nas.layout`'s). This module is the one reader of what those files mean: `nas.pareto`,
@@ -19,7 +19,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,14 +33,13 @@ from nas.layout import (  # noqa: F401  (the run-folder names, re-exported for n
     RUN_FILE,
     SPACE_FILE,
     TRIALS_DIR,
-    TUNE_DIR,
     WEIGHTS_FILE,
     NotARunFolder,
     RunFolder,
     TrialFolder,
     trial_dir_of,
 )
-from search_spaces.search_defaults import DEFAULT_MAX_CONSECUTIVE_FAILURES
+from nas.settings import SearchSettings
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -70,59 +69,25 @@ def _resolved_in(run_dir: Path, value: str) -> str:
 
 
 # ---------------------------------------------------------------------------- run.json
-@dataclass
-class RunInfo:
-    """`RUN_DIR/run.json`: the study's whereabouts and the search budget, for `--resume`,
-    reports, export and the optuna CLI/dashboard. `storage` and `space` are absolute in memory
-    and relative to the run folder on disk."""
+@dataclass(frozen=True)
+class RunInfo(SearchSettings):
+    """`RUN_DIR/run.json`: the search's settings (`nas.settings.SearchSettings`) and its history
+    (when it was created, when each driver session started), for `--resume`, reports, export and
+    the optuna CLI/dashboard. `storage` and `space` are absolute in memory and relative to the
+    run folder on disk."""
 
-    study_name: str
-    storage: str
-    sampler: str
-    seed: int
-    trials: int
-    concurrent: int
-    epochs: int
-    workers_per_trial: int
-    space: str
-    training: dict[str, Any]
-    asha: bool = False
-    asha_reduction_factor: float = 2.0
-    moasha: bool = False
-    feasible_proposals: bool = True
-    gpus_per_worker: float = 0.0
-    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
-    population_size: int | None = None
-    tune_experiment: str = TUNE_DIR
     created: str = ""
-    sessions: list[str] = field(default_factory=list)
+    sessions: tuple[str, ...] = ()
 
-    # settings a resumed search must keep: they define what a trial and the study mean
-    FIXED: ClassVar[tuple[str, ...]] = ("sampler", "seed", "epochs", "workers_per_trial", "asha",
-                                        "asha_reduction_factor", "population_size", "moasha",
-                                        "feasible_proposals")
     PATHS: ClassVar[tuple[str, ...]] = ("storage", "space")
 
-    @property
-    def budget(self) -> int:
-        return self.epochs
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "sessions", tuple(self.sessions))
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["budget"] = self.epochs
-        out["version"] = 1
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = RUN_FILE) -> RunInfo:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
-        if missing:
-            raise ConfigError(f"{where} lacks {missing}; it was not written by `spvit-nas search`."
-                              " Point --out at a search's run folder.")
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def with_session(self, started: str) -> RunInfo:
+        """This run with one more driver session, started at `started`."""
+        return dataclasses.replace(self, sessions=(*self.sessions, started))
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         data = self.to_dict()
@@ -143,17 +108,6 @@ class RunInfo:
             if isinstance(data.get(key), str):
                 data[key] = _resolved_in(Path(run_dir), data[key])
         return cls.from_dict(data, where=str(path))
-
-    def check_resume(self, requested: Mapping[str, Any]) -> None:
-        """Refuse a resumed search that changes a setting of `FIXED` (None means not given)."""
-        for key in self.FIXED:
-            value = requested.get(key)
-            if value is not None and value != getattr(self, key):
-                flag = {"feasible_proposals": "--no-feasible-proposals",
-                        "moasha": "--scheduler moasha"}.get(key, "--" + key.replace("_", "-"))
-                raise ConfigError(f"{flag} {value} differs from {getattr(self, key)} in the run's"
-                                  f" {RUN_FILE}; a resumed search keeps it. Drop {flag} or start"
-                                  " a new search with another --out.")
 
 
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:

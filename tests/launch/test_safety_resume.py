@@ -172,7 +172,7 @@ def test_an_asha_search_exports_and_every_complete_trial_has_weights(tmp_path, r
     space.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "asha"
     outcome = run_search(SearchRequest(out=run_dir, space=space, trials=2, concurrent=1,
-                                       asha=True), say=lambda line: None)
+                                       scheduler="asha"), say=lambda line: None)
     assert outcome.exit_code == EXIT_OK, outcome.message
     import optuna
 

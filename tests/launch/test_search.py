@@ -145,7 +145,7 @@ def test_diverging_trials_fail_and_the_search_stops_then_completes(tmp_path, ray
 def test_asha_stopped_trials_are_pruned_and_never_on_the_front(tmp_path, ray_local):
     run_dir = tmp_path / "asha"
     outcome = run_search(SearchRequest(out=run_dir, space=_space(tmp_path, epochs=2),
-                                       trials=5, concurrent=1, asha=True,
+                                       trials=5, concurrent=1, scheduler="asha",
                                        asha_reduction_factor=4, export=False))
     assert outcome.exit_code == EXIT_OK
     counted = _counted(_trials(run_dir, "asha"))

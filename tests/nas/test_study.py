@@ -141,11 +141,12 @@ def test_run_info_round_trips_and_guards_fixed_settings(tmp_path):
     loaded = nas_study.RunInfo.load(tmp_path)
     assert loaded == info
     assert loaded.to_dict()["budget"] == 2
-    loaded.check_resume({"epochs": 2, "sampler": None, "trials": 99})
-    with pytest.raises(ConfigError, match="--epochs 3 differs from 2"):
-        loaded.check_resume({"epochs": 3})
-    with pytest.raises(ConfigError, match="--sampler tpe differs from nsga2"):
-        loaded.check_resume({"sampler": "tpe"})
+    resumed = loaded.resumed_with({"epochs": 2, "sampler": None, "trials": 99})
+    assert (resumed.trials, resumed.sessions, loaded.trials) == (99, ("t0",), 4)
+    with pytest.raises(ConfigError, match="`epochs` 3 differs from 2"):
+        loaded.resumed_with({"epochs": 3})
+    with pytest.raises(ConfigError, match="`sampler` tpe differs from nsga2"):
+        loaded.resumed_with({"sampler": "tpe"})
 
 
 def test_run_info_stores_paths_relative_to_the_run_folder(tmp_path):
