@@ -136,10 +136,11 @@ def _sha256(path: Path) -> str:
 def training_config(run_dir: Path, info: dict[str, Any], budget: Any = None):
     """The search's `TrainingConfig` (`nas.run.training_config`; defaults where the run recorded
     none, as the search itself did), with `epochs` set to the trial's `budget`."""
+    from search_spaces.fields import is_whole
     from search_spaces.training import TrainingConfig
 
     config = run.training_config(run_dir, info) or TrainingConfig()
-    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+    if is_whole(budget, 1):
         config = dataclasses.replace(config, epochs=budget)
     return config
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nas.layout import RunFolder
+from search_spaces.fields import is_whole
 from spvit.errors import ConfigError
 
 # The keys each operation's replay reads unconditionally (optuna/storages/journal/_storage.py).
@@ -98,7 +99,7 @@ def _line_problem(raw: bytes) -> str | None:
     if not isinstance(log, dict):
         return f"a JSON {type(log).__name__}, not an operation record"
     op = log.get("op_code")
-    if isinstance(op, bool) or not isinstance(op, int) or op not in REQUIRED_KEYS:
+    if not is_whole(op) or op not in REQUIRED_KEYS:
         return f"unknown op_code {op!r} (known: 0..{max(REQUIRED_KEYS)})"
     missing = [key for key in ("worker_id", *REQUIRED_KEYS[op]) if key not in log]
     if missing:
@@ -123,7 +124,7 @@ def _value_problem(op: int, log: dict) -> str | None:
         return False
 
     for key in ("study_id", "trial_id"):
-        if key in log and (isinstance(log[key], bool) or not isinstance(log[key], int)):
+        if key in log and not is_whole(log[key]):
             return f"op_code {op} with a {key} that is not an integer ({log[key]!r})"
     for key in ("user_attr", "system_attr"):
         if key in log and not (isinstance(log[key], dict) and len(log[key]) == 1):

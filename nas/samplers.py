@@ -35,6 +35,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import optuna_compat
+from search_spaces.fields import whole_number
 from search_spaces.search_defaults import DEFAULT_SAMPLER
 from spvit.errors import ConfigError
 
@@ -59,9 +60,7 @@ def default_population_size(trials: int) -> int:
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, but got {seed!r}. Pass e.g. --seed 0.")
-    return seed
+    return whole_number("seed", seed, 0, "Pass e.g. --seed 0.")
 
 
 # ---------------------------------------------------------------------------------------- contract
@@ -111,9 +110,7 @@ class NSGA2Strategy(SamplerStrategy):
             size = default_population_size(n_trials) if n_trials is not None else 50
         else:
             size = population_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-            raise ConfigError(f"population_size must be an integer >= 2, but got {size!r}."
-                              " Use e.g. 8.")
+        whole_number("population_size", size, 2, "Use e.g. 8.")
         return optuna.samplers.NSGAIISampler(population_size=size, seed=seed,
                                              **_constraints_kwargs(constraints_func))
 
@@ -251,10 +248,7 @@ class FeasibleSampler(BaseSampler):
     def __init__(self, base: BaseSampler, *, space: Any, estimate: Callable[[Any], Any],
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, seed: int = 0,
                  max_relative_draws: int | None = None) -> None:
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) \
-                or max_attempts < 1:
-            raise ConfigError(f"max_attempts must be an integer >= 1, but got {max_attempts!r}."
-                              f" Use e.g. {DEFAULT_MAX_ATTEMPTS}.")
+        whole_number("max_attempts", max_attempts, 1, f"Use e.g. {DEFAULT_MAX_ATTEMPTS}.")
         self.base = base
         self.space = space
         self.estimate = estimate

@@ -79,6 +79,7 @@ from nas.storage_urls import (  # noqa: F401
     masked,
     parse_url,
 )
+from search_spaces.fields import whole_number
 from spvit.errors import ConfigError
 
 JOURNAL_NAME = JOURNAL_FILE  # the name launch/ and the docs have always imported
@@ -105,10 +106,9 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     """
 
     def __init__(self, max_retry: int | None = DEFAULT_MAX_RETRY) -> None:
-        if max_retry is not None and (isinstance(max_retry, bool) or not isinstance(max_retry, int)
-                                      or max_retry < 0):
-            raise ConfigError(f"max_retry must be an integer >= 0 or None, but got {max_retry!r}."
-                              " Use e.g. max_retry=2 (0 disables retries).")
+        if max_retry is not None:
+            whole_number("max_retry", max_retry, 0, "Use e.g. max_retry=2 (0 disables retries).",
+                         rule="an integer >= 0 or None")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(max_retry=max_retry)
@@ -169,16 +169,13 @@ def make_storage(url: str | None, run_dir: str | os.PathLike, *,
     """
     for name, value in (("heartbeat_interval", heartbeat_interval),
                         ("connect_timeout", connect_timeout)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a whole number of seconds >= 1, but got {value!r}."
-                              f" Use e.g. {name}=30.")
+        whole_number(name, value, 1, f"Use e.g. {name}=30.",
+                     rule="a whole number of seconds >= 1")
     if grace_period is None:
         grace_period = 3 * heartbeat_interval
-    if isinstance(grace_period, bool) or not isinstance(grace_period, int) \
-            or grace_period <= heartbeat_interval:
-        raise ConfigError(f"grace_period must be a whole number of seconds > heartbeat_interval"
-                          f" ({heartbeat_interval}), but got {grace_period!r}; a shorter grace"
-                          " would fail live trials. Use e.g. 3 x heartbeat_interval.")
+    whole_number("grace_period", grace_period, heartbeat_interval + 1,
+                 "A shorter grace would fail live trials. Use e.g. 3 x heartbeat_interval.",
+                 rule=f"a whole number of seconds > heartbeat_interval ({heartbeat_interval})")
     callback = RetryStaleTrial(max_retry)
     if url is None:
         path = journal_path(run_dir)

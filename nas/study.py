@@ -49,6 +49,7 @@ from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-ex
     RunInfo,
     trial_dir_of,
 )
+from search_spaces.fields import whole_number
 from search_spaces.search_defaults import DEFAULT_MAX_INFEASIBLE, DEFAULT_SAMPLER  # noqa: F401
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -285,12 +286,9 @@ class SearchStudy:
                  budget: int, lease: Any = None, estimate: Estimator | None = None,
                  max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES,
                  feasible_proposals: bool = True) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ConfigError(f"the training budget must be an integer >= 1 epoch, but got"
-                              f" {budget!r}. Set training.epochs or --epochs.")
-        if max_infeasible_tries < 1:
-            raise ConfigError(f"max_infeasible_tries must be >= 1, but got"
-                              f" {max_infeasible_tries}. Use e.g. 200.")
+        whole_number("the training budget", budget, 1, "Set training.epochs or --epochs.",
+                     rule="an integer >= 1 epoch")
+        whole_number("max_infeasible_tries", max_infeasible_tries, 1, "Use e.g. 200.")
         self.study = study
         self.space = space
         self.run_dir = Path(run_dir)

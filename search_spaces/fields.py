@@ -86,9 +86,28 @@ def mapping(path: tuple, value: Any, example: str) -> Mapping:
     return value
 
 
+# ---------------------------------------------------------------------------- whole numbers
+def is_whole(value: Any, minimum: int | None = None) -> bool:
+    """True for an int (a bool is not one) that is >= `minimum` when one is given."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (minimum is None or value >= minimum))
+
+
+def whole_number(name: str, value: Any, minimum: int, fix: str, *,
+                 rule: str | None = None) -> int:
+    """`value` if it is an integer >= `minimum` (`is_whole`), else a `ConfigError` that states
+    the rule, the value and the fix: "{name} must be {rule}, but got {value!r}. {fix}", the
+    rule being "an integer >= {minimum}" unless given (e.g. "an integer >= --retrain (6)").
+    For a key of a space file, whose line is named, use `int_value`."""
+    if not is_whole(value, minimum):
+        raise ConfigError(f"{name} must be {rule or f'an integer >= {minimum}'}, but got"
+                          f" {value!r}. {fix}")
+    return value
+
+
 # ---------------------------------------------------------------------------- value checkers
 def int_value(path: tuple, value: Any, minimum: int | None = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_whole(value):
         raise FieldError(path, f"{dotted(path)} must be an integer, but got {value!r}"
                                 f" ({type(value).__name__}). Write a whole number.")
     if minimum is not None and value < minimum:

@@ -14,6 +14,8 @@ from typing import Any
 
 from spvit.errors import ConfigError, did_you_mean
 
+from .fields import whole_number
+
 OPTIMIZERS = ("adamw",)
 DATASET_KINDS = ("digits", "fashion-mnist", "folder", "cifar10", "cifar100")
 # Kinds whose path is optional (a packaged default location is used without one).
@@ -101,16 +103,12 @@ class TrainingConfig:
             object.__setattr__(self, name, float(v))
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("workers_per_trial", 1),
                               ("seed", 0), ("zero_stage", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ConfigError(f"training.{name} must be an integer >= {minimum}, but got"
-                                  f" {v!r}. Set it to a whole number >= {minimum}.")
-        if self.train_subset is not None and (
-                isinstance(self.train_subset, bool) or not isinstance(self.train_subset, int)
-                or self.train_subset < 10):
-            raise ConfigError(f"training.train_subset must be an integer >= 10 or null, but got"
-                              f" {self.train_subset!r}. Set it to the number of training images"
-                              " to keep, or drop the key to train on all of them.")
+            whole_number(f"training.{name}", getattr(self, name), minimum,
+                         f"Set it to a whole number >= {minimum}.")
+        if self.train_subset is not None:
+            whole_number("training.train_subset", self.train_subset, 10,
+                         "Set it to the number of training images to keep, or drop the key to"
+                         " train on all of them.", rule="an integer >= 10 or null")
         if self.zero_stage > 3:
             raise ConfigError(f"training.zero_stage must be 0, 1, 2 or 3, but got"
                               f" {self.zero_stage}. Pick a DeepSpeed ZeRO stage 0-3.")

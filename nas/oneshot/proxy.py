@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
-from spvit.errors import ConfigError
 
 DEFAULT_CANDIDATES = 2000
 
@@ -51,9 +51,7 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
 
     from nas import study as nas_study
 
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ConfigError(f"--candidates must be an integer >= 1, but got {candidates!r}."
-                          " Use e.g. 2000.")
+    whole_number("--candidates", candidates, 1, "Use e.g. 2000.")
     sampler = nas_study.make_sampler(
         "nsga2", seed=seed,
         population_size=population_size or max(8, min(100, candidates // 20)))

@@ -16,10 +16,10 @@ import itertools
 import random
 from typing import Any
 
+from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec, BlockSpec
 from spvit.cost import estimate
-from spvit.errors import ConfigError
 from spvit.supernet import SupernetChoices
 
 DEFAULT_RANDOM_SUBNETS = 2
@@ -145,10 +145,7 @@ class SandwichSampler:
 
     def __init__(self, space: SearchSpace, *, seed: int = 0,
                  random_subnets: int = DEFAULT_RANDOM_SUBNETS) -> None:
-        if isinstance(random_subnets, bool) or not isinstance(random_subnets, int) \
-                or random_subnets < 0:
-            raise ConfigError(f"random_subnets must be an integer >= 0, but got"
-                              f" {random_subnets!r}. Use e.g. 2.")
+        whole_number("random_subnets", random_subnets, 0, "Use e.g. 2.")
         self.space = space
         self.seed = seed
         self.random_subnets = random_subnets

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -25,10 +26,8 @@ from spvit.supernet import SPViTSupernet
 def check_finetune_steps(steps: Any) -> int:
     """`steps` if it is a valid number of fine-tuning steps (an integer >= 0), else
     `ConfigError` naming `--finetune-steps`, the value and the fix."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"--finetune-steps must be an integer >= 0, but got {steps!r}."
-                          " Use 0 (inherited weights as they are) or e.g. 20.")
-    return steps
+    return whole_number("--finetune-steps", steps, 0,
+                        "Use 0 (inherited weights as they are) or e.g. 20.")
 
 
 class InheritedScorer:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from nas.layout import RunFolder
+from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
-from spvit.errors import ConfigError
 
 from .folder import open_supernet
 from .proxy import DEFAULT_CANDIDATES, ProxySummary, run_proxy_search, summarise_proxy
@@ -35,8 +35,7 @@ DEFAULT_RESCORE_FACTOR = 4
 def select_for_retrain(trials: Sequence[Any], k: int) -> list[Any]:
     """The `k` proxy trials to train stand-alone: lowest non-dominated rank first, and within a
     rank the most spread out (largest crowding distance); one per distinct architecture."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"--retrain must be an integer >= 1, but got {k!r}. Use e.g. 6.")
+    whole_number("--retrain", k, 1, "Use e.g. 6.")
     from nas.study import stored_arch
 
     unique: dict[ArchSpec | None, Any] = {}
@@ -68,11 +67,10 @@ def rescore_count(retrain: int, rescore: int | None) -> int:
     """How many of the proxy front are re-scored: `rescore`, default 4 x `retrain`; at least
     `retrain` (the picks come from them)."""
     n = DEFAULT_RESCORE_FACTOR * retrain if rescore is None else rescore
-    if isinstance(n, bool) or not isinstance(n, int) or n < retrain:
-        raise ConfigError(f"--rescore must be an integer >= --retrain ({retrain}), but got"
-                          f" {rescore!r}. Drop --rescore ({DEFAULT_RESCORE_FACTOR} x --retrain)"
-                          f" or pass e.g. {DEFAULT_RESCORE_FACTOR * retrain}.")
-    return n
+    return whole_number("--rescore", n, retrain,
+                        f"Drop --rescore ({DEFAULT_RESCORE_FACTOR} x --retrain) or pass e.g."
+                        f" {DEFAULT_RESCORE_FACTOR * retrain}.",
+                        rule=f"an integer >= --retrain ({retrain})")
 
 
 def rescore_front(trials: Sequence[Any], scorer: Callable[[ArchSpec], dict[str, float]], *,
