@@ -87,7 +87,7 @@ def run_one(run_dir: Path, *, space: Path, sampler: str, seed: int, trials: int,
         out=run_dir, space=None if resume else space, trials=trials,
         epochs=None if resume else epochs, concurrent=concurrent,
         sampler=None if resume else sampler, seed=None if resume else seed, resume=resume,
-        moasha=(scheduler == "moasha") or None if not resume else None,
+        scheduler=None if resume else scheduler,
         feasible_proposals=None if resume else feasible,
         num_cpus=num_cpus, export=False), say=lambda line: None)
     record = {"wall_s": time.monotonic() - started, "exit_code": outcome.exit_code,

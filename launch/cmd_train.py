@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " name such as spvit_test")
     parser.add_argument("--out", required=True, metavar="DIR", help="the training folder")
     parser.add_argument("--dataset", default=None, metavar="DATA",
-                        help="digits | folder:PATH | cifar10:PATH | cifar100:PATH"
-                             " (default: the recipe's)")
+                        help="digits | fashion-mnist[:PATH] | folder:PATH | cifar10:PATH |"
+                             " cifar100:PATH (default: the recipe's)")
     parser.add_argument("--epochs", type=int, default=None, metavar="N",
                         help="training epochs (default: the recipe's; with --resume, the"
                              " folder's training.yaml)")

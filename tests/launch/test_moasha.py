@@ -191,7 +191,8 @@ def _moasha_search(tmp_path: Path, name: str, reduction_factor: float):
                     encoding="utf-8")
     run_dir = tmp_path / name
     outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
-                                       moasha=True, asha_reduction_factor=reduction_factor,
+                                       scheduler="moasha",
+                                       asha_reduction_factor=reduction_factor,
                                        export=False),
                          say=lambda line: None)
     assert outcome.exit_code == EXIT_OK, outcome.message
@@ -202,7 +203,7 @@ def _moasha_search(tmp_path: Path, name: str, reduction_factor: float):
 def test_a_search_with_moasha_prunes_by_rung_and_keeps_the_front_full_budget(tmp_path,
                                                                            ray_local):
     run_dir, study = _moasha_search(tmp_path, "moasha", 4)
-    assert nas_study.RunInfo.load(run_dir).moasha is True
+    assert nas_study.RunInfo.load(run_dir).scheduler == "moasha"
     trials = [t for t in study.trials if t.user_attrs.get("duplicate_of") is None]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "with rf 4 a rung keeps one of its first four trials"
