@@ -166,7 +166,10 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _train(args) if args.supernet_command == "train" else _score(args)
+    from launch.flags import flags_named
+
+    with flags_named():  # the settings `nas` names, as this command's flags
+        return _train(args) if args.supernet_command == "train" else _score(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

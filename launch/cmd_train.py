@@ -131,6 +131,13 @@ def check_local_resources(*, workers: int, cpus_per_worker: float, use_gpu: bool
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.flags import flags_named
+
+    with flags_named():  # the settings `nas` names, as this command's flags
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import yaml
     from tqdm import tqdm
 

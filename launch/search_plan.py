@@ -6,7 +6,7 @@ where they meet the space's `search:` and `training:` blocks (a new run) or the 
 (`--resume`): each flag given is one setting of `nas.settings.SearchSettings` (`FLAGS`), over the
 space's defaults, or, resumed, over run.json's values, where a setting the run keeps
 (`SearchSettings.FIXED`) may not change. The settings check their own values and name the
-setting; the message the user reads names the flag instead (`flag_message`). `plan_search` adds
+setting; the message the user reads names the flag instead (`launch.flags`). `plan_search` adds
 the checks of what no setting holds: flag combinations without effect, --out, the dataset and a
 local machine's CPUs and GPUs. This module knows the flags; `nas.settings` does not.
 """
@@ -14,29 +14,17 @@ local machine's CPUs and GPUs. This module knows the flags; `nas.settings` does 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launch.flags import FLAGS, flag_message, flags_named
 from nas import study as nas_study
 from nas.layout import RunFolder
 from nas.run import RunInfo
-from nas.settings import FixedSettingChanged, OneShotOptions, SearchSettings, SettingError
+from nas.settings import OneShotOptions, SearchSettings, SettingError
 from nas.storage import is_url
 from spvit.errors import ConfigError
-
-# setting -> the flag that sets it (`trials` is `--retrain` in a one-shot search)
-FLAGS: dict[str, str] = {
-    "study_name": "--study-name", "storage": "--storage", "sampler": "--sampler",
-    "seed": "--seed", "trials": "--trials", "concurrent": "--concurrent", "epochs": "--epochs",
-    "workers_per_trial": "--workers-per-trial", "space": "--space", "scheduler": "--scheduler",
-    "reduction_factor": "--asha-reduction-factor",
-    "feasible_proposals": "--no-feasible-proposals", "gpus_per_worker": "--gpus-per-worker",
-    "max_consecutive_failures": "--max-consecutive-failures", "oneshot": "--strategy oneshot",
-    "oneshot.supernet": "--supernet", "oneshot.candidates": "--candidates",
-    "oneshot.finetune_steps": "--finetune-steps", "oneshot.rescore": "--rescore",
-}
 
 
 @dataclass(frozen=True)
@@ -139,15 +127,6 @@ def positive_int(flag: str, value: Any, minimum: int = 1) -> int:
 def flag_names(request: SearchRequest) -> dict[str, str]:
     """The flag of each setting for this request."""
     return FLAGS if request.strategy != "oneshot" else {**FLAGS, "trials": "--retrain"}
-
-
-def flag_message(error: SettingError, flags: dict[str, str] = FLAGS) -> str:
-    """A settings error as the CLI says it: each setting named by its flag."""
-    text = re.sub(r"`([a-z_.]+)`", lambda m: flags.get(m[1], m[0]), str(error))
-    if isinstance(error, FixedSettingChanged):
-        flag = flags.get(error.setting, error.setting)
-        text += f" Drop {flag} or start a new search with another --out."
-    return text
 
 
 def requested_scheduler(request: SearchRequest) -> str | None:
@@ -348,8 +327,9 @@ def plan_search(request: SearchRequest) -> Plan:
     """Resolve `request` against the space / the run folder, without touching anything."""
     from nas.outputs import check_output
 
-    run_dir = check_output(request.out, command="search", resume=request.resume)
-    check_request(request)
+    with flags_named(flag_names(request)):  # --out, --warm-start
+        run_dir = check_output(request.out, command="search", resume=request.resume)
+        check_request(request)
     plan = resolve_settings(request, run_dir)
     _check_data(plan.space)
     _check_local_resources(plan, request)
@@ -383,4 +363,5 @@ def _check_local_resources(plan: Plan, request: SearchRequest) -> None:
                           num_cpus=request.num_cpus, cpus_flag=None)
 
 
-__all__ = ["FLAGS", "Plan", "SearchRequest", "flag_message", "plan_search", "resolve_settings"]
+__all__ = ["FLAGS", "Plan", "SearchRequest", "flag_message", "flags_named", "plan_search",
+           "resolve_settings"]

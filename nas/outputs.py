@@ -1,6 +1,6 @@
-"""Where a command may write: an `--out` never destroys what another command made.
+"""Where a command may write: its output folder (`out`) never destroys what another command made.
 
-Every command that writes into an `--out` folder (`export`, `train`, `search` and `supernet
+Every command that writes into an output folder (`export`, `train`, `search` and `supernet
 train`) calls `check_output` before it writes anything. It recognises four kinds of folders a
 user's work lives in:
 
@@ -11,12 +11,13 @@ user's work lives in:
 * an export (the marker file `EXPORT_MARKER` written by `spvit-nas export`, or, for folders
   exported before the marker existed, nothing but the files an export consists of),
 
-and refuses an `--out` that is one of them, contains one, or lies inside one, except for the
+and refuses an `out` that is one of them, contains one, or lies inside one, except for the
 folder the command itself rewrites: a search resuming its own run folder, `train` on its own
 training folder, `supernet train` on its own supernet folder (each command then asks for
-`--resume` before it continues a checkpoint), and `export --overwrite` replacing a previous
+`resume` before it continues a checkpoint), and an export with `overwrite` replacing a previous
 export (directly inside a run folder, like the default RUN_DIR/export, or anywhere else).
-Refusals are `ConfigError`s: one line with the rule, the path and the fix.
+Refusals are `SettingError`s naming the setting (`out`, `overwrite`): one line with the rule,
+the path and the fix; the CLI names its flags instead.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 from pathlib import Path
 
 from nas.layout import EXPORT_MARKER, ExportFolder, RunFolder, SupernetDir, TrialFolder
-from spvit.errors import ConfigError
+from nas.settings import SettingError
 
 # What marks each kind of folder is its layout's (`nas.layout`): `RunFolder.MARKERS`,
 # `SupernetDir.MARKER`, `TrialFolder.MARKERS`, and the export's files with its marker:
@@ -34,7 +35,7 @@ EXPORT_FILES = ExportFolder.ALL_FILES
 # The writing commands, as their messages name them (`supernet` is `supernet train`).
 COMMANDS = ("export", "train", "search", "supernet")
 
-# How far below an existing --out the check looks for folders it would mix with.
+# How far below an existing `out` the check looks for folders it would mix with.
 SCAN_DEPTH = 3
 SCAN_MAX_ENTRIES = 20_000
 
@@ -106,9 +107,10 @@ def _contained(out: Path) -> tuple[Path, str] | None:
             for entry in entries:
                 seen += 1
                 if seen > SCAN_MAX_ENTRIES:
-                    raise ConfigError(f"--out {out} already holds more than {SCAN_MAX_ENTRIES}"
-                                      " files and folders; a command's output must not be mixed"
-                                      " into them. Choose a new or empty --out.")
+                    raise SettingError("out", f"`out` {out} already holds more than"
+                                       f" {SCAN_MAX_ENTRIES} files and folders; a command's"
+                                       " output must not be mixed into them. Choose a new or"
+                                       " empty `out` folder.")
                 if not entry.is_dir(follow_symlinks=False):
                     continue
                 child = Path(entry.path)
@@ -133,24 +135,24 @@ def _what_it_holds(kind: str) -> str:
 
 def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = False,
                  resume: bool = False) -> Path:
-    """Refuse an `--out` of `command` that would overwrite or mix with a user's work.
+    """Refuse an `out` of `command` that would overwrite or mix with a user's work.
 
     Args:
         out: the folder the command is about to write.
         command: `export`, `train`, `search` or `supernet` (`supernet train`).
-        overwrite: `export --overwrite`: a previous export at `out` may be replaced.
-        resume: `--resume` of a search, `train` or `supernet train`: `out` is the command's
+        overwrite: for `export`: a previous export at `out` may be replaced.
+        resume: resuming a search, `train` or `supernet train`: `out` is the command's
             own folder (whether it holds a checkpoint is the command's to check).
 
-    Returns the resolved `out`. Raises `ConfigError` (one line) otherwise; checks only, never
+    Returns the resolved `out`. Raises `SettingError` (one line) otherwise; checks only, never
     writes.
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
     given = Path(out).expanduser()
     if _exists(given) and not given.is_dir():
-        raise ConfigError(f"--out {given} is an existing file, not a folder. Pass the path of a"
-                          " new or empty folder.")
+        raise SettingError("out", f"`out` {given} is an existing file, not a folder. Use the path"
+                                  " of a new or empty folder.")
     out = given.resolve()
     own = kind_of(out)
     verb = "supernet train" if command == "supernet" else command
@@ -163,9 +165,9 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
         if command == "export" and kind == "run folder" and out.parent == ancestor \
                 and (own == "export" or not _exists(out) or not any(out.iterdir())):
             break  # an export of the run, next to its trials (e.g. the default RUN_DIR/export)
-        raise ConfigError(f"--out {out} lies inside the {kind} {ancestor}; writing there could"
-                          f" overwrite {_what_it_holds(kind)}. Choose an --out outside"
-                          f" {ancestor}.")
+        raise SettingError("out", f"`out` {out} lies inside the {kind} {ancestor}; writing there"
+                                  f" could overwrite {_what_it_holds(kind)}. Choose an `out`"
+                                  f" folder outside {ancestor}.")
 
     # 2. the folder itself
     if own is not None:
@@ -176,21 +178,22 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
                        and TrialFolder(out).training.is_file()))
         if not allowed:
             if command == "export" and own == "export":
-                fix = "Pass --overwrite to replace it, or choose another --out."
+                fix = "Set `overwrite` to replace it, or choose another `out` folder."
             elif command == "train" and own == "trial folder":
-                fix = ("It is a search's trial; train into a new --out (e.g. with --arch"
+                fix = ("It is a search's trial; train into a new `out` folder (e.g. with `arch`"
                        f" {TrialFolder(out).arch}).")
             else:
-                fix = "Choose a new or empty --out."
-            raise ConfigError(f"--out {out} already exists and is {_a(own)}; `{verb}` there"
-                              f" would overwrite"
-                              f" {_what_it_holds(own)}. {fix}")
+                fix = "Choose a new or empty `out` folder."
+            raise SettingError("out", f"`out` {out} already exists and is {_a(own)}; `{verb}`"
+                                      f" there would overwrite {_what_it_holds(own)}. {fix}")
         if own == "export":
             extra = sorted(e.name for e in os.scandir(out) if e.name not in EXPORT_FILES)
             if extra:
-                raise ConfigError(f"--out {out} is an export that also holds {extra[:3]};"
-                                  " --overwrite replaces only a folder holding nothing but an"
-                                  " export. Move those files away or choose another --out.")
+                raise SettingError("overwrite", f"`out` {out} is an export that also holds"
+                                                f" {extra[:3]}; `overwrite` replaces only a"
+                                                " folder holding nothing but an export. Move"
+                                                " those files away or choose another `out`"
+                                                " folder.")
             return out
 
     # 3. folders below it
@@ -198,14 +201,14 @@ def check_output(out: str | os.PathLike, *, command: str, overwrite: bool = Fals
         found = _contained(out)
         if found is not None:
             path, kind = found
-            raise ConfigError(f"--out {out} contains the {kind} {path}; `{verb}` there"
-                              f" could overwrite {_what_it_holds(kind)}. Choose a new or empty"
-                              " --out.")
+            raise SettingError("out", f"`out` {out} contains the {kind} {path}; `{verb}` there"
+                                      f" could overwrite {_what_it_holds(kind)}. Choose a new or"
+                                      " empty `out` folder.")
     if own is None and command == "export" and overwrite and _exists(out) \
             and any(out.iterdir()):
-        raise ConfigError(f"--overwrite replaces only a previous export (a folder with"
-                          f" {EXPORT_MARKER}), but {out} is not one. Choose another --out, or"
-                          " empty it yourself.")
+        raise SettingError("overwrite", f"`overwrite` replaces only a previous export (a folder"
+                                        f" with {EXPORT_MARKER}), but {out} is not one. Choose"
+                                        " another `out` folder, or empty it yourself.")
     return out
 
 

@@ -1,6 +1,7 @@
 """Warm start: seed a new search's study with the completed trials of earlier runs.
 
-`spvit-nas search --warm-start RUN_DIR` (repeatable) calls `warm_start(study, space, runs, ...)`
+A search with earlier runs to warm-start from (`warm_start`, the CLI's repeatable
+`--warm-start RUN_DIR`) calls `warm_start(study, space, runs, ...)`
 before the first proposal. Every full-budget COMPLETE trial of each earlier run is checked
 against the new search and, if compatible, added to the new study through Optuna's public API
 (`optuna.trial.create_trial` + `Study.add_trials`) as a COMPLETE trial with the same parameters,
@@ -18,7 +19,8 @@ the cost model; the accuracy is the earlier run's. What the samplers make of the
 TPE and GP read every COMPLETE trial; NSGA-II reads only the trials of its generations, so the
 seeded trials are marked as its generation 0, and its first generation of parents is selected
 from them. Seeded trials are never trained: `SearchStudy` rejects a re-proposal of a trained
-architecture as a duplicate, and they do not count towards `--trials` (user attr `warm_start`).
+architecture as a duplicate, and they do not count towards the search's trials (user attr
+`warm_start`).
 Their `trial_dir` is the earlier run's trial folder (an absolute path), so reports and export
 find their checkpoints.
 """
@@ -36,6 +38,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.layout import RUN_FILE, NotARunFolder, RunFolder
+from nas.settings import SettingError
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 
@@ -72,35 +75,39 @@ class _Replay:
         return value
 
 
+def _refused(run: Path, text: str) -> SettingError:
+    """A `warm_start` run that cannot seed the study: `text` follows the run's path."""
+    return SettingError("warm_start", f"`warm_start` {run}{text}")
+
+
 def _read_run_json(run_dir: Path) -> dict[str, Any]:
-    """run.json of a `--warm-start` run (`RunFolder.read_run_json`), its errors led by the flag
-    and the folder; it must name its study."""
+    """run.json of a `warm_start` run (`RunFolder.read_run_json`), its errors led by the
+    setting and the folder; it must name its study."""
     folder = RunFolder(run_dir)
     try:
         data = folder.read_run_json()
     except NotARunFolder as e:
         if not run_dir.is_dir():
-            raise ConfigError(f"--warm-start {run_dir}: {e}") from None
-        raise ConfigError(f"--warm-start {run_dir}: {RUN_FILE} does not exist, so it holds no"
-                          " search. Pass the run folder of an earlier `spvit-nas search`.")\
-            from None
+            raise _refused(run_dir, f": {e}") from None
+        raise _refused(run_dir, f": {RUN_FILE} does not exist, so it holds no search. Pass"
+                                " the run folder of an earlier `spvit-nas search`.") from None
     except ConfigError as e:
-        raise ConfigError(f"--warm-start {run_dir}: {e} Drop this --warm-start if it cannot be"
-                          " restored.") from None
+        raise _refused(run_dir, f": {e} Drop this `warm_start` run if it cannot be"
+                                " restored.") from None
     if not isinstance(data.get("study_name"), str):
-        raise ConfigError(f"--warm-start {run_dir}: {folder.run_json} must hold a JSON object"
-                          " with a string `study_name`. Restore it from the run, or drop this"
-                          " --warm-start.")
+        raise _refused(run_dir, f": {folder.run_json} must hold a JSON object with a string"
+                                " \"study_name\". Restore it from the run, or drop this"
+                                " `warm_start` run.")
     return data
 
 
 def check_runs(runs: Iterable[str | os.PathLike]) -> tuple[Path, ...]:
-    """The `--warm-start` run folders, resolved, each checked to hold a readable search: a
+    """The `warm_start` run folders, resolved, each checked to hold a readable search: a
     folder with a valid run.json and an intact study journal. Only reads (a torn last journal
-    line of a run still being written is left for its own driver); `ConfigError` (one line:
-    the flag, the path, the fix) otherwise. The search driver calls it before Ray starts or a
+    line of a run still being written is left for its own driver); `SettingError` (one line:
+    the setting, the path, the fix) otherwise. The search driver calls it before Ray starts or a
     file of the new run is written."""
-    from nas.journal import JournalCorrupt, describe, run_journal, scan_journal
+    from nas.journal import describe, run_journal, scan_journal
     from nas.run import DIRECTIONS, open_run_study
 
     checked: list[Path] = []
@@ -108,12 +115,12 @@ def check_runs(runs: Iterable[str | os.PathLike]) -> tuple[Path, ...]:
         given = Path(run).expanduser()
         fix = "Pass the run folder of an earlier `spvit-nas search` (the folder with run.json)."
         if not given.exists():
-            raise ConfigError(f"--warm-start {given} does not exist. {fix}")
+            raise _refused(given, f" does not exist. {fix}")
         if not given.is_dir():
-            raise ConfigError(f"--warm-start {given} is a file, not a run folder. {fix}")
+            raise _refused(given, f" is a file, not a run folder. {fix}")
         run_dir = given.resolve()
         if run_dir in checked:
-            raise ConfigError(f"--warm-start {given} is given twice. Remove the repeat.")
+            raise _refused(given, " is given twice. Remove the repeat.")
         info = _read_run_json(run_dir)
         storage = info.get("storage")
         journal = run_journal(run_dir, storage if isinstance(storage, str) else None)
@@ -121,19 +128,19 @@ def check_runs(runs: Iterable[str | os.PathLike]) -> tuple[Path, ...]:
             journal = run_journal(run_dir, None)  # a moved run keeps RUN_DIR/study.journal
         if journal is not None:
             if not journal.is_file():
-                raise ConfigError(f"--warm-start {given}: its study journal {journal} does not"
-                                  f" exist, so it holds no trials. {fix}")
+                raise _refused(given, f": its study journal {journal} does not exist, so it"
+                                      f" holds no trials. {fix}")
             scan = scan_journal(journal)
             if not scan.ok and not scan.torn:
-                raise JournalCorrupt(f"--warm-start {given}: {describe(scan)}")
+                raise _refused(given, f": {describe(scan)}")
         try:
             old = open_run_study(run_dir)
         except ConfigError as e:
-            raise ConfigError(f"--warm-start {given}: {e}") from None
+            raise _refused(given, f": {e}") from None
         if tuple(d.name.lower() for d in old.directions) != DIRECTIONS:
-            raise ConfigError(f"--warm-start {given}: its study optimises"
-                              f" {[d.name.lower() for d in old.directions]}, not the search's"
-                              f" objectives. {fix}")
+            raise _refused(given, f": its study optimises"
+                                  f" {[d.name.lower() for d in old.directions]}, not the"
+                                  f" search's objectives. {fix}")
         checked.append(run_dir)
     return tuple(checked)
 
@@ -213,9 +220,10 @@ def warm_start(study: optuna.Study, space: Any, runs: Iterable[str | os.PathLike
         old = open_study(run_dir)
         if [d.name.lower() for d in old.directions] != [d.name.lower()
                                                         for d in study.directions]:
-            raise ConfigError(f"--warm-start {run_dir}: its study optimises"
-                              f" {[d.name.lower() for d in old.directions]}, not the search's"
-                              " objectives. Pass the run folder of a `spvit-nas search`.")
+            raise _refused(run_dir, f": its study optimises"
+                                    f" {[d.name.lower() for d in old.directions]}, not the"
+                                    " search's objectives. Pass the run folder of a `spvit-nas"
+                                    " search`.")
         recipe = _recipe_difference(info.get("training") or {}, training)
         new_trials: list[FrozenTrial] = []
         seeded_here: list[tuple[int, int]] = []
@@ -264,5 +272,6 @@ def warm_start(study: optuna.Study, space: Any, runs: Iterable[str | os.PathLike
 
 
 def is_warm_start(trial: FrozenTrial) -> bool:
-    """True for a trial seeded from an earlier run (it does not count towards `--trials`)."""
+    """True for a trial seeded from an earlier run (it does not count towards the search's
+    trials)."""
     return trial.user_attrs.get(WARM_START_ATTR) is not None

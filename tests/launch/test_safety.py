@@ -100,7 +100,7 @@ def test_overwrite_replaces_only_a_previous_export(run_dir, tmp_path, capsys):
     assert spvit_nas(capsys, "export", run_dir, "--trial", 1, "--out", out)[0] == 0
     assert (out / EXPORT_MARKER).is_file()
     code, _, err = spvit_nas(capsys, "export", run_dir, "--trial", 2, "--out", out)
-    one_line(code, err, "Pass --overwrite")
+    one_line(code, err, "Set --overwrite")
     assert spvit_nas(capsys, "export", run_dir, "--trial", 2, "--out", out,
                      "--overwrite")[0] == 0
     assert yaml.safe_load((out / "arch.yaml").read_text())["embed_dim"] == ARCHS[2].embed_dim
