@@ -68,6 +68,13 @@ def check_port_free(port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.flags import flags_named
+
+    with flags_named():  # the settings `nas` names, as this command's flags
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from spvit.errors import ConfigError
 
     if not 0 < args.port < 65536:

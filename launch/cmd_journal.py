@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.flags import flags_named
+
+    with flags_named():  # the settings `nas` names, as this command's flags
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from nas.journal import repair_journal, run_journal
     from nas.layout import RunFolder
     from spvit.errors import ConfigError

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.flags import flags_named
+
+    with flags_named():  # the settings `nas` names, as this command's flags
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from nas import pareto
     from nas.journal import check_run_journal
     from spvit.errors import ConfigError

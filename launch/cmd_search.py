@@ -100,13 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from launch.flags import flags_named
-
-    with flags_named():  # the settings `nas` names, as this command's flags
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from launch.search import SearchRequest, run_search
+    from launch.search_plan import flag_names
 
     request = SearchRequest(
         out=args.out, space=args.space, trials=args.trials, concurrent=args.concurrent,
@@ -121,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         export=args.export, warm_start=tuple(args.warm_start), strategy=args.strategy,
         supernet=args.supernet, retrain=args.retrain, candidates=args.candidates,
         finetune_steps=args.finetune_steps, rescore=args.rescore)
-    outcome = run_search(request, say=lambda line: print(line, flush=True))
+    with flags_named(flag_names(request)):  # the settings `nas` names, as this command's flags
+        outcome = run_search(request, say=lambda line: print(line, flush=True))
     return outcome.exit_code
 
 

@@ -67,6 +67,7 @@ from nas.run import (  # noqa: F401  (the trial-model readers live in nas.run)
     load_weights,
     trial_spec,
 )
+from nas.settings import SettingError
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_json, atomic_write_text
@@ -439,11 +440,12 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
     trial = find_trial(study, trial_number)
     check_exportable(trial)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"export target {str(out_dir)!r} is a file, not a folder."
-                          " Pass another --out.")
+        raise SettingError("out", f"`out` {str(out_dir)!r}, the export's folder, is a file, not"
+                                  " a folder. Choose another `out` folder.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"export folder {str(out_dir)!r} already exists and is not empty."
-                          " Pass another --out or --overwrite to replace it.")
+        raise SettingError("out", f"`out` {str(out_dir)!r}, the export's folder, already exists"
+                                  " and is not empty. Choose another `out` folder, or set"
+                                  " `overwrite` to replace it.")
     model, spec = load_trial_model(run_dir, trial)
     source = run.trial_folder(run_dir, trial).weights
 

@@ -1,13 +1,13 @@
 """A search's run folder on disk: what it holds and how to read it back.
 
-`spvit-nas search --out RUN_DIR` writes `RUN_DIR/run.json` (`RunInfo`: the search's settings,
-`nas.settings.SearchSettings`, and its history), `space.yaml` (the resolved space), the study
-journal (unless the study lives in a database) and one folder per trial, `trials/NNNN`, holding
-`metrics.jsonl`, `arch.yaml` and the consolidated `model.safetensors` (the names are
-`nas.layout`'s). This module is the one reader of what those files mean: `nas.pareto`,
-`nas.report` and `nas.export` build on it, and it imports none of them. Paths in run.json are
-stored relative to the run folder (database URLs as given), so a copied or moved run folder still
-reads its own study; older files with absolute paths read as before. No Ray.
+A search (`spvit-nas search`) writes into its run folder RUN_DIR: `RUN_DIR/run.json` (`RunInfo`: the
+search's settings, `nas.settings.SearchSettings`, and its history), `space.yaml` (the resolved
+space), the study journal (unless the study lives in a database) and one folder per trial,
+`trials/NNNN`, holding `metrics.jsonl`, `arch.yaml` and the consolidated `model.safetensors` (the
+names are `nas.layout`'s). This module is the one reader of what those files mean: `nas.pareto`,
+`nas.report` and `nas.export` build on it, and it imports none of them. Paths in run.json are stored
+relative to the run folder (database URLs as given), so a copied or moved run folder still reads its
+own study; older files with absolute paths read as before. No Ray.
 
 It also names what a search study is: the objectives and their directions, and the facts about
 a trial that every reader agrees on (`trial_kind`, `is_full_fidelity`, `trial_arch`).
@@ -39,7 +39,7 @@ from nas.layout import (  # noqa: F401  (the run-folder names, re-exported for n
     TrialFolder,
     trial_dir_of,
 )
-from nas.settings import SearchSettings
+from nas.settings import SearchSettings, SettingError
 from search_spaces.training import TrainingConfig
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -72,7 +72,7 @@ def _resolved_in(run_dir: Path, value: str) -> str:
 @dataclass(frozen=True)
 class RunInfo(SearchSettings):
     """`RUN_DIR/run.json`: the search's settings (`nas.settings.SearchSettings`) and its history
-    (when it was created, when each driver session started), for `--resume`, reports, export and
+    (when it was created, when each driver session started), for resuming, reports, export and
     the optuna CLI/dashboard. `storage` and `space` are absolute in memory and relative to the
     run folder on disk."""
 
@@ -102,8 +102,9 @@ class RunInfo(SearchSettings):
         try:
             data = folder.read_run_json()
         except NotARunFolder:
-            raise ConfigError(f"cannot resume: {path} does not exist, so {str(run_dir)!r} holds"
-                              " no search. Drop --resume to start one there.") from None
+            raise SettingError("resume", f"cannot resume: {path} does not exist, so"
+                                         f" {str(run_dir)!r} holds no search. Drop `resume` to"
+                                         " start one there.") from None
         for key in cls.PATHS:
             if isinstance(data.get(key), str):
                 data[key] = _resolved_in(Path(run_dir), data[key])
@@ -122,10 +123,11 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
             f" {sorted(info)}. Add \"study_name\": \"NAME\"."
         )
     if info.get("storage") is not None and not isinstance(info["storage"], str):
-        raise ConfigError(
-            f"{path}: `storage` must be a journal path, a database URL or null, but got"
-            f" {info['storage']!r}. Fix it in {RUN_FILE}, or pass the study's storage with"
-            " --storage."
+        raise SettingError(
+            "storage",
+            f"{path}: its \"storage\" must be a journal path, a database URL or null, but got"
+            f" {info['storage']!r}. Fix it in {RUN_FILE}, or name the study's storage with"
+            " `storage`."
         )
     return info
 
@@ -155,8 +157,8 @@ def training_config(run_dir: str | os.PathLike,
 # ---------------------------------------------------------------------------- the study
 def _journal_file(run_dir: Path, recorded: str | None, *, given: bool = False) -> Path:
     """The journal file of a run: the recorded path if it exists, else RUN_DIR/study.journal
-    (a run folder that was moved or copied keeps working). A path the user `given` with
-    --storage has no fallback: reading another file than the one named would hide the mistake."""
+    (a run folder that was moved or copied keeps working). A path the user `given` as
+    `storage` has no fallback: reading another file than the one named would hide the mistake."""
     folder = RunFolder(run_dir)
     default = folder.journal
     if recorded:
@@ -164,16 +166,18 @@ def _journal_file(run_dir: Path, recorded: str | None, *, given: bool = False) -
         if path.is_file():
             return path
         if given:
-            raise ConfigError(
-                f"--storage {recorded!r} names the study journal {str(path)!r}, which does not"
-                " exist (a relative path counts from the run folder). Check the path, or omit"
-                " --storage to read the run's own study."
+            raise SettingError(
+                "storage",
+                f"`storage` {recorded!r} names the study journal {str(path)!r}, which does not"
+                " exist (a relative path counts from the run folder). Check the path, or leave"
+                " `storage` unset to read the run's own study."
             )
     if default.is_file():
         return default
-    raise ConfigError(
+    raise SettingError(
+        "storage",
         f"study journal {str(Path(recorded) if recorded else default)!r} does not exist."
-        f" Check the run folder, or pass the study's storage URL with --storage."
+        " Check the run folder, or name the study's storage URL with `storage`."
     )
 
 
@@ -187,8 +191,9 @@ def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir) if info is None else info
     if storage is not None and not str(storage).strip():
-        raise ConfigError("--storage is empty. Pass the study's journal file or database URL,"
-                          " or omit --storage to read the run's own study.")
+        raise SettingError("storage", "`storage` is empty. Give the study's journal file or"
+                                      " database URL, or leave `storage` unset to read the run's"
+                                      " own study.")
     url = storage if storage is not None else info.get("storage")
     if not is_url(url):
         path = _journal_file(run_dir, url or None, given=storage is not None)
@@ -199,7 +204,7 @@ def make_run_storage(run_dir: str | os.PathLike, info: Mapping[str, Any] | None 
 
         return JournalStorage(JournalFileBackend(str(path)))
     run_storage.check_database_exists(
-        str(url), flag="--storage" if storage is not None else f"the storage of {RUN_FILE}")
+        str(url), source="`storage`" if storage is not None else f"the storage of {RUN_FILE}")
     return run_storage.make_storage(str(url), run_dir)
 
 
@@ -332,7 +337,7 @@ def check_exportable(trial: FrozenTrial) -> None:
         reason = " ".join(str(attrs.get("fail_reason") or "no reason recorded").split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         original = attrs.get("duplicate_of")
-        fix = (f"Export trial {original}, which trained this architecture (--trial {original})."
+        fix = (f"Export trial {original}, which trained this architecture."
                if kind == "duplicate" else "Export a trial from the Pareto set.")
         raise ConfigError(f"trial {n} failed ({reason}), so it has no trained weights. {fix}")
     if kind == "pruned":

@@ -1,6 +1,6 @@
 """Where a search's Optuna study lives, and how trials orphaned by a dead driver are recovered.
 
-Two kinds of storage, chosen by the `--storage` URL:
+Two kinds of storage, chosen by the `storage` URL:
 
 * none given: a journal file, `RUN_DIR/study.journal` (`optuna.storages.JournalStorage` over a
   `JournalFileBackend`). One file in the run folder, safe for several processes on ONE machine;
@@ -71,6 +71,7 @@ from nas.locks import (  # noqa: F401
     live_leases,
     study_mutex,
 )
+from nas.settings import SettingError
 from nas.storage_urls import (  # noqa: F401
     MASK,
     check_database_exists,
@@ -192,9 +193,10 @@ def _make_rdb(url: str, *, heartbeat_interval: int, grace_period: int,
     parsed = parse_url(url)
     shown = masked(parsed)
     if parsed.password == MASK:
-        raise ConfigError(f"the storage URL {shown} has a masked password ('***', as printed in"
-                          " logs and run.json). Pass the real URL with --storage, or leave the"
-                          " password out and set PGPASSWORD or ~/.pgpass.")
+        raise SettingError("storage", f"the storage URL {shown} has a masked password ('***', as"
+                                      " printed in logs and run.json). Give the real URL as"
+                                      " `storage`, or leave the password out and set PGPASSWORD"
+                                      " or ~/.pgpass.")
     backend = parsed.get_backend_name()
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if backend == "postgresql":
@@ -219,9 +221,10 @@ def _make_rdb(url: str, *, heartbeat_interval: int, grace_period: int,
                           " Install the driver (psycopg2-binary for postgresql://) or use"
                           " another URL.") from None
     except sqlalchemy.exc.DatabaseError as e:  # OperationalError, and "file is not a database"
-        raise ConfigError(f"cannot open the study database {shown}: {first_line(e.orig or e)}."
-                          " Start the server / check host, port, database name and credentials,"
-                          " or omit --storage for the run's journal file.") from None
+        raise SettingError("storage", f"cannot open the study database {shown}:"
+                                      f" {first_line(e.orig or e)}. Start the server / check host,"
+                                      " port, database name and credentials, or leave `storage`"
+                                      " unset for the run's journal file.") from None
     except sqlalchemy.exc.ArgumentError as e:
         raise ConfigError(f"the storage URL {shown} was refused: {first_line(e)}."
                           " Fix the URL, e.g. postgresql://nas@db:5432/nas.") from None
@@ -304,10 +307,10 @@ class DriverLease:
             # them; a database's uses heartbeats and pids, so there the lock is a courtesy.
             if not isinstance(self.storage, RDBStorage):
                 os.close(fd)
-                raise ConfigError(f"the run folder {self.run_dir} has no file locks"
-                                  f" ({e.strerror}), which the journal study storage needs."
-                                  " Put --out on a local disk or use --storage"
-                                  " postgresql://...") from None
+                raise SettingError("storage", f"the run folder {self.run_dir} has no file locks"
+                                              f" ({e.strerror}), which the journal study storage"
+                                              " needs. Put the run folder (`out`) on a local disk"
+                                              " or use `storage` postgresql://...") from None
             warnings.warn(f"no file lock on {self.lock_path} ({e.strerror}); heartbeats alone"
                           " mark this driver's trials as alive", RuntimeWarning, stacklevel=2)
         os.write(fd, f"{self.id}\n".encode())

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from spvit.errors import ConfigError
+from nas.settings import SettingError
 
 MASK = "***"
 
@@ -27,26 +27,28 @@ def is_url(value: Any) -> bool:
     return isinstance(value, str) and bool(_URL.match(value.strip()))
 
 
-def check_database_exists(url: str, *, flag: str = "--storage") -> None:
-    """`ConfigError` if `url` is a SQLite URL whose database file does not exist (or an in-memory
-    one): readers of a finished search must not create an empty database where they expected the
-    study. Other databases live on a server and are checked when opened."""
+def check_database_exists(url: str, *, source: str = "`storage`") -> None:
+    """`SettingError` (of `storage`) if `url` is a SQLite URL whose database file does not exist
+    (or an in-memory one): readers of a finished search must not create an empty database where they
+    expected the study. Other databases live on a server and are checked when opened. `source` says
+    where the URL came from: the `storage` setting, or e.g. a run's run.json."""
     parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
         return
     shown = masked(parsed) if parsed.password else url
     database = parsed.database or ""
     if database in ("", ":memory:") or database.startswith("file::memory:"):
-        raise ConfigError(f"{flag} {shown} is an in-memory SQLite database, which holds"
-                          " no study. Pass the URL of the search's database file, e.g."
-                          " sqlite:///path/to/study.db.")
+        raise SettingError("storage", f"{source} {shown} is an in-memory SQLite database, which"
+                                      " holds no study. Use the URL of the search's database"
+                                      " file, e.g. sqlite:///path/to/study.db.")
     path = Path(database.removeprefix("file:").split("?", 1)[0]).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{flag} {shown} names the database file {str(path)!r}, which"
-                          " does not exist (relative paths count from the current folder); the"
-                          " study is not there and nothing was created. Check the path"
-                          + (f", or omit {flag} to read the run's own storage." if
-                             flag == "--storage" else "."))
+        raise SettingError("storage", f"{source} {shown} names the database file"
+                                      f" {str(path)!r}, which does not exist (relative paths"
+                                      " count from the current folder); the study is not there"
+                                      " and nothing was created. Check the path"
+                                      + (", or leave `storage` unset to read the run's own"
+                                         " storage." if source == "`storage`" else "."))
 
 
 def parse_url(url: str):
@@ -54,16 +56,18 @@ def parse_url(url: str):
     import sqlalchemy.exc
 
     if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"the storage URL must be a non-empty string, but got {url!r}."
-                          " Pass e.g. --storage postgresql://user@host:5432/nas, or omit --storage"
-                          " for the run's journal file.")
+        raise SettingError("storage", f"the storage URL must be a non-empty string, but got"
+                                      f" {url!r}. Use e.g. `storage`"
+                                      " postgresql://user@host:5432/nas, or leave `storage`"
+                                      " unset for the run's journal file.")
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError) as e:
-        raise ConfigError(f"the storage URL {url!r} is not a database URL ({e})."
-                          " Write dialect://user@host:port/database, e.g."
-                          " postgresql://nas@db:5432/nas or sqlite:///study.db,"
-                          " or omit --storage for the run's journal file.") from None
+        raise SettingError("storage", f"the storage URL {url!r} is not a database URL ({e})."
+                                      " Write dialect://user@host:port/database, e.g."
+                                      " postgresql://nas@db:5432/nas or sqlite:///study.db, or"
+                                      " leave `storage` unset for the run's journal file.")\
+            from None
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername=f"postgresql+{_postgres_driver()}")
     return parsed

@@ -49,6 +49,7 @@ from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-ex
     RunInfo,
     trial_dir_of,
 )
+from nas.settings import SettingError
 from search_spaces.fields import whole_number
 from search_spaces.search_defaults import DEFAULT_MAX_INFEASIBLE, DEFAULT_SAMPLER  # noqa: F401
 from spvit.arch import ArchSpec
@@ -61,7 +62,7 @@ DEFAULT_MAX_INFEASIBLE_TRIES = DEFAULT_MAX_INFEASIBLE
 MAX_DUPLICATE_TRIES = 25
 
 # A resumed driver must not replay the proposals of the first one: the sampler's seed for a
-# session is derived from --seed and the number of trials the study already holds.
+# session is derived from the search's `seed` and the number of trials the study already holds.
 _SEED_STRIDE = 1_000_003
 
 
@@ -131,19 +132,21 @@ def open_study(storage: Any, *, study_name: str, sampler: optuna.samplers.BaseSa
     """
     exists = study_name in _study_names(storage)
     if resume and not exists:
-        raise ConfigError(f"cannot resume: study {study_name!r} is not in the storage. Check"
-                          " --storage (the real URL, with its password) or start a new search"
-                          " without --resume.")
+        raise SettingError("resume", f"cannot resume: study {study_name!r} is not in the"
+                                     " storage. Check `storage` (the real URL, with its"
+                                     " password) or start a new search without `resume`.")
     if not resume and exists:
-        raise ConfigError(f"study {study_name!r} already exists in the storage. Pass --resume to"
-                          " continue it, or choose another --out / --study-name.")
+        raise SettingError("resume", f"study {study_name!r} already exists in the storage. Set"
+                                     " `resume` to continue it, or choose another run folder"
+                                     " (`out`) or `study_name`.")
     if resume:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
         if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
-            raise ConfigError(f"study {study_name!r} has directions"
-                              f" {[d.name.lower() for d in study.directions]}, not"
-                              f" {list(DIRECTIONS)} over {list(OBJECTIVES)}; it is not a search"
-                              " study. Point --storage/--study-name at the search's study.")
+            raise SettingError("study_name", f"study {study_name!r} has directions"
+                                             f" {[d.name.lower() for d in study.directions]},"
+                                             f" not {list(DIRECTIONS)} over {list(OBJECTIVES)};"
+                                             " it is not a search study. Point `storage` and"
+                                             " `study_name` at the search's study.")
         return study
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                 directions=list(DIRECTIONS))
@@ -286,7 +289,7 @@ class SearchStudy:
                  budget: int, lease: Any = None, estimate: Estimator | None = None,
                  max_infeasible_tries: int = DEFAULT_MAX_INFEASIBLE_TRIES,
                  feasible_proposals: bool = True) -> None:
-        whole_number("the training budget", budget, 1, "Set training.epochs or --epochs.",
+        whole_number("the training budget", budget, 1, "Set training.epochs (`epochs`).",
                      rule="an integer >= 1 epoch")
         whole_number("max_infeasible_tries", max_infeasible_tries, 1, "Use e.g. 200.")
         self.study = study
@@ -320,7 +323,7 @@ class SearchStudy:
             self.lease.release(trial_id)
 
     def counted_trials(self) -> int:
-        """Trials that count towards the search's `--trials`: finished ones (COMPLETE, PRUNED,
+        """Trials that count towards the search's `trials`: finished ones (COMPLETE, PRUNED,
         FAIL) and RUNNING ones, but neither constraint rejections, duplicates of earlier trials,
         trials seeded from earlier runs (`nas.warm_start`), nor stale trials that were
         re-queued as a copy (the copy counts once it runs)."""

@@ -188,7 +188,7 @@ def test_the_run_readers_share_the_reader(tmp_path):
     RunFolder(tmp_path / "list2").run_json.write_text('{"storage": null}')
     with pytest.raises(ConfigError, match="string `study_name`"):
         run.read_run_info(tmp_path / "list2")
-    with pytest.raises(ConfigError, match="cannot resume: .* does not exist.*Drop --resume"):
+    with pytest.raises(ConfigError, match="cannot resume: .* does not exist.*Drop `resume`"):
         run.RunInfo.load(tmp_path / "empty")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         run.RunInfo.load(tmp_path / "bad")

@@ -110,7 +110,7 @@ def test_open_study_creates_then_refuses_to_create_again(tmp_path):
     assert study.metric_names == list(nas_study.OBJECTIVES)
     storage = make_storage(None, tmp_path)
     sampler = nas_study.make_sampler("random", seed=0)
-    with pytest.raises(ConfigError, match="already exists.*--resume"):
+    with pytest.raises(ConfigError, match="already exists.*`resume`"):
         nas_study.open_study(storage, study_name="run", sampler=sampler, resume=False)
     with pytest.raises(ConfigError, match="cannot resume: study 'other'"):
         nas_study.open_study(storage, study_name="other", sampler=sampler, resume=True)
