@@ -26,7 +26,8 @@ FLAGS: dict[str, str] = {
     "oneshot.finetune_steps": "--finetune-steps", "oneshot.rescore": "--rescore",
     # what no search setting holds, named by `nas` in the same way
     "out": "--out", "overwrite": "--overwrite", "resume": "--resume",
-    "warm_start": "--warm-start", "arch": "--arch",
+    "warm_start": "--warm-start", "arch": "--arch", "pick": "--pick",
+    "trial": "--trial",
 }
 
 

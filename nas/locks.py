@@ -25,7 +25,7 @@ from optuna.storages import RDBStorage
 
 from nas import optuna_compat
 from nas.layout import DRIVERS_DIR, RunFolder  # noqa: F401  (DRIVERS_DIR re-exported)
-from spvit.errors import ConfigError
+from nas.settings import SettingError
 
 
 def lease_dir(run_dir: str | os.PathLike) -> Path:
@@ -123,9 +123,9 @@ def study_mutex(study: optuna.Study, run_dir: str | os.PathLike):
         take, drop = "SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)"
         params = {"name": name[:64]}
     else:
-        raise ConfigError(f"the study storage {dialect} has no cross-machine lock this project"
-                          " knows; use PostgreSQL (--storage postgresql://...) for several"
-                          " drivers.")
+        raise SettingError("storage", f"the study storage {dialect} has no cross-machine lock"
+                                      " this project knows; use PostgreSQL (`storage`"
+                                      " postgresql://...) for several drivers.")
     with storage.engine.connect() as conn:
         conn.execute(sa.text(take), params)
         conn.commit()

@@ -46,6 +46,7 @@ from nas.run import (  # noqa: F401  (the run-folder readers, re-exported for ca
     trial_kind,
 )
 from nas.run import open_run_study as open_study  # noqa: F401
+from nas.settings import SettingError
 from spvit import cost
 from spvit.arch import PRIOR_TYPES, ArchSpec
 from spvit.errors import ConfigError, did_you_mean
@@ -467,7 +468,7 @@ def register_pick_rule(rule: PickRule) -> PickRule:
 
 register_pick_rule(BestAccuracy())
 register_pick_rule(Knee())
-# The rules the commands offer as `--pick` (the built-in ones).
+# The rules the commands offer as their pick method (`pick`; the built-in ones).
 PICK_METHODS: tuple[str, ...] = tuple(PICK_RULES)
 
 
@@ -476,8 +477,9 @@ def get_pick_rule(method: str | PickRule) -> PickRule:
     if isinstance(method, PickRule):
         return method
     if method not in PICK_RULES:
-        raise ConfigError(f"pick method must be one of {list(PICK_RULES)}, but got {method!r}."
-                          f"{did_you_mean(method, PICK_RULES)} Use --pick best or --pick knee.")
+        raise SettingError("pick", f"pick method must be one of {list(PICK_RULES)}, but got"
+                                   f" {method!r}.{did_you_mean(method, PICK_RULES)} Use `pick`"
+                                   " best or `pick` knee.")
     return PICK_RULES[method]
 
 

@@ -337,9 +337,10 @@ def check_exportable(trial: FrozenTrial) -> None:
         reason = " ".join(str(attrs.get("fail_reason") or "no reason recorded").split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         original = attrs.get("duplicate_of")
-        fix = (f"Export trial {original}, which trained this architecture."
+        fix = (f"Export trial {original}, which trained this architecture (`trial` {original})."
                if kind == "duplicate" else "Export a trial from the Pareto set.")
-        raise ConfigError(f"trial {n} failed ({reason}), so it has no trained weights. {fix}")
+        raise SettingError("trial", f"trial {n} failed ({reason}), so it has no trained weights."
+                                    f" {fix}")
     if kind == "pruned":
         raise ConfigError(f"trial {n} was pruned after {attrs.get('fidelity', '?')} of"
                           f" {attrs.get('budget', '?')} epochs; only full-budget trials are"

@@ -1,6 +1,6 @@
 """Sampler strategies of a search, and proposals that stay inside the feasible region.
 
-A search's sampler is chosen by name (`--sampler`, `search.sampler`). Each name maps to a small
+A search's sampler is chosen by name (`sampler`, `search.sampler`). Each name maps to a small
 `SamplerStrategy` with a written contract: `build(seed=..., n_trials=..., ...)` returns a fresh,
 seeded Optuna sampler for a multi-objective study (`maximize val_acc, minimize gflops, minimize
 params`, see `nas.study`). The registry `STRATEGIES` holds `random`, `nsga2`, `tpe`, `gp`, `qmc`
@@ -35,6 +35,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import optuna_compat
+from nas.settings import SettingError
 from search_spaces.fields import whole_number
 from search_spaces.search_defaults import DEFAULT_SAMPLER
 from spvit.errors import ConfigError
@@ -60,12 +61,12 @@ def default_population_size(trials: int) -> int:
 
 
 def _check_seed(seed: Any) -> int:
-    return whole_number("seed", seed, 0, "Pass e.g. --seed 0.")
+    return whole_number("seed", seed, 0, "Use e.g. 0.")
 
 
 # ---------------------------------------------------------------------------------------- contract
 class SamplerStrategy(abc.ABC):
-    """How one `--sampler` name becomes an Optuna sampler.
+    """How one `sampler` name becomes an Optuna sampler.
 
     Contract of `build`: returns a new sampler (never shared between studies) seeded with
     `seed`, fit for a multi-objective study with categorical, define-by-run parameters.
@@ -194,9 +195,9 @@ def get_strategy(name: str) -> SamplerStrategy:
     try:
         return STRATEGIES[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"sampler must be one of {list(SAMPLER_NAMES)}, but got {name!r}."
-                          f" Pass --sampler {DEFAULT_SAMPLER} (the default) or another of"
-                          " them.") from None
+        raise SettingError("sampler", f"sampler must be one of {list(SAMPLER_NAMES)}, but got"
+                                      f" {name!r}. Use `sampler` {DEFAULT_SAMPLER} (the default)"
+                                      " or another of them.") from None
 
 
 def make_sampler(name: str, *, seed: int, n_trials: int | None = None,

@@ -318,7 +318,7 @@ class SearchSettings:
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ConfigError(f"{where} lacks {missing}; it was not written by `spvit-nas search`."
-                              " Point --out at a search's run folder.")
+                              " Use a search's run folder.")
         names = {f.name for f in fields}
         try:
             return cls(**{k: v for k, v in data.items() if k in names})

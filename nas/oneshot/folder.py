@@ -16,6 +16,7 @@ from typing import Any
 
 from nas import layout
 from nas.layout import SupernetDir
+from nas.settings import SettingError
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
@@ -53,11 +54,12 @@ class SupernetFolder:
             for key in sorted(set(ours[block]) | set(theirs[block])):
                 a, b = ours[block].get(key), theirs[block].get(key)
                 if a != b:
-                    raise ConfigError(
+                    raise SettingError(
+                        "space",
                         f"supernet {self.path} was trained on space {self.space.name!r} with"
                         f" {block}.{key} {a!r}, but the search space {space.name!r} has {b!r}."
-                        " Train a supernet on this space (spvit-nas supernet train) or pass"
-                        " the matching --space.")
+                        " Train a supernet on this space (spvit-nas supernet train) or use"
+                        " the matching `space`.")
 
     def why_not(self, spec: ArchSpec) -> str | None:
         return self.space.why_not(spec) or self.net.choices.why_not(spec)
@@ -69,12 +71,15 @@ def open_supernet(path: str | Path, *, device: str = "cpu") -> SupernetFolder:
     path = Path(path)
     files = SupernetDir(path)
     if not path.is_dir():
-        raise ConfigError(f"supernet folder {path} does not exist. Pass the --out folder of"
-                          " `spvit-nas supernet train`.")
+        raise SettingError("oneshot.supernet", f"`oneshot.supernet` {path} does not exist. Use"
+                                               " the folder `spvit-nas supernet train` wrote"
+                                               " (its `out`).")
     for file in (files.space, files.info):
         if not file.is_file():
-            raise ConfigError(f"{path} is not a supernet folder: {file.name} is missing. Pass"
-                              " the --out folder of `spvit-nas supernet train`.")
+            raise SettingError("oneshot.supernet", f"`oneshot.supernet` {path} is not a supernet"
+                                                   f" folder: {file.name} is missing. Use the"
+                                                   " folder `spvit-nas supernet train` wrote (its"
+                                                   " `out`).")
     if not files.weights.is_file():
         raise ConfigError(f"supernet {path} has no trained weights yet ({files.weights.name} is"
                           " written after the first epoch). Train it first.")

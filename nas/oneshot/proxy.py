@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
+
+from .checks import whole_setting
 
 DEFAULT_CANDIDATES = 2000
 
@@ -51,7 +52,7 @@ def run_proxy_search(space: SearchSpace, scorer: Callable[[ArchSpec], dict[str, 
 
     from nas import study as nas_study
 
-    whole_number("--candidates", candidates, 1, "Use e.g. 2000.")
+    whole_setting("oneshot.candidates", candidates, 1, "Use e.g. 2000.")
     sampler = nas_study.make_sampler(
         "nsga2", seed=seed,
         population_size=population_size or max(8, min(100, candidates // 20)))

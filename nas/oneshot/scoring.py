@@ -16,18 +16,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
 from spvit.supernet import SPViTSupernet
 
+from .checks import whole_setting
+
 
 def check_finetune_steps(steps: Any) -> int:
     """`steps` if it is a valid number of fine-tuning steps (an integer >= 0), else
-    `ConfigError` naming `--finetune-steps`, the value and the fix."""
-    return whole_number("--finetune-steps", steps, 0,
-                        "Use 0 (inherited weights as they are) or e.g. 20.")
+    `SettingError` naming `oneshot.finetune_steps`, the value and the fix."""
+    return whole_setting("oneshot.finetune_steps", steps, 0,
+                         "Use 0 (inherited weights as they are) or e.g. 20.")
 
 
 class InheritedScorer:

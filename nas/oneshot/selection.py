@@ -19,23 +19,24 @@ from typing import Any
 import numpy as np
 
 from nas.layout import RunFolder
-from search_spaces.fields import whole_number
 from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 
+from .checks import whole_setting
 from .folder import open_supernet
 from .proxy import DEFAULT_CANDIDATES, ProxySummary, run_proxy_search, summarise_proxy
 from .scoring import InheritedScorer
 
 PROXY_ATTR = "proxy_val_acc"
-# With fine-tuned re-scoring, the proxy front's short list is this many times `--retrain`.
+# With fine-tuned re-scoring, the proxy front's short list is this many times the search's `trials`
+# (the subnets trained stand-alone).
 DEFAULT_RESCORE_FACTOR = 4
 
 
 def select_for_retrain(trials: Sequence[Any], k: int) -> list[Any]:
     """The `k` proxy trials to train stand-alone: lowest non-dominated rank first, and within a
     rank the most spread out (largest crowding distance); one per distinct architecture."""
-    whole_number("--retrain", k, 1, "Use e.g. 6.")
+    whole_setting("trials", k, 1, "Use e.g. 6.")
     from nas.study import stored_arch
 
     unique: dict[ArchSpec | None, Any] = {}
@@ -67,10 +68,10 @@ def rescore_count(retrain: int, rescore: int | None) -> int:
     """How many of the proxy front are re-scored: `rescore`, default 4 x `retrain`; at least
     `retrain` (the picks come from them)."""
     n = DEFAULT_RESCORE_FACTOR * retrain if rescore is None else rescore
-    return whole_number("--rescore", n, retrain,
-                        f"Drop --rescore ({DEFAULT_RESCORE_FACTOR} x --retrain) or pass e.g."
-                        f" {DEFAULT_RESCORE_FACTOR * retrain}.",
-                        rule=f"an integer >= --retrain ({retrain})")
+    return whole_setting("oneshot.rescore", n, retrain,
+                         f"Drop `oneshot.rescore` ({DEFAULT_RESCORE_FACTOR} x `trials`) or use"
+                         f" e.g. {DEFAULT_RESCORE_FACTOR * retrain}.",
+                         rule=f"an integer >= `trials` ({retrain})")
 
 
 def rescore_front(trials: Sequence[Any], scorer: Callable[[ArchSpec], dict[str, float]], *,

@@ -365,7 +365,7 @@ def test_an_empty_or_non_text_storage_is_refused(capsys, tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps(dict(info, storage=5)))
     code, out, err = spvit_nas(capsys, "pareto", run_dir)
-    assert_names_value_and_fix(one_line(code, err, "`storage` must be"), "5")
+    assert_names_value_and_fix(one_line(code, err, '"storage" must be'), "5")
 
 
 def test_score_reads_reference_architectures_as_cost_does(capsys, supernet):

@@ -149,7 +149,7 @@ def test_only_stand_alone_results_reach_the_main_front(tmp_path):
 
 
 def test_select_refuses_bad_k():
-    with pytest.raises(ValueError, match="--retrain must be an integer >= 1"):
+    with pytest.raises(ValueError, match="`trials` must be an integer >= 1"):
         select_for_retrain([SimpleNamespace(values=[0.5, 1, 1], user_attrs={"arch": {}})], 0)
 
 
@@ -257,7 +257,7 @@ def test_bad_finetune_steps_are_refused_with_one_line(steps):
     net = SPViTSupernet(supernet_choices(space), seed=0)
     with pytest.raises(ConfigError) as e:
         InheritedScorer(net, [], finetune_steps=steps)
-    assert_names_value_and_fix(str(e.value), "--finetune-steps", repr(steps))
+    assert_names_value_and_fix(str(e.value), "`oneshot.finetune_steps`", repr(steps))
     with pytest.raises(ConfigError, match="needs training batches"):
         InheritedScorer(net, [], finetune_steps=2)
 
@@ -294,7 +294,7 @@ def test_rescore_replaces_the_accuracy_of_the_short_list_only():
         assert t.user_attrs["proxy_finetune_steps"] == 20
     with pytest.raises(ConfigError) as e:
         rescore_count(6, 4)
-    assert_names_value_and_fix(str(e.value), "--rescore", "4")
+    assert_names_value_and_fix(str(e.value), "`oneshot.rescore`", "4")
     assert rescore_count(6, None) == 24
 
 
