@@ -35,10 +35,12 @@ def test_whole_number_states_the_rule_the_value_and_the_fix():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: select_for_retrain([], 2.0), "--retrain must be an integer >= 1, but got 2.0."
+    (lambda: select_for_retrain([], 2.0), "`trials` must be an integer >= 1, but got 2.0."
                                           " Use e.g. 6."),
-    (lambda: rescore_count(6, 5), "--rescore must be an integer >= --retrain (6), but got 5."),
-    (lambda: check_finetune_steps(-1), "--finetune-steps must be an integer >= 0, but got -1."),
+    (lambda: rescore_count(6, 5),
+     "`oneshot.rescore` must be an integer >= `trials` (6), but got 5."),
+    (lambda: check_finetune_steps(-1),
+     "`oneshot.finetune_steps` must be an integer >= 0, but got -1."),
     (lambda: make_sampler("random", seed=True), "seed must be an integer >= 0, but got True."),
     (lambda: RetryStaleTrial(-1), "max_retry must be an integer >= 0 or None, but got -1."),
     (lambda: TrainingConfig(epochs=0), "training.epochs must be an integer >= 1, but got 0."
