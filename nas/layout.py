@@ -89,40 +89,20 @@ def parse_trial_number(name: str) -> int | None:
     return number if trial_folder_name(number) == name else None
 
 
-# ---------------------------------------------------------------------------- a trial folder
+# ------------------------------------------------------------ what the epoch harness writes
 @dataclass(frozen=True)
-class TrialFolder:
-    """One trained candidate: `RUN_DIR/trials/NNNN`, or the `--out` of `spvit-nas train`."""
+class _EpochFolder:
+    """The files of the checkpointed-epoch harness (`launch.harness`), in a trial folder and in
+    a supernet folder alike."""
 
     path: Path
-
-    # Any of these makes a folder a trial folder (`nas.outputs`): what training leaves first.
-    MARKERS: ClassVar[tuple[str, ...]] = (METRICS_FILE, f"{CHECKPOINT_DIR}/{STATE_FILE}",
-                                          TRAINING_FILE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path(self.path))
 
     @property
-    def number(self) -> int | None:
-        """The trial number of a `trials/NNNN` folder (None for another name)."""
-        return parse_trial_number(self.path.name)
-
-    @property
     def metrics(self) -> Path:
         return self.path / METRICS_FILE
-
-    @property
-    def arch(self) -> Path:
-        return self.path / ARCH_FILE
-
-    @property
-    def weights(self) -> Path:
-        return self.path / WEIGHTS_FILE
-
-    @property
-    def training(self) -> Path:
-        return self.path / TRAINING_FILE
 
     @property
     def ds_config(self) -> Path:
@@ -147,6 +127,33 @@ class TrialFolder:
     @property
     def ray_train(self) -> Path:
         return self.path / RAY_TRAIN_DIR
+
+
+# ---------------------------------------------------------------------------- a trial folder
+@dataclass(frozen=True)
+class TrialFolder(_EpochFolder):
+    """One trained candidate: `RUN_DIR/trials/NNNN`, or the `--out` of `spvit-nas train`."""
+
+    # Any of these makes a folder a trial folder (`nas.outputs`): what training leaves first.
+    MARKERS: ClassVar[tuple[str, ...]] = (METRICS_FILE, f"{CHECKPOINT_DIR}/{STATE_FILE}",
+                                          TRAINING_FILE)
+
+    @property
+    def number(self) -> int | None:
+        """The trial number of a `trials/NNNN` folder (None for another name)."""
+        return parse_trial_number(self.path.name)
+
+    @property
+    def arch(self) -> Path:
+        return self.path / ARCH_FILE
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def training(self) -> Path:
+        return self.path / TRAINING_FILE
 
     def read_failure_reason(self) -> str | None:
         """The `reason` of failure.json, or None if there is none or it is unreadable."""
@@ -322,16 +329,11 @@ class ExportFolder:
 
 # ---------------------------------------------------------------------------- a supernet folder
 @dataclass(frozen=True)
-class SupernetDir:
+class SupernetDir(_EpochFolder):
     """What `spvit-nas supernet train` writes (`launch.supernet`). Its layout only: the loaded
     supernet is `nas.oneshot.SupernetFolder`."""
 
-    path: Path
-
     MARKER: ClassVar[str] = SUPERNET_FILE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", _path(self.path))
 
     @property
     def info(self) -> Path:
@@ -344,30 +346,6 @@ class SupernetDir:
     @property
     def space(self) -> Path:
         return self.path / SPACE_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def ds_config(self) -> Path:
-        return self.path / DS_CONFIG_FILE
-
-    @property
-    def failure(self) -> Path:
-        return self.path / FAILURE_FILE
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT_DIR
-
-    @property
-    def checkpoint_state(self) -> Path:
-        return self.checkpoint / STATE_FILE
-
-    @property
-    def ray_train(self) -> Path:
-        return self.path / RAY_TRAIN_DIR
 
 
 __all__ = [
