@@ -2,7 +2,9 @@
 
 `train_one_epoch` drives anything shaped like a DeepSpeed engine (`TrainEngine`: call it for the
 forward pass, `backward(loss)`, `step()`, `get_lr()`); the engine owns the optimizer, the
-per-step learning-rate schedule, gradient clipping and accumulation. `evaluate` runs any module.
+per-step learning-rate schedule, gradient clipping and accumulation. `TorchEngine` gives a plain
+module and optimizer that shape (the one-shot scorer's fine-tuning steps). `evaluate` runs any
+module.
 With several workers, each sees its own shard; the loss check, the epoch's training loss and the
 validation counts are summed over workers with `torch.distributed.all_reduce`, so every worker
 returns the same numbers and stops at the same step. A non-finite loss on any worker stops all of
@@ -46,6 +48,47 @@ class TrainEngine(Protocol):
     def step(self) -> Any: ...
     def train(self, mode: bool = True) -> Any: ...
     def get_lr(self) -> list[float]: ...
+
+
+class TorchEngine:
+    """A plain module, optimizer and per-step schedule shaped like a DeepSpeed engine, so that
+    `train_one_epoch` drives a short in-process training (the one-shot scorer's fine-tuning)
+    with the trials' loss, loss check and statistics.
+
+    `step()` clips the gradient norm to `grad_clip` (0: off), steps the optimizer and the
+    schedule, and clears the gradients, as the engine does after each micro-batch with
+    gradient accumulation 1.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+                 grad_clip: float = 0.0) -> None:
+        self.module = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.grad_clip = grad_clip
+        optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool = True) -> TorchEngine:
+        self.module.train(mode)
+        return self
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,9 @@ class InheritedScorer:
 
     def _finetuned(self, spec: ArchSpec) -> Any:
         import torch
-        import torch.nn.functional as F
         from timm.optim import param_groups_weight_decay
+
+        from ..engine import TorchEngine, train_one_epoch
 
         device = torch.device(self.device)
         model = self.net.subnet(spec).to(device)
@@ -92,17 +93,12 @@ class InheritedScorer:
         steps = self.finetune_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
-        model.train()
+        batches = (self.train_batches[i % len(self.train_batches)] for i in range(steps))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            for i in range(steps):
-                images, labels = self.train_batches[i % len(self.train_batches)]
-                loss = F.cross_entropy(model(images.to(device)).float(), labels.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
+            # the trials' epoch step, over `steps` batches
+            train_one_epoch(TorchEngine(model, opt, sched, grad_clip=1.0), batches, epoch=1,
+                            device=device)
         return model
 
     def __call__(self, spec: ArchSpec) -> dict[str, float]:
