@@ -142,8 +142,8 @@ def inprocess_device(use_gpu: bool) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("training on a GPU was requested, but torch sees no CUDA device"
-                          f" (torch {torch.__version__}). Train on CPU (--gpus-per-worker 0, or"
-                          " drop --use-gpu) or install a CUDA build of torch.")
+                          f" (torch {torch.__version__}). Train on CPU (no GPU per worker) or"
+                          " install a CUDA build of torch.")
     if not dist.is_nccl_available():
         raise ConfigError("training on a GPU uses the nccl backend, which this torch build lacks."
                           " Install a CUDA build of torch with NCCL, or train on CPU.")

@@ -495,7 +495,7 @@ def check_journal(path: str | os.PathLike, *,
 def run_journal(run_dir: str | os.PathLike, storage: str | None = None) -> Path | None:
     """The journal file a run's study lives in, or None if it lives in a database.
 
-    `storage` is the run's storage entry or a `--storage` override: None/empty means
+    `storage` is the run's storage entry or an overriding `storage` setting: None/empty means
     RUN_DIR/study.journal, a URL (`scheme://...`) a database, anything else a journal path
     (relative paths are relative to the run folder).
     """

@@ -37,7 +37,7 @@ DRIVERS_DIR = "drivers"
 TUNE_DIR = "tune"
 REPORTS_DIR = "reports"
 EXPORT_DIR = "export"
-ONESHOT_DIR = "oneshot"  # the proxy study of `--strategy oneshot`, with its own study.journal
+ONESHOT_DIR = "oneshot"  # the proxy study of a one-shot search, with its own study.journal
 # a trial folder
 METRICS_FILE = "metrics.jsonl"
 ARCH_FILE = "arch.yaml"
@@ -132,7 +132,7 @@ class _EpochFolder:
 # ---------------------------------------------------------------------------- a trial folder
 @dataclass(frozen=True)
 class TrialFolder(_EpochFolder):
-    """One trained candidate: `RUN_DIR/trials/NNNN`, or the `--out` of `spvit-nas train`."""
+    """One trained candidate: `RUN_DIR/trials/NNNN`, or the output folder of a single training."""
 
     # Any of these makes a folder a trial folder (`nas.outputs`): what training leaves first.
     MARKERS: ClassVar[tuple[str, ...]] = (METRICS_FILE, f"{CHECKPOINT_DIR}/{STATE_FILE}",
@@ -173,7 +173,7 @@ class NotARunFolder(ConfigError):
 
 @dataclass(frozen=True)
 class RunFolder:
-    """A search's `--out`: run.json, the space, the study journal and the trial folders."""
+    """A search's output folder: run.json, the space, the study journal and the trial folders."""
 
     path: Path
 
@@ -214,7 +214,7 @@ class RunFolder:
 
     @property
     def export(self) -> Path:
-        """Where `spvit-nas export RUN_DIR` writes without --out."""
+        """Where a run's export goes when no other folder is named."""
         return self.path / EXPORT_DIR
 
     @property
@@ -242,8 +242,8 @@ class RunFolder:
         return sorted(n for n in map(parse_trial_number, names) if n is not None)
 
     def journal_at(self, storage: str | os.PathLike | None) -> Path:
-        """The journal file a storage entry (run.json's `storage` or a `--storage`) names when
-        it is not a database URL (`nas.storage.is_url` decides that, before): None/"" is
+        """The journal file a storage entry (run.json's `storage`, or one given for this call)
+        names when it is not a database URL (`nas.storage.is_url` decides that, before): None/"" is
         RUN_DIR/study.journal, a relative path counts from the run folder, `~` is expanded."""
         if storage is None or not str(storage):
             return self.journal

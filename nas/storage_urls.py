@@ -1,7 +1,7 @@
 """Storage URLs: telling a database URL from a journal path, parsing, masking, checking.
 
 `nas.storage` opens the study storage a URL names; this module is what it and the CLI need to
-know about the URL itself: whether a `--storage` value is a URL at all (`is_url`, the one such
+know about the URL itself: whether a `storage` setting is a URL at all (`is_url`, the one such
 test in the house), its SQLAlchemy form with the database driver made explicit (`parse_url`),
 the printable form with any password shown as `***` (`masked`), and whether a SQLite database a
 reader expects actually exists (`check_database_exists`). No Ray; SQLAlchemy is imported only

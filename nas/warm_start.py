@@ -1,7 +1,7 @@
 """Warm start: seed a new search's study with the completed trials of earlier runs.
 
-A search with earlier runs to warm-start from (`warm_start`, the CLI's repeatable
-`--warm-start RUN_DIR`) calls `warm_start(study, space, runs, ...)`
+A search with earlier runs to warm-start from (the `warm_start` setting, one or
+more run folders) calls `warm_start(study, space, runs, ...)`
 before the first proposal. Every full-budget COMPLETE trial of each earlier run is checked
 against the new search and, if compatible, added to the new study through Optuna's public API
 (`optuna.trial.create_trial` + `Study.add_trials`) as a COMPLETE trial with the same parameters,

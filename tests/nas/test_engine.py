@@ -218,7 +218,7 @@ def test_inprocess_device_is_the_first_visible_gpu_or_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="torch sees no CUDA device") as e:
         inprocess_device(True)
-    assert_names_value_and_fix(str(e.value), "--gpus-per-worker 0")
+    assert_names_value_and_fix(str(e.value), "Train on CPU (no GPU per worker)")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
     with pytest.raises(ConfigError, match="nccl backend"):
