@@ -19,27 +19,17 @@ from launch import cli
 from nas import study as nas_study
 from nas.storage import journal_path, make_storage
 from search_spaces.space import SearchSpace
+from tests.tiny_space import small_space, write_space
 
 ROOT = Path(__file__).resolve().parents[2]
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1, 2]
-  embed_dim: [16, 32]
-  heads: [1, 2]
-  prior: [none, mlp]
-training: {dataset: digits, epochs: 2, batch_size: 128}
-search: {trials: 3, concurrent: 1}
-"""
+SPACE = small_space(constraints=None, search={"trials": 3})
 
 
 def finished_run(run_dir: Path) -> Path:
     """A run folder as a search leaves it: run.json and a study with two COMPLETE trials and a
     PRUNED one, told through `nas.study.SearchStudy` (no training)."""
     run_dir.mkdir(parents=True)
-    (run_dir / "space.yaml").write_text(SPACE, encoding="utf-8")
-    space = SearchSpace.load(run_dir / "space.yaml")
+    space = SearchSpace.load(write_space(run_dir / "space.yaml", SPACE))
     study = nas_study.open_study(make_storage(None, run_dir), study_name="dash",
                                  sampler=nas_study.make_sampler("random", seed=0), resume=False)
     nas_study.RunInfo(study_name="dash", storage=str(journal_path(run_dir)), sampler="random",

@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.tiny_space import small_space, write_space
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,17 +27,9 @@ def is_loopback(ip: str) -> bool:
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
 
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1]
-  embed_dim: [16]
-  heads: [1]
-  prior: [none]
-training: {dataset: digits, epochs: 1, batch_size: 128}
-search: {trials: 1, concurrent: 1, max_consecutive_failures: 1}
-"""
+SPACE = small_space(dimensions={"depth": [1], "embed_dim": [16], "heads": [1], "prior": ["none"]},
+                    constraints=None, training={"epochs": 1},
+                    search={"trials": 1, "max_consecutive_failures": 1})
 
 
 def _listening(root: psutil.Process) -> set[tuple[str, int, str]]:
@@ -79,8 +73,7 @@ def test_train_listens_on_loopback_only(tmp_path):
 
 
 def test_local_search_listens_on_loopback_only(tmp_path):
-    space = tmp_path / "tiny.yaml"
-    space.write_text(SPACE, encoding="utf-8")
+    space = write_space(tmp_path / "tiny.yaml", SPACE)
     code, output, seen = _run_and_watch(["search", "--space", str(space), "--out",
                                          str(tmp_path / "run"), "--num-cpus", "1",
                                          "--no-export"])

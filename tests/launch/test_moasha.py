@@ -18,6 +18,7 @@ from nas import study as nas_study
 from nas.storage import make_storage
 from search_spaces.space import SearchSpace
 from spvit.errors import ConfigError
+from tests.tiny_space import changed, small_space, write_space
 
 
 def _dominates(a, b) -> bool:
@@ -131,25 +132,13 @@ def test_bad_settings_say_the_rule():
         MOASHAScheduler(max_t=4, grace_period=5)
 
 
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1, 2]
-  embed_dim: [16, 32]
-  heads: [1, 2]
-  prior: [none, mlp]
-training: {dataset: digits, epochs: 4, batch_size: 128}
-search: {trials: 6, concurrent: 1}
-"""
+SPACE = small_space(constraints=None, training={"epochs": 4}, search={"trials": 6})
 
 
 def test_stopped_trials_end_pruned_with_their_fidelity_and_never_on_the_front(tmp_path: Path):
     """The searcher's path for a stopped trial (tell_result with the rung's epoch), driven by
     the scheduler's decisions on a study."""
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE, encoding="utf-8")
-    space = SearchSpace.load(path)
+    space = SearchSpace.load(write_space(tmp_path / "space.yaml", SPACE))
     study = nas_study.open_study(make_storage(None, tmp_path), study_name="s",
                                  sampler=optuna.samplers.RandomSampler(seed=0), resume=False)
     ss = nas_study.SearchStudy(study, space, run_dir=tmp_path, budget=4)
@@ -185,10 +174,8 @@ def _moasha_search(tmp_path: Path, name: str, reduction_factor: float):
     """A 4-trial MOASHA search over SPACE at 2 epochs, one trial at a time: (run_dir, study)."""
     from launch.search import EXIT_OK, SearchRequest, run_search
 
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE.replace("epochs: 4, batch_size: 128",
-                                  "epochs: 2, batch_size: 128, augment: false"),
-                    encoding="utf-8")
+    path = write_space(tmp_path / "space.yaml",
+                       changed(SPACE, training={"epochs": 2, "augment": False}))
     run_dir = tmp_path / name
     outcome = run_search(SearchRequest(out=run_dir, space=path, trials=4, concurrent=1,
                                        scheduler="moasha",

@@ -26,19 +26,9 @@ from nas.storage import make_storage
 from search_spaces.space import SearchSpace
 from spvit.errors import ConfigError
 from tests.nas.test_pareto import ARCHS, make_run
+from tests.tiny_space import changed, small_space, write_space
 
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1, 2]
-  embed_dim: [16, 32]
-  heads: [1, 2]
-  prior: [none, mlp]
-constraints: {max_params: 15000}
-training: {dataset: digits, epochs: 2, batch_size: 128}
-search: {trials: 3, concurrent: 1, population_size: 2, max_consecutive_failures: 2}
-"""
+SPACE = small_space(search={"trials": 3, "population_size": 2, "max_consecutive_failures": 2})
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +45,7 @@ def run_dir(tmp_path):
 
 @pytest.fixture
 def space_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SPACE, encoding="utf-8")
-    return path
+    return write_space(tmp_path / "tiny.yaml", SPACE)
 
 
 def spvit_nas(capsys, *argv):
@@ -199,15 +187,14 @@ def test_search_refuses_before_anything_is_written(tmp_path, space_file, capsys,
 
 
 def test_search_checks_the_dataset_before_launch(tmp_path, capsys):
-    space = tmp_path / "cifar.yaml"
-    space.write_text(SPACE.replace("in_chans: 1", "in_chans: 3").replace(
-        "img_size: 16", "img_size: 32").replace("dataset: digits",
-                                                f"dataset: 'cifar10:{tmp_path}/no-data'"))
+    space = write_space(tmp_path / "cifar.yaml",
+                        changed(SPACE, arch={"in_chans": 3, "img_size": 32},
+                                training={"dataset": f"cifar10:{tmp_path}/no-data"}))
     out = tmp_path / "run"
     code, _, err = spvit_nas(capsys, "search", "--space", space, "--out", out)
     one_line(code, err, "no-data")
     assert not out.exists()
-    space.write_text(SPACE.replace("num_classes: 10", "num_classes: 7"))
+    write_space(space, changed(SPACE, arch={"num_classes": 7}))
     code, _, err = spvit_nas(capsys, "search", "--space", space, "--out", out)
     one_line(code, err, "has 10 classes, but the architecture has num_classes 7")
 

@@ -19,26 +19,15 @@ from nas.storage import make_storage
 from search_spaces.space import Constraints, SearchSpace
 from spvit.arch import ArchSpec
 from spvit.errors import ConfigError
+from tests.tiny_space import changed, small_space, write_space
 
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1, 2]
-  embed_dim: [16, 32]
-  heads: [1, 2]
-  prior: [none, mlp]
-constraints: {max_params: 15000}
-training: {dataset: digits, epochs: 2, batch_size: 128}
-search: {trials: 5, concurrent: 2, population_size: 2, max_consecutive_failures: 2}
-"""
+SPACE = small_space(search={"trials": 5, "concurrent": 2, "population_size": 2,
+                            "max_consecutive_failures": 2})
 
 
 @pytest.fixture
 def space_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SPACE, encoding="utf-8")
-    return path
+    return write_space(tmp_path / "tiny.yaml", SPACE)
 
 
 class Clock:
@@ -263,8 +252,7 @@ def test_plan_refuses_a_folder_holding_a_study_and_resume_checks_it(tmp_path, sp
     assert resumed.space.to_dict() == plan.space.to_dict()
     with pytest.raises(ConfigError, match="--epochs 5 differs from 2"):
         plan_search(SearchRequest(out=run_dir, resume=True, epochs=5))
-    other = tmp_path / "other.yaml"
-    other.write_text(SPACE.replace("depth: [1, 2]", "depth: [1, 3]"), encoding="utf-8")
+    other = write_space(tmp_path / "other.yaml", changed(SPACE, dimensions={"depth": [1, 3]}))
     with pytest.raises(ConfigError, match="differs from the run's resolved"):
         plan_search(SearchRequest(out=run_dir, resume=True, space=other))
     plan_search(SearchRequest(out=run_dir, resume=True, space=space_file))

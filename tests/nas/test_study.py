@@ -22,26 +22,14 @@ from search_spaces.space import SearchSpace
 from spvit.arch import ArchSpec
 from spvit.cost import estimate
 from spvit.errors import ConfigError
+from tests.tiny_space import small_space, write_space
 
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1, 2]
-  embed_dim: [16, 32]
-  heads: [1, 2]
-  prior: [none, mlp]
-constraints: {max_params: 15000}
-training: {dataset: digits, epochs: 2, batch_size: 128}
-search: {trials: 4, concurrent: 2, population_size: 2}
-"""
+SPACE = small_space(search={"concurrent": 2, "population_size": 2})
 
 
 @pytest.fixture
 def space(tmp_path: Path) -> SearchSpace:
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE, encoding="utf-8")
-    return SearchSpace.load(path)
+    return SearchSpace.load(write_space(tmp_path / "space.yaml", SPACE))
 
 
 def _study(run_dir: Path, *, sampler: str = "random", seed: int = 0, name: str = "s"):

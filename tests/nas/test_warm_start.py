@@ -15,25 +15,13 @@ from nas.storage import make_storage
 from nas.warm_start import NSGA2_GENERATION_KEY, is_warm_start, warm_start
 from search_spaces.space import SearchSpace
 from spvit.errors import ConfigError
+from tests.tiny_space import changed, small_space, write_space
 
-SPACE = """
-name: tiny
-arch: {img_size: 16, patch_size: 4, in_chans: 1, num_classes: 10, head: avg}
-dimensions:
-  depth: [1, 2]
-  embed_dim: [16, 32]
-  heads: [1, 2]
-  prior: [none, mlp]
-constraints: {max_params: 15000}
-training: {dataset: digits, epochs: 2, batch_size: 128}
-search: {trials: 4, concurrent: 1}
-"""
+SPACE = small_space()
 
 
-def _space(tmp_path: Path, text: str = SPACE) -> SearchSpace:
-    path = tmp_path / "space.yaml"
-    path.write_text(text, encoding="utf-8")
-    return SearchSpace.load(path)
+def _space(tmp_path: Path, data: dict = SPACE) -> SearchSpace:
+    return SearchSpace.load(write_space(tmp_path / "space.yaml", data))
 
 
 def _accuracy(params: int) -> float:
@@ -92,7 +80,7 @@ def test_incompatible_trials_are_skipped_with_one_line_each(tmp_path):
     other_recipe = dataclasses.replace(space, training=space.training.replace(batch_size=64))
     _earlier_run(tmp_path / "recipe", other_recipe, trials=2, seed=1)
     (tmp_path / "w").mkdir()
-    wider = _space(tmp_path / "w", SPACE.replace("embed_dim: [16, 32]", "embed_dim: [16, 24]"))
+    wider = _space(tmp_path / "w", changed(SPACE, dimensions={"embed_dim": [16, 24]}))
     _earlier_run(tmp_path / "wider", wider, trials=8, seed=2)
     study = _new_study(tmp_path / "new")
     lines: list[str] = []
