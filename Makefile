@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install search search-fashion test test-fast lint bench clean
+.PHONY: install search search-fashion test test-all test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,12 +36,20 @@ search-fashion: install
 lint: install
 	$(VENV)/bin/ruff check spvit search_spaces nas launch tests bench
 
-## The whole test suite (lint first). pytest's exit code 5 ("no tests collected") is an error.
-## Two xdist workers: one runs the slow (Ray, DeepSpeed, PostgreSQL, driver) tests in order, the
-## other the rest (tests/conftest.py); `PYTEST_WORKERS=0 make test` runs everything in one process.
+## The test suite (lint first), all but the multi-node cluster tests (marker `cluster`, minutes
+## each: `make test-all` adds them; CI runs that). pytest's exit code 5 ("no tests collected") is
+## an error. Two xdist workers: one runs the slow (Ray, DeepSpeed, PostgreSQL, driver) tests in
+## order, the other the rest (tests/conftest.py); `PYTEST_WORKERS=0 make test` runs it in one
+## process.
 PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -q --durations=10 -n $(PYTEST_WORKERS) --dist loadgroup
 test: lint
-	$(PY) -m pytest tests -q --durations=10 -n $(PYTEST_WORKERS) --dist loadgroup; rc=$$?; \
+	$(PY) -m pytest tests $(PYTEST_XDIST) -m "not cluster"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+## The whole suite, the multi-node cluster tests included (what CI runs).
+test-all: lint
+	$(PY) -m pytest tests $(PYTEST_XDIST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 ## The tests that start no Ray, DeepSpeed, PostgreSQL or driver subprocess (a quick check).

@@ -4,7 +4,8 @@ Every test process uses one torch thread (the CI machine has 2 cores shared by R
 tests that need Ray share one local instance for the session (`ray_local`): 2 CPUs, no
 dashboard, bound to 127.0.0.1, started lazily by the first test that asks for it (one per xdist
 worker). Slow tests (marked, or using a server fixture) form two xdist groups, each kept in
-order on one worker.
+order on one worker. Tests that start a multi-node cluster are also marked `cluster`: `make test`
+leaves them out, `make test-all` (CI) runs them.
 """
 
 from __future__ import annotations
@@ -45,12 +46,20 @@ def ray_local():
 CLUSTER_MODULES = ("test_cluster.py", "test_ray_env.py", "test_loopback.py", "test_search.py")
 
 # Fixtures that start a server or a cluster: every test using one is slow, marked or not.
-SLOW_FIXTURES = ("ray_local", "postgres_url", "postgres_server", "loopback_cluster")
+SLOW_FIXTURES = ("ray_local", "postgres_url", "postgres_server", "loopback_cluster",
+                 "two_node_cluster")
+
+# Fixtures that start a multi-node Ray cluster on loopback (minutes per test): marked `cluster`,
+# left out of `make test` and run by `make test-all` (what CI runs).
+CLUSTER_FIXTURES = ("loopback_cluster", "two_node_cluster")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
+        fixtures = getattr(item, "fixturenames", ())
+        if any(name in fixtures for name in CLUSTER_FIXTURES):
+            item.add_marker(pytest.mark.cluster)
+        if any(name in fixtures for name in SLOW_FIXTURES):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow") is not None:
             # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) the slow tests form
