@@ -1,5 +1,6 @@
 """Token-level building blocks of SP-ViT that are not attention: stems, positional encodings,
-token pooling and the per-block convolutional positional layer.
+token pooling, the per-block convolutional positional layer, and the order of a block's layers
+(`block_order`).
 
 Every module here works on a token sequence `(B, N, C)` whose first `num_prefix` tokens are class
 tokens (0 or 1) and whose remaining tokens are a row-major patch grid `(Gh, Gw)`. The grid is
@@ -10,12 +11,17 @@ can change it. Parameter shapes are listed in each class docstring; `spvit.cost`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Grid = tuple[int, int]
+Branch = Callable[[torch.Tensor], torch.Tensor]
+PoolFn = Callable[[torch.Tensor, Grid, int], tuple[torch.Tensor, Grid]]
+ConvFn = Callable[[torch.Tensor, Grid, int], torch.Tensor]
+AttnFn = Callable[[torch.Tensor, Grid, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def sincos_2d(grid: Grid, dim: int, *, device: torch.device | None = None,
@@ -161,3 +167,35 @@ class TokenPool(nn.Module):
         new_grid = (fmap.shape[-2], fmap.shape[-1])
         prefix = None if prefix is None else self.cls_proj(prefix)
         return map_to_tokens(prefix, fmap), new_grid
+
+
+def block_order(x: torch.Tensor, grid: Grid, *, cls_token: torch.Tensor | None,
+                cls_before: bool, has_cls: bool, pool: PoolFn | None, conv_pos: ConvFn | None,
+                conv_pos_end: bool, attention: AttnFn, mlp: Branch,
+                drop1: Branch, drop2: Branch, skip_lam: float
+                ) -> tuple[torch.Tensor, Grid, torch.Tensor | None]:
+    """The order of one SP-ViT block, the one home of it for `spvit.model.Block` and the
+    supernet's block: [pool] -> [class token joins] -> [conv pos] -> x + drop1(attention)/skip_lam
+    -> x + drop2(mlp)/skip_lam [-> conv pos, with `conv_pos_end`].
+
+    `pool(x, grid, num_prefix) -> (x, grid)`, `conv_pos(x, grid, num_prefix) -> x`,
+    `attention(x, grid, num_prefix) -> (branch, probabilities or None)` (norm included) and
+    `mlp(x) -> branch` (norm included) are the block's layers; `drop1`, `drop2` the drop paths of
+    the two branches.
+    Returns `(x, grid, probabilities or None)`.
+    """
+    num_prefix = int(cls_before)
+    if pool is not None:
+        x, grid = pool(x, grid, num_prefix)
+    if cls_token is not None:
+        x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+    num_prefix = int(has_cls)
+    if conv_pos is not None and not conv_pos_end:
+        x = conv_pos(x, grid, num_prefix)
+    y, attn = attention(x, grid, num_prefix)
+    x = x + drop1(y) / skip_lam
+    x = x + drop2(mlp(x)) / skip_lam
+    if conv_pos is not None and conv_pos_end:
+        x = conv_pos(x, grid, num_prefix)
+    return x, grid, attn
+

@@ -51,10 +51,17 @@ from torch import nn
 from .arch import ArchSpec, BlockSpec
 from .attention import Attention, SharedAttention
 from .errors import ConfigError
-from .layers import ConvPosEnc, ConvStem, LinearStem, TokenPool, sincos_2d
+from .layers import (
+    ConvPosEnc,
+    ConvStem,
+    Grid,
+    LinearStem,
+    TokenPool,
+    block_order,
+    sincos_2d,
+)
 from .priors import ADDITIVE, MULTIPLICATIVE, SpatialPrior, offset_tables
 
-Grid = tuple[int, int]
 LayerArg = str | Callable[..., nn.Module] | None
 
 LN_EPS = 1e-6
@@ -195,24 +202,19 @@ class Block(nn.Module):
         `attn` is the previous block's probabilities (used by a shared block); `cls_token
         (1, 1, C)` joins the sequence here when given.
         """
-        num_prefix = int(self.cls_before)
-        if self.pool is not None:
-            x, grid = self.pool(x, grid, num_prefix)
-        if cls_token is not None:
-            x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        num_prefix = int(self.has_cls)
-        if self.conv_pos is not None and not self.conv_pos_end:
-            x = self.conv_pos(x, grid, num_prefix)
-        if self.shared:
+        def attention(h: torch.Tensor, grid: Grid, num_prefix: int
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not self.shared:
+                return self.attn(self.norm1(h), grid, num_prefix, need_weights=self.keep_attn)
             if attn is None:
                 raise RuntimeError("a shared-attention block needs the previous block's attention")
-            y = self.attn(self.norm1(x), attn)
-        else:
-            y, attn = self.attn(self.norm1(x), grid, num_prefix, need_weights=self.keep_attn)
-        x = x + self.drop_path1(y) / self.skip_lam
-        x = x + self.drop_path2(self.mlp(self.norm2(x))) / self.skip_lam
-        if self.conv_pos is not None and self.conv_pos_end:
-            x = self.conv_pos(x, grid, num_prefix)
+            return self.attn(self.norm1(h), attn), attn
+
+        x, grid, attn = block_order(
+            x, grid, cls_token=cls_token, cls_before=self.cls_before, has_cls=self.has_cls,
+            pool=self.pool, conv_pos=self.conv_pos, conv_pos_end=self.conv_pos_end,
+            attention=attention, mlp=lambda h: self.mlp(self.norm2(h)), drop1=self.drop_path1,
+            drop2=self.drop_path2, skip_lam=self.skip_lam)
         return x, grid, (attn if self.keep_attn else None)
 
 

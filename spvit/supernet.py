@@ -58,7 +58,15 @@ from torch import nn
 from .arch import ArchSpec
 from .attention import prior_attention
 from .errors import ConfigError
-from .layers import ConvStem, LinearStem, map_to_tokens, sincos_2d, tokens_to_map
+from .layers import (
+    ConvStem,
+    Grid,
+    LinearStem,
+    block_order,
+    map_to_tokens,
+    sincos_2d,
+    tokens_to_map,
+)
 from .model import LayerArg, SPViT, resolve_act_layer, resolve_norm_layer
 from .priors import FAMILIES
 from .supernet_layers import (
@@ -80,7 +88,6 @@ __all__ = ["FAMILIES", "LEARNED_POS", "SPViTSupernet", "SuperAttention", "SuperB
            "SuperDWConv", "SuperLinear", "SuperNorm", "SuperPool", "SuperPriors",
            "SupernetChoices"]
 
-Grid = tuple[int, int]
 LEARNED_POS: tuple[str, ...] = ("learned", "learned_sincos")  # one learnable embedding
 
 
@@ -145,7 +152,8 @@ class SuperAttention(nn.Module):
 
 
 class SuperBlock(nn.Module):
-    """One block position of the supernet (see `spvit.model.Block` for what it computes)."""
+    """One block position of the supernet: `spvit.model.Block`'s computation (the same
+    `spvit.layers.block_order`) over the active subnet's slices."""
 
     def __init__(self, extent: Mapping[str, int], *, choices: SupernetChoices, pool_here: bool,
                  norm_layer: Callable[..., nn.Module],
@@ -171,29 +179,25 @@ class SuperBlock(nn.Module):
     def forward(self, x: torch.Tensor, grid: Grid, plan: _BlockPlan,
                 attn: torch.Tensor | None, cls_token: torch.Tensor | None
                 ) -> tuple[torch.Tensor, Grid, torch.Tensor | None]:
-        num_prefix = int(plan.cls_before)
-        if plan.pool:
-            x, grid = self.pools[f"f{plan.width_factor}"](x, grid, num_prefix)
-        if cls_token is not None:
-            x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        num_prefix = int(plan.has_cls)
-        if plan.conv_pos and not plan.conv_pos_end:
-            x = self._conv_pos(x, grid, num_prefix)
-        y, attn = self.attn(self.norm1(x), plan, grid, num_prefix, attn)
-        x = x + self._drop(y, plan.drop_path) / plan.skip_lam
         C, hidden = plan.dim, plan.hidden
-        h = self.act(self.fc1(self.norm2(x), hidden, C))
-        x = x + self._drop(self.fc2(h, C, hidden), plan.drop_path) / plan.skip_lam
-        if plan.conv_pos and plan.conv_pos_end:
-            x = self._conv_pos(x, grid, num_prefix)
+
+        def mlp(h: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.act(self.fc1(self.norm2(h), hidden, C)), C, hidden)
+
+        def drop(y: torch.Tensor) -> torch.Tensor:
+            return drop_path(y, plan.drop_path, self.training) if plan.drop_path > 0 else y
+
+        x, grid, attn = block_order(
+            x, grid, cls_token=cls_token, cls_before=plan.cls_before, has_cls=plan.has_cls,
+            pool=self.pools[f"f{plan.width_factor}"] if plan.pool else None,
+            conv_pos=self._conv_pos if plan.conv_pos else None, conv_pos_end=plan.conv_pos_end,
+            attention=lambda h, grid, n: self.attn(self.norm1(h), plan, grid, n, attn),
+            mlp=mlp, drop1=drop, drop2=drop, skip_lam=plan.skip_lam)
         return x, grid, (attn if plan.keep_attn else None)
 
     def _conv_pos(self, x: torch.Tensor, grid: Grid, num_prefix: int) -> torch.Tensor:
         prefix, fmap = tokens_to_map(x, grid, num_prefix)
         return map_to_tokens(prefix, fmap + self.conv_pos(fmap, stride=1))
-
-    def _drop(self, y: torch.Tensor, rate: float) -> torch.Tensor:
-        return drop_path(y, rate, self.training) if rate > 0 else y
 
     def export(self, plan: _BlockPlan) -> dict[str, torch.Tensor]:
         C = plan.dim
