@@ -134,7 +134,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def training_config(run_dir: Path, info: dict[str, Any], budget: Any = None):
+def trial_training(run_dir: Path, info: dict[str, Any], budget: Any = None):
     """The search's `TrainingConfig` (`nas.run.training_config`; defaults where the run recorded
     none, as the search itself did), with `epochs` set to the trial's `budget`."""
     from search_spaces.fields import is_whole
@@ -268,7 +268,7 @@ def model_card(*, run_dir: Path, info: dict[str, Any], study_name: str, trial: F
     metrics = run.trial_metrics(run_dir, trial)
     last = metrics[-1] if metrics else {}
     if training is None:
-        training = training_config(run_dir, info, attrs.get("budget"))
+        training = trial_training(run_dir, info, attrs.get("budget"))
     if preprocessing is None:
         preprocessing = training_preprocessing(training, spec)
     dataset = _portable_dataset(training.dataset)
@@ -466,7 +466,7 @@ def export_trial(run_dir: str | os.PathLike, trial_number: int, out_dir: str | o
         if ArchSpec.load(staged.arch) != spec:
             raise RuntimeError(f"the exported {ARCH_FILE} does not round-trip to the ArchSpec")
         onnx_error = export_onnx(model, spec, staged.onnx)
-        training = training_config(run_dir, info, trial.user_attrs.get("budget"))
+        training = trial_training(run_dir, info, trial.user_attrs.get("budget"))
         preprocessing = training_preprocessing(training, spec)
         atomic_write_json(staged.config, hub_config(spec, preprocessing,
                                                     label_names=_label_names(training)))
@@ -522,7 +522,7 @@ __all__ = [
     "load_weights",
     "model_card",
     "trial_spec",
-    "training_config",
+    "trial_training",
     "training_preprocessing",
     "verify_onnx",
 ]

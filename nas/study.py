@@ -4,8 +4,8 @@ Optuna is the ranking brain of a search and Ray only executes (see `launch/searc
 module holds everything that decides *what* is tried and *how it is recorded*, with no Ray import,
 so it can be driven and tested on its own:
 
-* `make_sampler`: an explicit, seeded sampler (`nsga2` by default; Optuna 5 changed its own
-  default); constraints reach it as each trial's constraint values
+* `make_sampler` (`nas.samplers`, re-exported): an explicit, seeded sampler (`nsga2` by default;
+  Optuna 5 changed its own default); constraints reach it as each trial's constraint values
   (`nas.optuna_compat.set_constraints`), not the deprecated `constraints_func`;
 * `open_study`: the multi-objective study (`maximize val_acc, minimize gflops, minimize params`)
   in a persistent storage (`nas.storage.make_storage`), refusing to overwrite or to invent one;
@@ -49,6 +49,7 @@ from nas.run import (  # noqa: F401  (RunInfo and the run-folder names are re-ex
     RunInfo,
     trial_dir_of,
 )
+from nas.samplers import make_sampler  # noqa: F401  (re-exported: the one sampler factory)
 from nas.settings import SettingError
 from search_spaces.fields import whole_number
 from search_spaces.search_defaults import DEFAULT_MAX_INFEASIBLE, DEFAULT_SAMPLER  # noqa: F401
@@ -95,21 +96,6 @@ def session_seed(seed: int, existing_trials: int) -> int:
     """The sampler seed of one driver session: `seed` for a new study, a different but
     reproducible one for a study that already holds `existing_trials` trials."""
     return (int(seed) + _SEED_STRIDE * int(existing_trials)) % (2**32)
-
-
-def default_population_size(trials: int) -> int:
-    """NSGA-II generation size for a budget of `trials`: about four generations, 4 to 50."""
-    return max(4, min(50, int(trials) // 4))
-
-
-def make_sampler(name: str, *, seed: int, population_size: int | None = None,
-                 n_trials: int | None = None, concurrent: int = 1,
-                 ) -> optuna.samplers.BaseSampler:
-    """The sampler `name` (one of `SAMPLERS`), seeded: `nas.samplers.make_sampler`, where each
-    name's strategy and its rules are documented. Constraints reach the samplers through
-    `Trial.set_constraint` and, when `SearchStudy` wraps them, through feasible proposals."""
-    return samplers.make_sampler(name, seed=seed, population_size=population_size,
-                                 n_trials=n_trials, concurrent=concurrent)
 
 
 # ---------------------------------------------------------------------------------------- study

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nas import optuna_compat
+from nas import optuna_compat, samplers
 from nas import study as nas_study
 from nas.storage import OWNER_ATTR, DriverLease, lease_owner_is_dead, make_storage
 from search_spaces.space import SearchSpace
@@ -86,9 +86,9 @@ def test_seeded_samplers_repeat_and_session_seeds_differ(tmp_path, space):
 
 
 def test_default_population_size_is_bounded():
-    assert nas_study.default_population_size(16) == 4
-    assert nas_study.default_population_size(2) == 4
-    assert nas_study.default_population_size(1000) == 50
+    assert samplers.default_population_size(16) == 4
+    assert samplers.default_population_size(2) == 4
+    assert samplers.default_population_size(1000) == 50
 
 
 # ------------------------------------------------------------------------------------ the study
