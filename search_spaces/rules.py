@@ -19,6 +19,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
+from spvit.arch import resolve_cls_block
 from spvit.errors import ConfigError
 
 from .dimensions import schedule_fits
@@ -51,7 +52,7 @@ def check_space(space: Any) -> None:
                          f"cls_block only applies to head: cls, but got {cls_block} with"
                          " head: avg. Remove cls_block or set head: cls.")
     for depth in space.values_of("depth"):
-        resolved = cls_block + depth if cls_block < 0 else cls_block
+        resolved = resolve_cls_block(cls_block, depth)
         if head == "cls" and not 0 <= resolved < depth:
             raise FieldError(
                 ("arch", "cls_block"),

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from spvit.arch import ArchSpec, BlockSpec, can_pool, can_share, pooled_side
+from spvit.arch import ArchSpec, BlockSpec, can_pool, can_share, pooled_side, resolve_cls_block
 from spvit.cost import Cost, estimate
 from spvit.errors import ConfigError
 from spvit.io import atomic_write_text, read_user_text
@@ -229,10 +229,7 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ proposing
     def resolve_cls_block(self, depth: int) -> int:
-        if self.fixed["head"] != "cls":
-            return 0
-        cls_block = self.fixed["cls_block"]
-        return cls_block + depth if cls_block < 0 else cls_block
+        return resolve_cls_block(self.fixed["cls_block"], depth, self.fixed["head"])
 
     def share_possible(self, i: int, pool: bool, cls_block: int) -> bool:
         """Whether block `i` may share attention (ArchSpec's rule, `spvit.arch.can_share`)."""

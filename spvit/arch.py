@@ -85,6 +85,14 @@ def _share_refusal(index: int, pool: bool) -> str:
             f" cls_block {index}). Set share: false here.")
 
 
+def resolve_cls_block(cls_block: int, depth: int, head: str = "cls") -> int:
+    """The block where the CLS token joins, counted from 0: a negative `cls_block` counts from the
+    end (-2 with depth 6 is 4); 0 for `head: avg`, which has no CLS token."""
+    if head != "cls":
+        return 0
+    return cls_block + depth if cls_block < 0 else cls_block
+
+
 def can_share(index: int, *, pool: bool, head: str, cls_block: int) -> bool:
     """Whether block `index` may reuse the previous block's attention map: not block 0, not a
     block that pools, not where the CLS token joins (the token grid or count changes there)."""

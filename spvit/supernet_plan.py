@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .arch import ArchSpec
+from .arch import ArchSpec, resolve_cls_block
 from .errors import ConfigError
 
 
@@ -101,9 +101,7 @@ class SupernetChoices:
         return max(self.depths)
 
     def resolve_cls_block(self, depth: int) -> int:
-        if self.head != "cls":
-            return 0
-        return self.cls_block + depth if self.cls_block < 0 else self.cls_block
+        return resolve_cls_block(self.cls_block, depth, self.head)
 
     def _layouts(self) -> list[tuple[int, int, tuple[int, ...]]]:
         """Every (depth, patch size, schedule) a subnet can have."""
