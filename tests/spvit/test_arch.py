@@ -224,3 +224,11 @@ def test_a_spec_keys_dicts_and_sets():
     scores[copy] = 0.7
     assert len(scores) == 1 and scores[spec] == 0.7
     assert len({spec, copy, spec.replace(num_classes=8)}) == 2
+
+
+def test_resolve_cls_block_counts_negative_values_from_the_end():
+    from spvit.arch import resolve_cls_block
+
+    assert [resolve_cls_block(-2, d) for d in (2, 4, 6)] == [0, 2, 4]
+    assert resolve_cls_block(1, 6) == 1
+    assert resolve_cls_block(-2, 6, head="avg") == 0  # no CLS token
