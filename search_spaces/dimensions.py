@@ -7,13 +7,13 @@ Whether a grid may be pooled is ArchSpec's rule (`spvit.arch.can_pool`); this mo
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from spvit.arch import PRIOR_TYPES, can_pool, pooled_side
+from spvit.arch import PRIOR_TYPES, schedule_fits
 
 from .fields import (
     MAXIMA,
@@ -83,15 +83,6 @@ class PoolDimension:
     def valid_schedules(self, depth: int, side: int) -> tuple[tuple[int, ...], ...]:
         """Schedules (schedule mode) that fit `depth` blocks on a `side`x`side` patch grid."""
         return tuple(s for s in self.schedules if schedule_fits(s, depth, side))
-
-
-def schedule_fits(schedule: Sequence[int], depth: int, side: int) -> bool:
-    """Whether every block of `schedule` exists at `depth` and may pool (ArchSpec's rule)."""
-    for i in schedule:
-        if i >= depth or not can_pool(side):
-            return False
-        side = pooled_side(side)
-    return True
 
 
 # ---------------------------------------------------------------------------- block dimensions

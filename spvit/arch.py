@@ -39,7 +39,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,16 @@ def pooled_side(side: int) -> int:
 def can_pool(side: int) -> bool:
     """Whether a `side`x`side` grid may be pooled: the pooled grid keeps at least 2x2."""
     return pooled_side(side) >= 2
+
+
+def schedule_fits(schedule: Sequence[int], depth: int, side: int) -> bool:
+    """Whether every block of a pool `schedule` exists at `depth` and may pool a `side`x`side`
+    grid, pool after pool (the rule `ArchSpec` checks)."""
+    for i in schedule:
+        if i >= depth or not can_pool(side):
+            return False
+        side = pooled_side(side)
+    return True
 
 
 def _share_refusal(index: int, pool: bool) -> str:

@@ -81,7 +81,6 @@ from .supernet_plan import (
     _BlockPlan,
     _Plan,
     _plan,
-    _schedule_fits,  # noqa: F401  (re-exported: its old home)
 )
 
 __all__ = ["FAMILIES", "LEARNED_POS", "SPViTSupernet", "SuperAttention", "SuperBlock",

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .arch import ArchSpec, resolve_cls_block
+from .arch import ArchSpec, resolve_cls_block, schedule_fits
 from .errors import ConfigError
-
-
-def _schedule_fits(schedule: Sequence[int], depth: int, side: int) -> bool:
-    for i in schedule:
-        if i >= depth or side < 3:
-            return False
-        side = math.ceil(side / 2)
-    return True
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ class SupernetChoices:
     def _layouts(self) -> list[tuple[int, int, tuple[int, ...]]]:
         """Every (depth, patch size, schedule) a subnet can have."""
         return [(d, p, s) for d in self.depths for p in self.patch_sizes
-                for s in self.pool_schedules if _schedule_fits(s, d, self.img_size // p)]
+                for s in self.pool_schedules if schedule_fits(s, d, self.img_size // p)]
 
     def block_extents(self) -> list[dict[str, int]]:
         """Per block index: the largest input width, width, grid side, head width and hidden
