@@ -42,15 +42,15 @@ lint: install
 ## order, the other the rest (tests/conftest.py); `PYTEST_WORKERS=0 make test` runs it in one
 ## process.
 PYTEST_WORKERS ?= 2
-PYTEST_XDIST = -q --durations=10 -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST_MARKERS ?= not cluster
 test: lint
-	$(PY) -m pytest tests $(PYTEST_XDIST) -m "not cluster"; rc=$$?; \
+	$(PY) -m pytest tests -q --durations=10 -n $(PYTEST_WORKERS) --dist loadgroup \
+		$(if $(PYTEST_MARKERS),-m "$(PYTEST_MARKERS)"); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 ## The whole suite, the multi-node cluster tests included (what CI runs).
-test-all: lint
-	$(PY) -m pytest tests $(PYTEST_XDIST); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+test-all:
+	$(MAKE) test PYTEST_MARKERS=
 
 ## The tests that start no Ray, DeepSpeed, PostgreSQL or driver subprocess (a quick check).
 test-fast: lint

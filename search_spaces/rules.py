@@ -19,10 +19,9 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from spvit.arch import resolve_cls_block
+from spvit.arch import resolve_cls_block, schedule_fits
 from spvit.errors import ConfigError
 
-from .dimensions import schedule_fits
 from .fields import SEARCHABLE, FieldError
 
 MAX_PROBES = 2048  # global-field combinations built at load time

@@ -198,4 +198,3 @@ def block_order(x: torch.Tensor, grid: Grid, *, cls_token: torch.Tensor | None,
     if conv_pos is not None and conv_pos_end:
         x = conv_pos(x, grid, num_prefix)
     return x, grid, attn
-
