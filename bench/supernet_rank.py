@@ -14,6 +14,8 @@ Two measurements, each writing a JSON summary (and a plot) to `--out`:
   bootstrap); `rank.md` holds the table. Resumable per architecture: `rows/NNN.json` is
   written as each score and stand-alone result arrives; `--shard K/N` splits the
   architectures over processes, `--report-only` reports over the complete records so far.
+  `--no-supernet` computes the labels first: the free baselines and the stand-alone
+  trainings only (a later run with a supernet over the same `--out` adds its scores).
   `--trained RUN_DIR` ranks a finished search's stand-alone trials by the free baselines alone
   (no supernet, no training: seconds per architecture). `--front RUN_DIR` computes τ / ρ over
   the COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs
@@ -363,18 +365,21 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     if args.trained:
         return _trained_rank(args, out)
     supernet_dir = Path(args.supernet) if args.supernet else out / "supernet"
-    folder, supernet_s = _train_supernet(space, supernet_dir,
-                                         1 if args.quick else args.supernet_epochs,
-                                         args.label_epochs)
-    folder.check_space(space)
     steps_list = list(dict.fromkeys(args.finetune_steps))
-    trained_key = _file_key(supernet_dir / WEIGHTS_FILE)
     # name -> (what its scores depend on, scorer)
-    scorers: dict[str, tuple[str, Any]] = {
-        str(n): (f"{trained_key}-{n}", InheritedScorer.for_space(folder.net, space,
-                                                                finetune_steps=n))
-        for n in steps_list}
-    if args.untrained_control:
+    scorers: dict[str, tuple[str, Any]] = {}
+    folder, supernet_s = None, 0.0
+    if not args.no_supernet:
+        folder, supernet_s = _train_supernet(space, supernet_dir,
+                                             1 if args.quick else args.supernet_epochs,
+                                             args.label_epochs)
+        folder.check_space(space)
+        trained_key = _file_key(supernet_dir / WEIGHTS_FILE)
+        scorers.update({
+            str(n): (f"{trained_key}-{n}", InheritedScorer.for_space(folder.net, space,
+                                                                    finetune_steps=n))
+            for n in steps_list})
+    if args.untrained_control and not args.no_supernet:
         # the control: the same fine-tuning from the supernet's initial (untrained) weights
         from nas.oneshot import supernet_choices
         from spvit.supernet import SPViTSupernet
@@ -448,6 +453,8 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     names = [*FREE_BASELINES, *(n for n in scorers if n.startswith("untrained:")),
              *(n for n in scorers if not n.startswith("untrained:"))]
     proxies = proxy_summaries(rows, real, names, rounds=rounds, seed=args.seed)
+    if not scorers:  # --no-supernet: the stand-alone labels and the free baselines only
+        return _free_only(space, out, rows, real, proxies)
     params_high = proxies["params"]["ci95"]["tau"][1]
     above = [n for n in scorers if proxies[n]["kendall_tau"] > params_high]
     by_steps = {}
@@ -484,6 +491,26 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
             "misranking": first["misranking"], "proxies": proxies, "table": table,
             "supernet_above_params_ci": above, "by_finetune_steps": by_steps,
             "rows": flat_rows}
+
+
+def _free_only(space: Any, out: Path, rows: list[dict[str, Any]], real: np.ndarray,
+               proxies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report of a `--no-supernet` run: the free baselines against the stand-alone
+    accuracies of the uniformly drawn architectures (a later run with a supernet adds its
+    scores to the same rows)."""
+    from spvit.io import atomic_write_text
+
+    table = rank_table(proxies)
+    atomic_write_text(out / "rank.md", f"{len(rows)} uniformly drawn architectures, no supernet"
+                                       f" scored yet\n\n{table}\n")
+    return {"mode": "rank", "tag": "free", "space": space.name, "n": len(rows),
+            "standalone_epochs": space.training.epochs, "proxies": proxies, "table": table,
+            "supernet_above_params_ci": [],
+            "train_s_mean": float(np.mean([r["standalone"]["train_s"] for r in rows])),
+            "rows": [{"arch": r["arch"], "val_acc": r["standalone"]["val_acc"],
+                      "train_s": r["standalone"]["train_s"],
+                      "proxies": {n: r["scores"][n]["value"] for n in FREE_BASELINES}}
+                     for r in rows]}
 
 
 def _front_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -722,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
                            " in --out are complete")
     rank.add_argument("--zero-cost-batch", type=int, default=128, metavar="N",
                       help="images of the one batch NASWOT codes (default 128)")
+    rank.add_argument("--no-supernet", action="store_true",
+                      help="no supernet: the free baselines and the stand-alone trainings only"
+                           " (a later run with a supernet over the same --out adds its scores)")
     rank.add_argument("--untrained-control", action="store_true",
                       help="also score with the same fine-tuning from an untrained supernet"
                            " (does the supernet's training add anything to the ranking?)")
