@@ -109,9 +109,9 @@ class Attention(nn.Module):
                 and not torch.jit.is_tracing()):
             path = resolve_backend(self.backend, x.device, self.head_dim)
         if path == "cpu" and qkv.dtype == torch.float32:
-            q, k, v = qkv.contiguous().unbind(0)  # (B, H, N, d) each contiguous
             mult, bias = self.prior(grid, num_prefix)  # (H, N, N) or None
-            out = cpu_attention(q, k, v, mult=mult * self.scale if mult is not None else None,
+            # the kernel reads the qkv views in place; its output's layout makes this a view
+            out = cpu_attention(qkv, mult=mult * self.scale if mult is not None else None,
                                 bias=bias, scale=self.scale)
             return self.proj(out.transpose(1, 2).reshape(B, N, C)), None
         if path == "fused":

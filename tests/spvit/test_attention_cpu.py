@@ -128,7 +128,7 @@ def test_kernel_gradients_match_the_plain_reference(case, threads):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("head_dim", [12, 16, 24])
+@pytest.mark.parametrize("head_dim", [12, 16, 24, 36, 48])
 def test_raw_kernel_against_the_eager_formula(head_dim):
     # Token counts off the kernel's 8-wide rows and blocks of 4 query rows; head widths on and
     # off its 8-wide path for P V.
@@ -150,13 +150,45 @@ def test_raw_kernel_against_the_eager_formula(head_dim):
         want_grads = torch.autograd.grad(want, [t for t in leaves + tables if t is not None], g)
         leaves32 = [t.float().requires_grad_() for t in (q, k, v)]
         tables32 = [t.float().requires_grad_() if t is not None else None for t in (m, b)]
-        got = cpu_attention.cpu_attention(*leaves32, mult=tables32[0], bias=tables32[1],
-                                          scale=scale)
+        got = cpu_attention.cpu_attention(torch.stack(leaves32), mult=tables32[0],
+                                          bias=tables32[1], scale=scale)
         got_grads = torch.autograd.grad(got, [t for t in leaves32 + tables32 if t is not None],
                                         g.float())
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         for a, w in zip(got_grads, want_grads, strict=True):
             torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tables", ["mult", "bias"])
+def test_kernel_reads_the_projection_in_place_and_returns_its_layout(tables):
+    # qkv as the layer makes it, a view of the projection's (B, N, 3 H d) output: the kernel
+    # reads it in place, its output reshapes to (B, N, H d) as a view, and the gradient arrives
+    # laid out as the projection's output (no copies either way); values as the plain formula.
+    torch.manual_seed(1)
+    B, H, N, d = 2, 3, 11, 16
+    lin = torch.randn(B, N, 3 * H * d, requires_grad=True)
+    table = (0.2 * torch.randn(H, N, N) + (0.25 if tables == "mult" else 0.0)).requires_grad_()
+    qkv = lin.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    seen = []
+    qkv.register_hook(seen.append)
+    out = cpu_attention.cpu_attention(qkv, mult=table if tables == "mult" else None,
+                                      bias=table if tables == "bias" else None, scale=0.25)
+    flat = out.transpose(1, 2).reshape(B, N, H * d)
+    assert flat._is_view() and flat.data_ptr() == out.data_ptr()
+    g = torch.randn(B, N, H * d)
+    got = torch.autograd.grad(flat, [lin, table], g)
+    assert seen[0].permute(1, 3, 0, 2, 4).is_contiguous()
+
+    lin64 = lin.detach().double().requires_grad_()
+    table64 = table.detach().double().requires_grad_()
+    q, k, v = lin64.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = q @ k.transpose(-1, -2)
+    logits = logits * table64 if tables == "mult" else logits * 0.25 + table64
+    want_out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * d)
+    want = torch.autograd.grad(want_out, [lin64, table64], g.double())
+    torch.testing.assert_close(flat.double(), want_out, rtol=1e-5, atol=1e-5)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5)
 
 
 def test_inference_uses_flash_with_a_4d_mask_and_no_kernel(monkeypatch):
@@ -170,7 +202,7 @@ def test_inference_uses_flash_with_a_4d_mask_and_no_kernel(monkeypatch):
     real_forward = cpu_attention._forward
     monkeypatch.setattr(cpu_attention.F, "scaled_dot_product_attention", sdpa_spy)
     monkeypatch.setattr(cpu_attention, "_forward",
-                        lambda *a: kernel_calls.append(a[3] is not None) or real_forward(*a))
+                        lambda *a: kernel_calls.append(a[1] is not None) or real_forward(*a))
     additive, multiplicative = _layer(["rpb", "decay"]), _layer(["mlp", "none"])
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
@@ -189,7 +221,7 @@ def test_auto_picks_the_kernel_on_cpu_and_eager_overrides(monkeypatch):
     assert flex.resolve_backend(None, "cpu", 16) == "cpu"
     calls = []
     monkeypatch.setattr("spvit.attention.cpu_attention",
-                        lambda *a, **kw: calls.append(1) or torch.zeros_like(a[0]))
+                        lambda *a, **kw: calls.append(1) or torch.zeros_like(a[0][0]))
     attn = _layer(["mlp", "rpb"])
     attn.backend = None
     x = torch.randn(1, 16, 32)
