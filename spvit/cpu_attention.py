@@ -28,7 +28,12 @@ into `$SPVIT_KERNEL_DIR` (default `~/.cache/spvit/kernels`, else the temp folder
 ctypes; a build takes a second or two and is reused by every later process. Without a compiler the
 kernel is unavailable and `spvit.flex.resolve_backend` keeps the eager path. The kernel computes
 in float32; other dtypes take the eager path. Torch's thread count splits the (sample, head) pairs
-over threads (ctypes releases the GIL), each with its own prior-gradient accumulator.
+over threads, each with its own prior-gradient accumulator. The build uses OpenMP where the
+compiler has it (`-fopenmp`): the library's `libgomp.so.1` then resolves to the runtime torch
+has loaded, so the kernel runs on torch's own thread pool. Threads of ours beside that pool
+competed with its idle threads, which spin for a while after every parallel torch operation: at
+two threads the kernel ran barely faster than at one. Without OpenMP the split runs on Python
+threads (ctypes releases the GIL).
 """
 
 from __future__ import annotations
@@ -50,12 +55,16 @@ from torch.autograd.function import once_differentiable
 
 KERNEL_DIR_VAR = "SPVIT_KERNEL_DIR"
 _CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+_OPENMP_FLAG = "-fopenmp"
 
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Vectors of 8 floats (GCC/Clang vector extensions: AVX on x86-64, pairs of NEON registers on
    arm64). Row buffers are padded to np = n rounded up to 8; padded keys get zero keys/values and
@@ -413,6 +422,74 @@ int spsa_backward(const float *qkv, const int64_t *qs, const float *mult, const 
     free(kt);
     return 0;
 }
+
+/* The (sample, head) pairs 0 .. total - 1 split over `threads` threads of the OpenMP runtime
+   that is already loaded (torch's, whose pool is then the one that runs them), or run here when
+   threads is 1 or the build has no OpenMP. The backward's prior-gradient accumulators are
+   (threads, heads, n, n): thread t adds into block t. */
+int spsa_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline void thread_range(int total, int t, int nt, int *lo, int *hi) {
+    const int step = (total + nt - 1) / nt;
+    *lo = t * step < total ? t * step : total;
+    *hi = *lo + step < total ? *lo + step : total;
+}
+
+int spsa_forward_threads(int threads, const float *qkv, const int64_t *qs, const float *mult,
+                         const float *bias, float scale, int total, int heads, int n, int d,
+                         float *out, const int64_t *os, float *lse) {
+    int failed = 0;
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            int lo, hi;
+            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+            if (lo < hi)
+                failed |= spsa_forward(qkv, qs, mult, bias, scale, lo, hi, heads, n, d, out, os,
+                                       lse);
+        }
+        return failed;
+    }
+#endif
+    (void)threads;
+    return spsa_forward(qkv, qs, mult, bias, scale, 0, total, heads, n, d, out, os, lse);
+}
+
+int spsa_backward_threads(int threads, const float *qkv, const int64_t *qs, const float *mult,
+                          const float *bias, float scale, int total, int heads, int n, int d,
+                          const float *out, const int64_t *os, const float *lse,
+                          const float *dout, const int64_t *gs,
+                          float *dqkv, const int64_t *dqs, float *dmult, float *dbias) {
+    int failed = 0;
+    const size_t block = (size_t)heads * n * n;
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            const int t = omp_get_thread_num();
+            int lo, hi;
+            thread_range(total, t, omp_get_num_threads(), &lo, &hi);
+            if (lo < hi)
+                failed |= spsa_backward(qkv, qs, mult, bias, scale, lo, hi, heads, n, d, out, os,
+                                        lse, dout, gs, dqkv, dqs,
+                                        dmult ? dmult + t * block : 0,
+                                        dbias ? dbias + t * block : 0);
+        }
+        return failed;
+    }
+#endif
+    (void)threads;
+    (void)block;
+    return spsa_backward(qkv, qs, mult, bias, scale, 0, total, heads, n, d, out, os, lse, dout,
+                         gs, dqkv, dqs, dmult, dbias);
+}
 """
 
 
@@ -439,13 +516,13 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "spsa_kernel.c"
         src.write_text(_SOURCE)
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *_CFLAGS, str(src), "-o", str(out), "-lm"], check=True,
+        subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(out, target)  # atomic: concurrent builders each replace with a whole file
 
@@ -460,8 +537,18 @@ class _Kernel:
         lib.spsa_forward.restype = ctypes.c_int
         lib.spsa_backward.argtypes = [ptr] * 4 + [flt] + [i32] * 5 + [ptr] * 9
         lib.spsa_backward.restype = ctypes.c_int
+        lib.spsa_forward_threads.argtypes = [i32] + [ptr] * 4 + [flt] + [i32] * 4 + [ptr] * 3
+        lib.spsa_forward_threads.restype = ctypes.c_int
+        lib.spsa_backward_threads.argtypes = [i32] + [ptr] * 4 + [flt] + [i32] * 4 + [ptr] * 9
+        lib.spsa_backward_threads.restype = ctypes.c_int
         self.forward = lib.spsa_forward
         self.backward = lib.spsa_backward
+        self.forward_threads = lib.spsa_forward_threads
+        self.backward_threads = lib.spsa_backward_threads
+        # Built with OpenMP: the threads are those of the runtime torch loaded (the library's
+        # libgomp.so.1 resolves to it), so the kernel runs on torch's own pool, whose idle
+        # threads would otherwise spin on the cores that threads of ours need.
+        self.openmp = bool(lib.spsa_openmp())
         self.path = path
 
 
@@ -475,13 +562,29 @@ def _kernel() -> _Kernel | None:
     if not compiler:
         _build_error = "no C compiler found (set $CC or install gcc)"
         return None
-    key = hashlib.sha256("\0".join((_SOURCE, compiler, *_CFLAGS, platform.machine(),
-                                     _cpu_signature())).encode()).hexdigest()[:16]
-    target = _kernel_dir() / f"spsa_{key}.so"
+    def target(flags: tuple[str, ...]) -> Path:
+        key = hashlib.sha256("\0".join((_SOURCE, compiler, *flags, platform.machine(),
+                                         _cpu_signature())).encode()).hexdigest()[:16]
+        return _kernel_dir() / f"spsa_{key}.so"
+
+    # With OpenMP where the compiler has it; a failed OpenMP build leaves a marker so that later
+    # processes go straight to the plain build (threads from Python then).
+    with_omp = target((*_CFLAGS, _OPENMP_FLAG))
+    no_omp_marker = with_omp.with_suffix(".no-openmp")
     try:
-        if not target.exists():
-            _build(compiler, target)
-        return _Kernel(target)
+        if with_omp.exists():
+            return _Kernel(with_omp)
+        if not no_omp_marker.exists():
+            try:
+                _build(compiler, (*_CFLAGS, _OPENMP_FLAG), with_omp)
+                return _Kernel(with_omp)
+            except (OSError, subprocess.SubprocessError):
+                no_omp_marker.parent.mkdir(parents=True, exist_ok=True)
+                no_omp_marker.touch()
+        plain = target(_CFLAGS)
+        if not plain.exists():
+            _build(compiler, _CFLAGS, plain)
+        return _Kernel(plain)
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or str(err)
         _build_error = f"building the kernel with {compiler} failed: {detail.strip()[:500]}"
@@ -519,6 +622,10 @@ def _run(calls: list) -> None:
             _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="spsa")
             _pool_pid = os.getpid()
         failed = any([future.result() for future in [_pool.submit(call) for call in calls]])
+    _check(failed)
+
+
+def _check(failed: int | bool) -> None:
     if failed:
         raise MemoryError("the SP-SA CPU kernel could not allocate its scratch rows")
 
@@ -556,9 +663,14 @@ def _forward(qkv, mult, bias, scale):
     lse = torch.empty(B, H, N, dtype=qkv.dtype)
     qs, os_ = _strides(qkv, 0), _strides(out, 0)
     args = (_ptr(qkv), _ptr(qs), _ptr(mult), _ptr(bias), scale)
+    threads = max(1, torch.get_num_threads())
+    if kernel.openmp:
+        _check(kernel.forward_threads(threads, *args, B * H, H, N, d, out.data_ptr(),
+                                      os_.data_ptr(), lse.data_ptr()))
+        return out, lse
     _run([lambda lo=lo, hi=hi: kernel.forward(*args, lo, hi, H, N, d, out.data_ptr(),
                                               os_.data_ptr(), lse.data_ptr())
-          for lo, hi in _ranges(B * H, max(1, torch.get_num_threads()))])
+          for lo, hi in _ranges(B * H, threads)])
     return out, lse
 
 
@@ -577,26 +689,34 @@ class _SPSAFunction(torch.autograd.Function):
         grad_out = _rows(grad_out)
         _, B, H, N, d = qkv.shape
         dqkv = _empty_qkv(B, H, N, d)
-        ranges = _ranges(B * H, max(1, torch.get_num_threads()))
+        threads = max(1, torch.get_num_threads())
+        ranges = _ranges(B * H, threads)
         want_mult = mult is not None and ctx.needs_input_grad[1]
         want_bias = bias is not None and ctx.needs_input_grad[2]
         # One (H, N, N) accumulator per thread: each sums the gradient over its (sample, head) rows.
-        dmult = qkv.new_zeros(len(ranges), H, N, N) if want_mult else None
-        dbias = qkv.new_zeros(len(ranges), H, N, N) if want_bias else None
         kernel = _kernel()
+        slots = threads if kernel.openmp else len(ranges)
+        dmult = qkv.new_zeros(slots, H, N, N) if want_mult else None
+        dbias = qkv.new_zeros(slots, H, N, N) if want_bias else None
         layouts = [_strides(qkv, 0), _strides(out, 0), _strides(grad_out, 0),
                    _strides(dqkv, 0)]
         qs, os_, gs, dqs = (_ptr(t) for t in layouts)
         args = (_ptr(qkv), qs, _ptr(mult), _ptr(bias), ctx.scale)
-        _run([lambda i=i, lo=lo, hi=hi: kernel.backward(
-                *args, lo, hi, H, N, d, out.data_ptr(), os_, lse.data_ptr(),
-                grad_out.data_ptr(), gs, dqkv.data_ptr(), dqs,
-                _ptr(dmult[i]) if want_mult else None, _ptr(dbias[i]) if want_bias else None)
-              for i, (lo, hi) in enumerate(ranges)])
+        if kernel.openmp:
+            _check(kernel.backward_threads(
+                threads, *args, B * H, H, N, d, out.data_ptr(), os_, lse.data_ptr(),
+                grad_out.data_ptr(), gs, dqkv.data_ptr(), dqs, _ptr(dmult), _ptr(dbias)))
+        else:
+            _run([lambda i=i, lo=lo, hi=hi: kernel.backward(
+                    *args, lo, hi, H, N, d, out.data_ptr(), os_, lse.data_ptr(),
+                    grad_out.data_ptr(), gs, dqkv.data_ptr(), dqs,
+                    _ptr(dmult[i]) if want_mult else None,
+                    _ptr(dbias[i]) if want_bias else None)
+                  for i, (lo, hi) in enumerate(ranges)])
         if want_mult:
-            dmult = dmult[0] if len(ranges) == 1 else dmult.sum(0)
+            dmult = dmult[0] if slots == 1 else dmult.sum(0)
         if want_bias:
-            dbias = dbias[0] if len(ranges) == 1 else dbias.sum(0)
+            dbias = dbias[0] if slots == 1 else dbias.sum(0)
         return dqkv, dmult, dbias, None
 
 
