@@ -5,6 +5,7 @@ here, the inference path, the backend choice and the kernel build."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,6 +271,40 @@ def test_kernel_is_built_once_into_its_folder(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_attention._kernel.cache_clear()
+
+
+def test_kernel_runs_on_torchs_openmp_pool_and_without_openmp_on_python_threads(monkeypatch,
+                                                                                 tmp_path):
+    # Built with OpenMP (this machine's compiler has it), the library's libgomp is torch's.
+    assert cpu_attention._kernel().openmp
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(gomp) == 1, gomp  # one OpenMP runtime in the process, not two
+    # A compiler without OpenMP: the failed build leaves a marker, the plain build is used and
+    # the threads are Python's; two threads give the reference's gradients there too.
+    monkeypatch.setattr(cpu_attention, "_OPENMP_FLAG", "-fno-such-openmp-flag")
+    monkeypatch.setenv(cpu_attention.KERNEL_DIR_VAR, str(tmp_path))
+    cpu_attention._kernel.cache_clear()
+    before = torch.get_num_threads()
+    try:
+        kernel = cpu_attention._kernel()
+        assert kernel is not None and not kernel.openmp
+        assert len(list(tmp_path.glob("*.no-openmp"))) == 1
+        types, grid, prefix = CASES["all families, class token"]
+        attn = _layer(types)
+        x = torch.randn(3, prefix + grid[0] * grid[1], attn.qkv.in_features)
+        torch.set_num_threads(2)
+        got = _grads(attn, x, grid, prefix, lambda a, t, g, p: a(t, g, p)[0])
+        torch.set_num_threads(before)
+        want = _grads(attn.double(), x.double(), grid, prefix, _reference)
+        for name, value in want.items():
+            torch.testing.assert_close(got[name].double(), value, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+        monkeypatch.undo()
+        cpu_attention._kernel.cache_clear()
+    assert cpu_attention._kernel().openmp
 
 
 @pytest.mark.parametrize("prior", ["mlp", "decay"])
