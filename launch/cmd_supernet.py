@@ -1,9 +1,11 @@
 """`spvit-nas supernet train|score`: train a weight-sharing supernet over a search space, and
 score one architecture with its inherited weights.
 
-* `supernet train --space PATH --out DIR [--epochs N] [--workers W] [--resume]`: the sandwich
-  rule with in-place distillation under DeepSpeed (`launch.supernet`); a progress bar per epoch
-  shows the largest and smallest subnets' validation accuracy, also in `DIR/metrics.jsonl`.
+* `supernet train --space PATH --out DIR [--epochs N] [--train-subset N|all] [--workers W]
+  [--resume]`: the sandwich rule with in-place distillation under DeepSpeed (`launch.supernet`);
+  a progress bar per epoch shows the largest and smallest subnets' validation accuracy, also in
+  `DIR/metrics.jsonl`. `--train-subset all` trains on the whole training split where the space's
+  recipe keeps a subset for its stand-alone trainings (one supernet costs a few of those).
 * `supernet score --supernet DIR --arch ARCH.yaml [--finetune-steps S] [--json]`: the
   inherited-weight validation accuracy of one architecture (evaluation only; with S > 0 after S
   fine-tuning steps of a copy of the subnet). An architecture outside the supernet's space,
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--epochs", type=int, default=None, metavar="N",
                        help="training epochs (default: the space's training.epochs; with"
                             " --resume, the epochs the folder was started for)")
+    train.add_argument("--train-subset", default=None, metavar="N|all",
+                       help="images of the training split to train on: a stratified subset of"
+                            " N, or all of them (default: the space's training.train_subset)")
     train.add_argument("--workers", type=int, default=1, metavar="W",
                        help="DeepSpeed data-parallel workers (1: in this process; more: Ray"
                             " Train)")
@@ -74,6 +79,9 @@ def _train(args: argparse.Namespace) -> int:
         epochs = target_epochs(args.out)  # a resume trains to the folder's target, not the file's
     if epochs is not None:
         space = dataclasses.replace(space, training=space.training.replace(epochs=epochs))
+    if args.train_subset is not None:
+        space = dataclasses.replace(space, training=space.training.replace(
+            train_subset=_train_subset(args.train_subset)))
     bars: list[Any] = []
 
     def on_start(first_epoch: int) -> None:
@@ -104,6 +112,20 @@ def _train(args: argparse.Namespace) -> int:
           f" largest val_acc {last['val_acc_largest']:.4f}, smallest val_acc"
           f" {last['val_acc_smallest']:.4f}")
     return 0
+
+
+def _train_subset(text: str) -> int | None:
+    """`--train-subset`: None for `all`, else the whole number (the recipe checks its range)."""
+    from spvit.errors import ConfigError
+
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--train-subset must be a number of images or 'all', but got"
+                          f" {text!r}. Use e.g. --train-subset 10000 or --train-subset all.")\
+            from None
 
 
 def _score_device(name: str) -> str:

@@ -143,6 +143,29 @@ def test_train_refuses_zero3_and_too_few_random_subnets(tmp_path, capsys):
     assert len(err) == 1 and "--label-epochs must be an integer >= 0" in err[0]
 
 
+def test_train_subset_flag_sets_the_recipe_and_refuses_bad_values(tmp_path, capsys):
+    data = json.loads(json.dumps(TINY))
+    data["training"]["train_subset"] = 600
+    space = tmp_path / "subset.yaml"
+    space.write_text(yaml.safe_dump(data))
+    out = tmp_path / "all"
+    assert main(["supernet", "train", "--space", str(space), "--out", str(out), "--epochs", "1",
+                 "--train-subset", "all"]) == 0
+    assert SearchSpace.load(out / "space.yaml").training.train_subset is None
+    out = tmp_path / "some"
+    assert main(["supernet", "train", "--space", str(space), "--out", str(out), "--epochs", "1",
+                 "--train-subset", "300"]) == 0
+    assert SearchSpace.load(out / "space.yaml").training.train_subset == 300
+    capsys.readouterr()
+    for bad, says in (("many", "--train-subset must be a number of images or 'all'"),
+                      ("5", "training.train_subset must be an integer >= 10")):
+        assert main(["supernet", "train", "--space", str(space), "--out", str(tmp_path / bad),
+                     "--train-subset", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not (tmp_path / bad).exists()
+
+
 @pytest.mark.parametrize("name", ["digits", "cifar", "imagenet"])
 def test_every_sampled_training_subnet_is_feasible(name):
     space = SearchSpace.load(f"search_spaces/{name}.yaml")
