@@ -4,7 +4,11 @@ here, the inference path, the backend choice and the kernel build."""
 
 from __future__ import annotations
 
+import ast
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,10 +281,24 @@ def test_kernel_runs_on_torchs_openmp_pool_and_without_openmp_on_python_threads(
                                                                                  tmp_path):
     # Built with OpenMP (this machine's compiler has it), the library's libgomp is torch's.
     assert cpu_attention._kernel().openmp
-    maps = Path("/proc/self/maps")
-    if maps.exists():
-        gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    if Path("/proc/self/maps").exists():
+        # In a fresh process importing torch alone (other packages, scikit-learn for one, bring
+        # their own renamed libgomp), loading the kernel maps no second OpenMP runtime.
+        probe = ("import torch\n"
+                 "from pathlib import Path\n"
+                 "from spvit import cpu_attention\n"
+                 "assert cpu_attention._kernel().openmp\n"
+                 "maps = Path('/proc/self/maps').read_text().splitlines()\n"
+                 "print(sorted({l.split()[-1] for l in maps if 'libgomp' in l}))\n")
+        root = Path(__file__).resolve().parents[2]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env=env, cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        gomp = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+        torch_lib = Path(torch.__file__).resolve().parent / "lib"
         assert len(gomp) == 1, gomp  # one OpenMP runtime in the process, not two
+        assert Path(gomp[0]).resolve().parent == torch_lib, gomp  # and it is torch's
     # A compiler without OpenMP: the failed build leaves a marker, the plain build is used and
     # the threads are Python's; two threads give the reference's gradients there too.
     monkeypatch.setattr(cpu_attention, "_OPENMP_FLAG", "-fno-such-openmp-flag")
