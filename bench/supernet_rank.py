@@ -16,6 +16,9 @@ Two measurements, each writing a JSON summary (and a plot) to `--out`:
   architectures over processes, `--report-only` reports over the complete records so far.
   `--no-supernet` computes the labels first: the free baselines and the stand-alone
   trainings only (a later run with a supernet over the same `--out` adds its scores).
+  `--few-shot DIM=VALUE:FOLDER` (once per value) adds the few-shot scoring: each
+  architecture scored by the supernet trained on the part of the space with its value of DIM
+  (`supernet train --space` on a copy of the space with that dimension fixed).
   `--trained RUN_DIR` ranks a finished search's stand-alone trials by the free baselines alone
   (no supernet, no training: seconds per architecture). `--front RUN_DIR` computes τ / ρ over
   the COMPLETE trials of a one-shot search run (their `proxy_val_acc` user attr vs
@@ -222,7 +225,8 @@ def proxy_label(name: str) -> str:
     if name in fixed:
         return fixed[name]
     which, _, steps = name.rpartition(":")
-    weights = "untrained supernet" if which == "untrained" else "supernet"
+    weights = {"untrained": "untrained supernet",
+               "few-shot": "few-shot supernets"}.get(which, "supernet")
     return f"{weights}, inherited" if steps == "0" else f"{weights} + {steps} fine-tuning steps"
 
 
@@ -346,6 +350,55 @@ def _trained_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "rows": rows}
 
 
+class _FewShot:
+    """Scores each architecture with the supernet of its part of the space: the part whose
+    dimension `dim` has the architecture's value (few-shot NAS: one supernet per value of the
+    most coupled choice, so that those values stop sharing weights)."""
+
+    def __init__(self, dim: str, scorers: dict[str, Any], folders: dict[str, Any]) -> None:
+        self.dim, self.scorers, self.folders = dim, scorers, folders
+
+    def __call__(self, spec: Any) -> dict[str, float]:
+        value = str(getattr(spec, self.dim))
+        if value not in self.scorers:
+            raise SystemExit(f"supernet_rank: --few-shot has no supernet for {self.dim}={value}"
+                             f" (given: {', '.join(sorted(self.scorers))}); add"
+                             f" --few-shot {self.dim}={value}:FOLDER.")
+        why = self.folders[value].why_not(spec)
+        if why:
+            raise SystemExit(f"supernet_rank: the few-shot supernet for {self.dim}={value}"
+                             f" cannot hold {spec}: {why}")
+        return self.scorers[value](spec)
+
+
+def _few_shot_part(text: str) -> tuple[str, str, Path]:
+    """`DIM=VALUE:FOLDER` of --few-shot."""
+    head, sep, folder = text.partition(":")
+    dim, eq, value = head.partition("=")
+    if not (sep and eq and dim and value and folder):
+        raise argparse.ArgumentTypeError(
+            f"--few-shot takes DIM=VALUE:FOLDER, e.g. patch_size=2:runs/supernet_p2 (got"
+            f" {text!r})")
+    return dim, value, Path(folder)
+
+
+def _few_shot_scorers(space: Any, parts: list[tuple[str, str, Path]],
+                      steps_list: list[int]) -> dict[str, tuple[str, Any]]:
+    """`few-shot:N` scorers over the --few-shot supernets (one dimension, one folder a value)."""
+    from nas.oneshot import WEIGHTS_FILE, InheritedScorer, open_supernet
+
+    dims = {d for d, _, _ in parts}
+    if len(dims) != 1:
+        raise SystemExit(f"supernet_rank: --few-shot splits one dimension, got"
+                         f" {', '.join(sorted(dims))}; give DIM=VALUE:FOLDER with one DIM.")
+    dim = dims.pop()
+    folders = {value: open_supernet(folder) for _, value, folder in parts}
+    key = "-".join(f"{v}.{_file_key(p / WEIGHTS_FILE)}" for _, v, p in sorted(parts))
+    return {f"few-shot:{n}": (f"few-shot-{key}-{n}", _FewShot(
+        dim, {v: InheritedScorer.for_space(f.net, space, finetune_steps=n)
+              for v, f in folders.items()}, folders)) for n in steps_list}
+
+
 def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     """Score `--archs` architectures with every proxy and train each stand-alone.
 
@@ -389,6 +442,8 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
                                            InheritedScorer.for_space(blank, space,
                                                                      finetune_steps=n))
                         for n in steps_list})
+    if args.few_shot:
+        scorers.update(_few_shot_scorers(space, args.few_shot, steps_list))
     zero_cost = ZeroCostScorer.for_space(space, batch_size=args.zero_cost_batch)
     zero_key = f"seed{zero_cost.seed}-batch{len(zero_cost.images)}"
     rng = random.Random(args.seed)
@@ -451,7 +506,8 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     real = np.array([r["standalone"]["val_acc"] for r in rows])
     rounds = 200 if args.quick else args.bootstrap
     names = [*FREE_BASELINES, *(n for n in scorers if n.startswith("untrained:")),
-             *(n for n in scorers if not n.startswith("untrained:"))]
+             *(n for n in scorers if ":" not in n), *(n for n in scorers if
+                                                    n.startswith("few-shot:"))]
     proxies = proxy_summaries(rows, real, names, rounds=rounds, seed=args.seed)
     if not scorers:  # --no-supernet: the stand-alone labels and the free baselines only
         return _free_only(space, out, rows, real, proxies)
@@ -752,6 +808,11 @@ def main(argv: list[str] | None = None) -> int:
     rank.add_argument("--no-supernet", action="store_true",
                       help="no supernet: the free baselines and the stand-alone trainings only"
                            " (a later run with a supernet over the same --out adds its scores)")
+    rank.add_argument("--few-shot", action="append", type=_few_shot_part, default=[],
+                      metavar="DIM=VALUE:FOLDER",
+                      help="also score with few-shot supernets, one per value of DIM, each"
+                           " trained on the space with DIM fixed to VALUE (repeat for each"
+                           " value), e.g. --few-shot patch_size=4:A --few-shot patch_size=2:B")
     rank.add_argument("--untrained-control", action="store_true",
                       help="also score with the same fine-tuning from an untrained supernet"
                            " (does the supernet's training add anything to the ranking?)")
