@@ -136,6 +136,7 @@ def misranking(specs: list[Any], proxy: np.ndarray, real: np.ndarray) -> dict[st
         groups.setdefault(dim, {}).setdefault(str(value), []).append(float(e))
 
     for spec, e in zip(specs, err, strict=True):
+        add("patch_size", spec.patch_size, e)
         add("depth", spec.depth, e)
         add("embed_dim", spec.embed_dim, e)
         add("init", spec.init, e)
