@@ -383,8 +383,8 @@ def _few_shot_part(text: str) -> tuple[str, str, Path]:
     return dim, value, Path(folder)
 
 
-def _few_shot_scorers(space: Any, parts: list[tuple[str, str, Path]],
-                      steps_list: list[int]) -> dict[str, tuple[str, Any]]:
+def _few_shot_scorers(space: Any, parts: list[tuple[str, str, Path]], steps_list: list[int],
+                      lr: float | None) -> dict[str, tuple[str, Any]]:
     """`few-shot:N` scorers over the --few-shot supernets (one dimension, one folder a value)."""
     from nas.oneshot import WEIGHTS_FILE, InheritedScorer, open_supernet
 
@@ -395,8 +395,9 @@ def _few_shot_scorers(space: Any, parts: list[tuple[str, str, Path]],
     dim = dims.pop()
     folders = {value: open_supernet(folder) for _, value, folder in parts}
     key = "-".join(f"{v}.{_file_key(p / WEIGHTS_FILE)}" for _, v, p in sorted(parts))
-    return {f"few-shot:{n}": (f"few-shot-{key}-{n}", _FewShot(
-        dim, {v: InheritedScorer.for_space(f.net, space, finetune_steps=n)
+    lr_key = "" if lr is None else f"-lr{lr:g}"
+    return {f"few-shot:{n}": (f"few-shot-{key}-{n}{lr_key if n else ''}", _FewShot(
+        dim, {v: InheritedScorer.for_space(f.net, space, finetune_steps=n, lr=lr)
               for v, f in folders.items()}, folders)) for n in steps_list}
 
 
@@ -423,6 +424,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     # name -> (what its scores depend on, scorer)
     scorers: dict[str, tuple[str, Any]] = {}
     folder, supernet_s = None, 0.0
+    lr_key = "" if args.finetune_lr is None else f"-lr{args.finetune_lr:g}"
     if not args.no_supernet:
         folder, supernet_s = _train_supernet(space, supernet_dir,
                                              1 if args.quick else args.supernet_epochs,
@@ -430,21 +432,22 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         folder.check_space(space)
         trained_key = _file_key(supernet_dir / WEIGHTS_FILE)
         scorers.update({
-            str(n): (f"{trained_key}-{n}", InheritedScorer.for_space(folder.net, space,
-                                                                    finetune_steps=n))
-            for n in steps_list})
+            str(n): (f"{trained_key}-{n}{lr_key if n else ''}", InheritedScorer.for_space(
+                folder.net, space, finetune_steps=n, lr=args.finetune_lr)) for n in steps_list})
     if args.untrained_control and not args.no_supernet:
         # the control: the same fine-tuning from the supernet's initial (untrained) weights
         from nas.oneshot import supernet_choices
         from spvit.supernet import SPViTSupernet
 
         blank = SPViTSupernet(supernet_choices(space), seed=space.training.seed)
-        scorers.update({f"untrained:{n}": (f"untrained-{space.training.seed}-{n}",
+        seed = space.training.seed
+        scorers.update({f"untrained:{n}": (f"untrained-{seed}-{n}{lr_key if n else ''}",
                                            InheritedScorer.for_space(blank, space,
-                                                                     finetune_steps=n))
+                                                                     finetune_steps=n,
+                                                                     lr=args.finetune_lr))
                         for n in steps_list})
     if args.few_shot:
-        scorers.update(_few_shot_scorers(space, args.few_shot, steps_list))
+        scorers.update(_few_shot_scorers(space, args.few_shot, steps_list, args.finetune_lr))
     zero_cost = ZeroCostScorer.for_space(space, batch_size=args.zero_cost_batch)
     zero_key = f"seed{zero_cost.seed}-batch{len(zero_cost.images)}"
     rng = random.Random(args.seed)
@@ -758,6 +761,17 @@ def cmd_time_to_front(args: argparse.Namespace) -> dict[str, Any]:
             "front_rank": front, "seeds": per_seed}
 
 
+def _positive_lr(text: str) -> float:
+    try:
+        lr = float(text)
+    except ValueError:
+        lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+        raise argparse.ArgumentTypeError(f"--finetune-lr must be a positive number, e.g. 2e-4"
+                                         f" (got {text!r})")
+    return lr
+
+
 def _shard(text: str) -> tuple[int, int]:
     k, _, n = text.partition("/")
     try:
@@ -798,6 +812,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="score every architecture after each of these numbers of fine-tuning"
                            " steps from its inherited weights (default 0: none); the first is"
                            " the headline, the others are reported beside it")
+    rank.add_argument("--finetune-lr", type=_positive_lr, default=None, metavar="LR",
+                      help="peak learning rate of those steps (default: the recipe's lr)")
     rank.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                       help="work on architectures i with i %% N == K only (several processes"
                            " over one --out); a run without it then reports them all")

@@ -70,13 +70,14 @@ class InheritedScorer:
 
     @classmethod
     def for_space(cls, net: SPViTSupernet, space: SearchSpace, *, device: str = "cpu",
-                  finetune_steps: int = 0) -> InheritedScorer:
+                  finetune_steps: int = 0, lr: float | None = None) -> InheritedScorer:
         """The scorer of `space`'s candidates: its validation split and, when fine-tuning, its
-        first training batches and its recipe's learning rate and weight decay."""
+        first training batches and its recipe's weight decay and learning rate (or `lr`)."""
         t = space.training
         batches = finetune_batches(space, finetune_steps) if finetune_steps > 0 else ()
         return cls(net, validation_loader(space), device=device, finetune_steps=finetune_steps,
-                   train_batches=batches, lr=t.lr, weight_decay=t.weight_decay, seed=t.seed)
+                   train_batches=batches, lr=t.lr if lr is None else lr,
+                   weight_decay=t.weight_decay, seed=t.seed)
 
     def _finetuned(self, spec: ArchSpec) -> Any:
         import torch

@@ -247,6 +247,12 @@ def test_finetuned_score_matches_a_plain_loop_and_leaves_the_supernet_alone():
     assert tuned["val_acc"] == pytest.approx(ref, abs=1e-9)
     # six steps at 2e-3 move a random-init subnet off its initial accuracy
     assert tuned["val_acc"] != plain["val_acc"]
+    # another peak learning rate than the recipe's: the same loop at that rate
+    slow = InheritedScorer.for_space(net, space, finetune_steps=6, lr=2.0e-4)
+    assert slow.lr == 2.0e-4 and tuned_scorer.lr == 2.0e-3
+    ref = _plain_finetune_then_evaluate(net, spec, slow.train_batches, steps=6,
+                                        lr=2.0e-4, weight_decay=0.05, seed=0)
+    assert slow(spec)["val_acc"] == pytest.approx(ref, abs=1e-9)
 
 
 @pytest.mark.parametrize("steps", [-1, 1.5, True])
