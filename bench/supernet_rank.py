@@ -351,6 +351,12 @@ def _trained_rank(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "rows": rows}
 
 
+def _steps_key(steps: int, lr: float | None) -> str:
+    """What a score after `steps` fine-tuning steps depends on beyond the weights: the steps,
+    and the peak rate where it is not the recipe's (no steps, no rate)."""
+    return f"{steps}-lr{lr:g}" if steps and lr is not None else str(steps)
+
+
 class _FewShot:
     """Scores each architecture with the supernet of its part of the space: the part whose
     dimension `dim` has the architecture's value (few-shot NAS: one supernet per value of the
@@ -395,8 +401,7 @@ def _few_shot_scorers(space: Any, parts: list[tuple[str, str, Path]], steps_list
     dim = dims.pop()
     folders = {value: open_supernet(folder) for _, value, folder in parts}
     key = "-".join(f"{v}.{_file_key(p / WEIGHTS_FILE)}" for _, v, p in sorted(parts))
-    lr_key = "" if lr is None else f"-lr{lr:g}"
-    return {f"few-shot:{n}": (f"few-shot-{key}-{n}{lr_key if n else ''}", _FewShot(
+    return {f"few-shot:{n}": (f"few-shot-{key}-{_steps_key(n, lr)}", _FewShot(
         dim, {v: InheritedScorer.for_space(f.net, space, finetune_steps=n, lr=lr)
               for v, f in folders.items()}, folders)) for n in steps_list}
 
@@ -424,7 +429,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     # name -> (what its scores depend on, scorer)
     scorers: dict[str, tuple[str, Any]] = {}
     folder, supernet_s = None, 0.0
-    lr_key = "" if args.finetune_lr is None else f"-lr{args.finetune_lr:g}"
+    lr = args.finetune_lr
     if not args.no_supernet:
         folder, supernet_s = _train_supernet(space, supernet_dir,
                                              1 if args.quick else args.supernet_epochs,
@@ -432,22 +437,20 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         folder.check_space(space)
         trained_key = _file_key(supernet_dir / WEIGHTS_FILE)
         scorers.update({
-            str(n): (f"{trained_key}-{n}{lr_key if n else ''}", InheritedScorer.for_space(
-                folder.net, space, finetune_steps=n, lr=args.finetune_lr)) for n in steps_list})
+            str(n): (f"{trained_key}-{_steps_key(n, lr)}", InheritedScorer.for_space(
+                folder.net, space, finetune_steps=n, lr=lr)) for n in steps_list})
     if args.untrained_control and not args.no_supernet:
         # the control: the same fine-tuning from the supernet's initial (untrained) weights
         from nas.oneshot import supernet_choices
         from spvit.supernet import SPViTSupernet
 
         blank = SPViTSupernet(supernet_choices(space), seed=space.training.seed)
-        seed = space.training.seed
-        scorers.update({f"untrained:{n}": (f"untrained-{seed}-{n}{lr_key if n else ''}",
-                                           InheritedScorer.for_space(blank, space,
-                                                                     finetune_steps=n,
-                                                                     lr=args.finetune_lr))
-                        for n in steps_list})
+        scorers.update({f"untrained:{n}": (
+            f"untrained-{space.training.seed}-{_steps_key(n, lr)}",
+            InheritedScorer.for_space(blank, space, finetune_steps=n, lr=lr))
+            for n in steps_list})
     if args.few_shot:
-        scorers.update(_few_shot_scorers(space, args.few_shot, steps_list, args.finetune_lr))
+        scorers.update(_few_shot_scorers(space, args.few_shot, steps_list, lr))
     zero_cost = ZeroCostScorer.for_space(space, batch_size=args.zero_cost_batch)
     zero_key = f"seed{zero_cost.seed}-batch{len(zero_cost.images)}"
     rng = random.Random(args.seed)
