@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                              "spec": run["spec"].to_dict(),
                              "training": training.replace(seed=seed).to_dict()})
 
+    # Seed-major order: an invocation stopped part-way leaves every variant with the same seeds.
+    jobs.sort(key=lambda j: j["seed"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
